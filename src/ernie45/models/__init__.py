@@ -1,0 +1,15 @@
+"""ERNIE 4.5 model code, written for a single device (parallelised from outside)."""
+
+from .backend import BackendConfig
+from .capabilities import ModelCapabilities
+from .ernie4_5 import Ernie4_5Attention, Ernie4_5Block, Ernie4_5ForCausalLM, Ernie4_5Model, _config_dtype
+
+__all__ = [
+    "BackendConfig",
+    "Ernie4_5Attention",
+    "Ernie4_5Block",
+    "Ernie4_5ForCausalLM",
+    "Ernie4_5Model",
+    "ModelCapabilities",
+    "_config_dtype",
+]

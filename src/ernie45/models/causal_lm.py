@@ -1,0 +1,224 @@
+"""What the dense and MoE causal LMs share: the LM head, construction, HF checkpoint I/O.
+
+Construction: ``from_config`` builds directly in the requested dtype/device; ``from_pretrained``
+builds on the meta device and streams the checkpoint in (no random init, no second copy).
+Tensors that must stay fp32 (router weight, correction bias, RoPE frequencies) are created fp32
+explicitly and protected from ``.to(dtype)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..checkpoint.hf_checkpoint import (
+    CheckpointFiles,
+    checkpoint_dtype,
+    load_config,
+    load_hf_weights,
+    save_hf_checkpoint,
+)
+from .backend import BackendConfig
+from .capabilities import ModelCapabilities
+from .decoder import head_dim_of
+from .rope import RotaryEmbedding
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype a config asks for (``dtype``/``torch_dtype``), float32 when it names none."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+@contextlib.contextmanager
+def _building(dtype: torch.dtype, device: torch.device | str | None):
+    """Create modules with ``dtype`` as the default float dtype on ``device``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal LM loss: predict token t+1 from position t, mean over labels != -100, in fp32."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """0 keeps all positions, int N the last N, a 1-D index tensor those positions."""
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]
+
+
+class Ernie4_5CausalLMBase(nn.Module):
+    """Decoder + LM head (tied to the embedding when ``tie_word_embeddings``)."""
+
+    model_type: str = ""
+    lm_head_bias: bool = False
+
+    def __init__(self, config, backend: BackendConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.backend = backend or BackendConfig()
+        self.model = self.build_model()
+        head_bias = bool(config.use_bias) and self.lm_head_bias
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=head_bias)
+        self.tie_weights()
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    # ----- embeddings -------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        self.model.embed_tokens = embedding
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, head: nn.Linear) -> None:
+        self.lm_head = head
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head iff the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ----- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        labels: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids [B,S] -> logits [B,S',V]; ``labels`` (-100 = ignore) adds HF's shifted loss."""
+        hidden, all_hidden = self.model(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            padding_mask=padding_mask,
+            output_hidden_states=bool(output_hidden_states),
+            **attn_kwargs,
+        )
+        logits = self.lm_head(keep_logits(hidden, logits_to_keep))
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+        return self.make_output(loss=loss, logits=logits, hidden_states=all_hidden)
+
+    def make_output(self, **fields) -> CausalLMOutputWithPast:
+        return CausalLMOutputWithPast(**fields)
+
+    # ----- construction and checkpoints -------------------------------------------------------
+    @classmethod
+    def _check_config(cls, config) -> None:
+        if getattr(config, "model_type", None) != cls.model_type:
+            raise ValueError(
+                f"{cls.__name__} needs a config with model_type={cls.model_type!r}, got "
+                f"{getattr(config, 'model_type', None)!r}; use ernie45.from_pretrained to pick the class"
+            )
+        heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if heads % kv:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        if head_dim_of(config) % 2:
+            raise ValueError(f"head_dim={head_dim_of(config)} must be even for rotary embeddings")
+
+    @classmethod
+    def from_config(
+        cls,
+        config,
+        backend: BackendConfig | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **kwargs,
+    ) -> "Ernie4_5CausalLMBase":
+        """A randomly initialised model (HF's init: normal(0, initializer_range), norms 1, biases 0)."""
+        cls._check_config(config)
+        with _building(dtype or _config_dtype(config), device):
+            model = cls(config, backend=backend, **kwargs)
+        model.init_weights()
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        backend: BackendConfig | None = None,
+        device: torch.device | str | None = None,
+        **kwargs,
+    ) -> "Ernie4_5CausalLMBase":
+        """Load an HF checkpoint directory; dtype defaults to the checkpoint's."""
+        config = load_config(path)
+        cls._check_config(config)
+        files = CheckpointFiles(path)
+        dtype = dtype or checkpoint_dtype(files)
+        with _building(dtype, "meta"):
+            model = cls(config, backend=backend, **kwargs)
+        load_hf_weights(model, files, device=device or "cpu")
+        model.materialize_buffers()
+        model.tie_weights()
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """config.json + safetensors in the HF layout (tied head omitted), written atomically."""
+        save_hf_checkpoint(self, path, max_shard_size=max_shard_size)
+
+    def materialize_buffers(self) -> None:
+        """Recompute non-persistent buffers (RoPE frequencies) after a meta-device build."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                if module.inv_freq.is_meta:
+                    module.inv_freq = torch.empty(0, device=self.lm_head.weight.device)
+                module.reset_inv_freq()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif module is not self and hasattr(module, "init_weights"):
+                module.init_weights(std)  # e.g. grouped experts and the router
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+        self.materialize_buffers()
+        self.tie_weights()
+
+    # ----- introspection ----------------------------------------------------------------------
+    @classmethod
+    def get_capabilities(cls, config) -> ModelCapabilities:
+        return ModelCapabilities(is_moe=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device

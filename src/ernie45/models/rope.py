@@ -1,0 +1,67 @@
+"""Interleaved ("rotate every two", GLM-style) rotary position embedding used by ERNIE 4.5.
+
+Unlike Llama's half-split RoPE, ERNIE rotates adjacent pairs (x0, x1), (x2, x3), ... so HF
+checkpoints are used as they are, with no q/k permutation. All angle math runs in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_theta(config) -> float:
+    """The RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` (older files)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"rope_type={rope_type!r} is not supported; ERNIE 4.5 uses 'default' RoPE")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 500000.0)))
+
+
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """[head_dim/2] fp32: 1 / theta^(2i/head_dim)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B,nH,S,hd] and k [B,nKV,S,hd] by cos/sin [B,S,hd] (fp32); cast back once."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_out = q.float() * cos + rotate_every_two(q).float() * sin
+    k_out = k.float() * cos + rotate_every_two(k).float() * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns position ids into (cos, sin) [B,S,hd] in fp32, each frequency repeated twice."""
+
+    def __init__(self, head_dim: int, theta: float, device: torch.device | None = None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta, device), persistent=False)
+
+    def reset_inv_freq(self) -> None:
+        """Recompute on the buffer's device (used after building on the meta device)."""
+        device = None if self.inv_freq.is_meta else self.inv_freq.device
+        self.inv_freq = inverse_frequencies(self.head_dim, self.theta, device)
+
+    def _apply(self, fn, recurse=True):
+        # NOTE: .to(bfloat16) must not round the frequencies; they are cheap to recompute in fp32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inverse_frequencies(self.head_dim, self.theta, self.inv_freq.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq  # [B,S,hd/2]
+        angles = angles.repeat_interleave(2, dim=-1)  # [B,S,hd]
+        return angles.cos(), angles.sin()
