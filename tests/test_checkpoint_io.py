@@ -1,0 +1,166 @@
+"""HF checkpoint loading/saving: layouts transformers reads and writes, sharding, atomicity, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from transformers import Ernie4_5ForCausalLM as HFErnie
+
+import ernie45
+from ernie45.checkpoint import CheckpointError, CheckpointFiles
+from ernie45.checkpoint import safetensors_io
+
+from conftest import random_hf_model, tiny_dense_config
+
+
+def _all_tensors(directory) -> dict[str, torch.Tensor]:
+    files = CheckpointFiles(directory)
+    return {key: files.get(key) for key in files.keys()}
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(use_bias=True, tie_word_embeddings=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_save_equals_transformers_save(tmp_path, overrides, dtype):
+    hf = random_hf_model(HFErnie, tiny_dense_config(**overrides)).to(dtype)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = ernie45.from_pretrained(tmp_path / "hf")
+    assert ours.dtype == dtype  # the checkpoint's dtype by default
+    ours.save_pretrained(tmp_path / "ours")
+
+    theirs, mine = _all_tensors(tmp_path / "hf"), _all_tensors(tmp_path / "ours")
+    assert set(mine) == set(theirs)
+    for key, tensor in theirs.items():
+        assert mine[key].dtype == tensor.dtype, key
+        assert torch.equal(mine[key], tensor), key
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=dtype).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, ours(ids).logits)
+    saved_config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved_config["model_type"] == "ernie4_5"
+    assert saved_config["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_sharded_checkpoints_both_ways(tmp_path):
+    hf = random_hf_model(HFErnie, tiny_dense_config(tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="30KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    ours = ernie45.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, hf.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+    ours.save_pretrained(tmp_path / "ours", max_shard_size="30KB")
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
+    assert not (tmp_path / "ours" / "model.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, ours(ids).logits)
+
+
+def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_one(tmp_path, monkeypatch):
+    model = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config())
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target)
+    before = load_file(target / "model.safetensors")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_io, "save_file", crash)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(target)
+    after = load_file(target / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+
+    monkeypatch.undo()
+    model.save_pretrained(target)
+    assert torch.equal(load_file(target / "model.safetensors")["model.norm.weight"], model.model.norm.weight)
+
+
+def _rewrite(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_names_key(dense_checkpoint):
+    directory, _ = dense_checkpoint
+    _rewrite(directory, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        ernie45.from_pretrained(directory)
+
+
+def test_unexpected_tensor_names_key_and_file(dense_checkpoint):
+    directory, _ = dense_checkpoint
+    _rewrite(directory, lambda t: t.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.7\.mlp\.up_proj\.weight \(model\.safetensors\)"):
+        ernie45.from_pretrained(directory)
+
+
+def test_shape_mismatch_names_key_shapes_and_file(dense_checkpoint):
+    directory, _ = dense_checkpoint
+    _rewrite(directory, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight in .*model\.safetensors.*expects \[64\].*has \[65\]"):
+        ernie45.from_pretrained(directory)
+
+
+def test_multi_token_prediction_tensors_are_skipped(dense_checkpoint):
+    directory, hf = dense_checkpoint
+    _rewrite(directory, lambda t: t.update({"model.mtp_emb_norm.0.weight": torch.ones(64)}))
+    ours = ernie45.from_pretrained(directory)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_directory_errors(tmp_path, dense_checkpoint):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ernie45.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        ernie45.from_pretrained(tmp_path / "empty")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama'.*ERNIE 4.5"):
+        ernie45.from_pretrained(tmp_path / "llama")
+    directory, _ = dense_checkpoint
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors.*\.bin checkpoints are not supported"):
+        ernie45.from_pretrained(directory)
+
+
+def test_sharded_index_naming_a_missing_shard(tmp_path):
+    hf = random_hf_model(HFErnie, tiny_dense_config())
+    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / victim).unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shard {victim}, which is missing"):
+        ernie45.from_pretrained(tmp_path)
+
+
+def test_loading_streams_into_checkpoint_dtype_without_random_init(dense_checkpoint):
+    directory, hf = dense_checkpoint
+    ours = ernie45.from_pretrained(directory, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    assert not any(p.is_meta for p in ours.parameters())
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        assert torch.equal(ours.model.norm.weight, f.get_tensor("model.norm.weight").to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("200MiB", 200 * 2**20), (1234, 1234), ("30KB", 30000)])
+def test_parse_size(text, expected):
+    assert safetensors_io.parse_size(text) == expected

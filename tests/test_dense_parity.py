@@ -1,0 +1,148 @@
+"""Dense ERNIE 4.5 vs transformers in float32: logits, gradients, padding, outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Ernie4_5ForCausalLM as HFErnie
+
+import ernie45
+from ernie45 import BackendConfig
+
+from conftest import random_hf_model, tiny_dense_config
+
+CONFIGS = {
+    "gqa": {},
+    "mqa": dict(num_key_value_heads=1),
+    "mha": dict(num_key_value_heads=4),
+    "head_dim_differs": dict(head_dim=24),  # 4 x 24 = 96 != hidden 64
+    "bias_untied": dict(use_bias=True, tie_word_embeddings=False),
+    "rope_theta": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+
+def _load_pair(tmp_path, overrides, backend=None):
+    hf = random_hf_model(HFErnie, tiny_dense_config(**overrides))
+    hf.save_pretrained(tmp_path)
+    return hf, ernie45.from_pretrained(tmp_path, backend=backend)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_grads_match_transformers(tmp_path, name):
+    hf, ours = _load_pair(tmp_path, CONFIGS[name])
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    hf_out = hf(ids, labels=labels)
+    our_out = ours(ids, labels=labels)
+    torch.testing.assert_close(our_out.logits, hf_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_out.loss, hf_out.loss, rtol=1e-5, atol=1e-6)
+    hf_out.loss.backward()
+    our_out.loss.backward()
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    our_params = dict(ours.named_parameters())
+    assert set(our_params) == set(hf_grads)
+    for param_name, param in our_params.items():
+        torch.testing.assert_close(param.grad, hf_grads[param_name], rtol=1e-4, atol=1e-6, msg=param_name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padding_with_attention_mask_and_positions(tmp_path, attn):
+    hf, ours = _load_pair(tmp_path, {}, BackendConfig(attn=attn))
+    ids = torch.randint(3, hf.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :9] = 0  # a row with a single real token
+    ids = ids.masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, position_ids=positions).logits
+        got = ours(ids, attention_mask=mask, position_ids=positions).logits
+        got_from_padding_mask = ours(ids, padding_mask=mask == 0, position_ids=positions).logits
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_from_padding_mask, got)
+
+
+def test_flex_attention_forward_matches(tmp_path):
+    hf, ours = _load_pair(tmp_path, {}, BackendConfig(attn="flex"))
+    ids = torch.randint(0, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            got, expected = ours(ids, **kwargs).logits, hf(ids, **kwargs).logits
+            real = mask.bool() if kwargs else torch.ones_like(mask, dtype=torch.bool)
+            torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_refuses_backward_on_cpu(tmp_path):
+    _, ours = _load_pair(tmp_path, {}, BackendConfig(attn="flex"))
+    with pytest.raises(RuntimeError, match="no backward pass on CPU.*attn='sdpa'"):
+        ours(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_fused_rms_norm_backend_matches(tmp_path):
+    hf, ours = _load_pair(tmp_path, {}, BackendConfig(rms_norm="torch"))
+    ids = torch.randint(0, hf.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_to_keep_and_hidden_states(tmp_path):
+    hf, ours = _load_pair(tmp_path, {})
+    ids = torch.randint(0, hf.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        full = ours(ids).logits
+        torch.testing.assert_close(ours(ids, logits_to_keep=3).logits, full[:, -3:])
+        index = torch.tensor([0, 4, 9])
+        torch.testing.assert_close(ours(ids, logits_to_keep=index).logits, full[:, index])
+        torch.testing.assert_close(hf(ids, logits_to_keep=index).logits, full[:, index], rtol=1e-5, atol=1e-5)
+        ours_hidden = ours(ids, output_hidden_states=True).hidden_states
+        hf_hidden = hf(ids, output_hidden_states=True).hidden_states
+    assert len(ours_hidden) == len(hf_hidden) == hf.config.num_hidden_layers + 1
+    for got, expected in zip(ours_hidden, hf_hidden):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert ours(ids).hidden_states is None
+
+
+def test_token_id_out_of_range_is_a_clear_error(tmp_path):
+    hf, ours = _load_pair(tmp_path, {})
+    vocab = hf.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} is out of range for vocab_size={vocab}"):
+        ours(torch.tensor([[1, vocab]]))
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        ours(torch.tensor([[-1, 2]]))
+
+
+def test_embedding_accessors_and_tying():
+    config = tiny_dense_config(tie_word_embeddings=False)
+    model = ernie45.Ernie4_5ForCausalLM.from_config(config)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    tied = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config())
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    new_embedding = torch.nn.Embedding(tied.config.vocab_size, tied.config.hidden_size)
+    tied.set_input_embeddings(new_embedding)
+    assert tied.get_output_embeddings().weight is new_embedding.weight
+
+
+def test_from_config_bf16_keeps_rope_frequencies_fp32():
+    model = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config(), dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    model.float().to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    logits = model(torch.randint(0, 100, (1, 6))).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_backend_config_rejects_unavailable_values():
+    with pytest.raises(ValueError, match=r"BackendConfig.attn='te' is not available.*'sdpa', 'eager', 'flex'"):
+        BackendConfig(attn="te")
+    with pytest.raises(ValueError, match=r"BackendConfig.experts='gmm'.*'torch', 'torch_mm'"):
+        BackendConfig(experts="gmm")
+    with pytest.raises(ValueError, match="unknown value"):
+        BackendConfig(rms_norm="layernorm")
+    with pytest.raises(ValueError, match="unknown backend key"):
+        BackendConfig.from_dict({"atn": "sdpa"})
+    assert BackendConfig(gate_precision="float32").gate_precision is torch.float32
