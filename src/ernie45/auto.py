@@ -30,8 +30,17 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     backend: BackendConfig | None = None,
     device: torch.device | str | None = None,
+    parallel=None,
     **kwargs,
 ):
-    """Load any ERNIE 4.5 HF checkpoint directory with the right model class."""
+    """Load any ERNIE 4.5 HF checkpoint directory with the right model class.
+
+    ``parallel``: an ``ernie45.distributed.ParallelConfig`` to load each rank's shards straight
+    into that layout (under torchrun); None loads the whole model here.
+    """
+    if parallel is not None:
+        from .distributed.loading import from_pretrained as from_pretrained_parallel
+
+        return from_pretrained_parallel(path, parallel, dtype=dtype, backend=backend, device=device, **kwargs)
     config = load_config(path)
     return model_class_for(config).from_pretrained(path, dtype=dtype, backend=backend, device=device, **kwargs)

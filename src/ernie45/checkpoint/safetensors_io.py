@@ -166,16 +166,35 @@ def write_safetensors(
     """Write (key, tensor) pairs as HF does: one file, or numbered shards plus an index."""
     named = [(key, tensor.detach()) for key, tensor in tensors]
     sizes = [(key, t.numel() * t.element_size()) for key, t in named]
+    write_safetensors_stream(directory, sizes, named, max_shard_size)
+
+
+def write_safetensors_stream(
+    directory: Path,
+    sizes: list[tuple[str, int]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    max_shard_size: int | str,
+) -> None:
+    """``write_safetensors`` for tensors that arrive one at a time (e.g. gathered from other ranks)
+    in the order of ``sizes`` ((key, nbytes), known up front): holds at most one shard in memory."""
     shards = plan_shards(sizes, parse_size(max_shard_size))
-    by_key = dict(named)
     if len(shards) == 1:
-        _save(directory / SINGLE_FILE, {key: by_key[key] for key in shards[0]})
-        return
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors" for number in range(1, len(shards) + 1)]
+    stream = iter(tensors)
     weight_map = {}
-    for number, keys in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        _save(directory / name, {key: by_key[key] for key in keys})
+    for name, keys in zip(names, shards):
+        shard = {}
+        for key in keys:
+            arrived, tensor = next(stream)
+            if arrived != key:
+                raise ValueError(f"tensor {arrived!r} arrived where the shard plan expects {key!r}")
+            shard[key] = tensor.detach()
+        _save(directory / name, shard)
         weight_map.update({key: name for key in keys})
+    if len(shards) == 1:
+        return
     total = sum(nbytes for _, nbytes in sizes)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

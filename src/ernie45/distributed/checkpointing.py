@@ -1,0 +1,82 @@
+"""Activation checkpointing per decoder block that cannot change MoE routing on recompute.
+
+Each block keeps only its inputs in forward and recomputes the rest in backward (composable
+``checkpoint``: hooks, no wrapper module, so parameter names and checkpoints are unchanged).
+In MoE blocks the first forward records the indices of every ``topk`` (the router's choice of
+experts) and the recompute replays them instead of recomputing, so the experts that receive
+gradients are exactly those that ran forward even if a recomputed score differed in the last
+bit. The recompute also restores what the MoE layer records about its forward
+(``last_tokens_per_expert``, aux-loss statistics, ...), so expert load is counted once per
+forward, never again in backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .model_parts import decoder_blocks, moe_layer
+
+
+class _TopkReplay(TorchDispatchMode):
+    """Records (forward) or replays (recompute) the indices of each ``aten.topk``, in call order.
+
+    NOTE: not selective checkpointing (``create_selective_checkpoint_contexts``): that one
+    insists every op of the recompute ran in the forward too, which FSDP2's hooks break.
+    """
+
+    def __init__(self, indices: list[torch.Tensor], replay: bool):
+        super().__init__()
+        self.indices = indices
+        self.replay = replay
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.ops.aten.topk.default:
+            return func(*args, **kwargs)
+        if not self.replay:
+            values, indices = func(*args, **kwargs)
+            self.indices.append(indices)
+            return values, indices
+        indices = self.indices.pop(0)
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+        return args[0].gather(dim, indices), indices
+
+
+@contextlib.contextmanager
+def _keeping_forward_records(mlp: nn.Module) -> Iterator[None]:
+    """Undo whatever the recompute writes to the MoE layer's ``last_*`` records of its forward."""
+    before = {k: v for k, v in vars(mlp).items() if k.startswith("last_")}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(mlp, name, value)
+
+
+def _moe_contexts(mlp: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """(forward context, recompute context) for one checkpointed forward of an MoE block."""
+    indices: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        with _TopkReplay(indices, replay=True), _keeping_forward_records(mlp):
+            yield
+
+    return _TopkReplay(indices, replay=False), recompute()
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every decoder block of ``model`` in place."""
+    for block in decoder_blocks(model):
+        mlp = moe_layer(block)
+        if mlp is None:
+            checkpoint(block)
+        else:
+            checkpoint(block, context_fn=partial(_moe_contexts, mlp))

@@ -1,0 +1,143 @@
+"""``ParallelConfig``: how a model is laid out over the ranks, checked before anything is built.
+
+The world is split as ``dp_replicate x dp_shard x cp x tp`` (pipeline stages ``pp`` on top).
+Expert parallelism does not add ranks: it folds onto the data-parallel ranks like the reference
+recipes (NeMo AutoModel, torchtitan), giving a second mesh ``(ep_shard, ep)`` over the same
+ranks with ``ep_shard = dp_replicate * dp_shard * cp * tp / ep``.
+
+Every check raises at the boundary with the offending value and what would be valid, so a bad
+launch fails in the first second instead of deep inside a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_SIZES = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "pp")
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work for this world size or this model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Sizes of each parallel dimension (``-1`` for ``dp_shard`` = whatever fills the world).
+
+    dp_replicate: data-parallel replicas (HSDP when combined with dp_shard > 1).
+    dp_shard: FSDP2 shards (``fully_shard``); -1 fills the world.
+    tp: tensor parallelism (attention heads, MLP width, vocabulary).
+    ep: expert parallelism; folds onto the data-parallel ranks, adds none.
+    cp, pp: context / pipeline parallelism (not supported yet; must be 1).
+    param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (compute in bf16, reduce
+        gradients in fp32 by default; ``param_dtype=None`` computes in the stored dtype).
+    reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) when True.
+    activation_checkpointing: recompute each decoder block in backward.
+    sharded_logits: under tp > 1, return vocabulary-sharded logits (a DTensor, for a
+        vocabulary-parallel loss) instead of a plain full tensor.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    ep: int = 1
+    cp: int = 1
+    pp: int = 1
+    param_dtype: torch.dtype | None = torch.bfloat16
+    reduce_dtype: torch.dtype = torch.float32
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+    sharded_logits: bool = False
+
+    def __post_init__(self) -> None:
+        for name in _SIZES:
+            value = getattr(self, name)
+            allowed_fill = name == "dp_shard" and value == -1
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and not allowed_fill):
+                fill = " or -1 (fill the world)" if name == "dp_shard" else ""
+                raise LayoutError(f"ParallelConfig.{name}={value!r} must be a positive integer{fill}")
+        for name in ("cp", "pp"):
+            if getattr(self, name) > 1:
+                what = "context" if name == "cp" else "pipeline"
+                raise NotImplementedError(
+                    f"ParallelConfig.{name}={getattr(self, name)}: {what} parallelism is not supported yet; "
+                    f"use {name}=1 (supported: dp_replicate, dp_shard, tp, ep)"
+                )
+        if self.ep > 1 and self.tp > 1:
+            raise LayoutError(
+                f"ParallelConfig(ep={self.ep}, tp={self.tp}): expert parallelism together with tensor "
+                "parallelism is not supported yet; use ep > 1 with data parallelism, or tp > 1 without ep"
+            )
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that see different data (replicas x shards)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def ep_shard(self) -> int:
+        """FSDP shards of each expert group: the ranks that hold the same experts."""
+        return self.data_parallel * self.cp * self.tp // self.ep
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.cp * self.tp * self.pp
+
+    def resolve(self, world_size: int) -> "ParallelConfig":
+        """This layout with ``dp_shard=-1`` filled in for ``world_size`` ranks, validated."""
+        others = self.dp_replicate * self.tp * self.cp * self.pp
+        product = " x ".join(f"{name}={getattr(self, name)}" for name in _SIZES if name != "dp_shard")
+        if self.dp_shard == -1:
+            if world_size % others:
+                raise LayoutError(
+                    f"world size {world_size} is not divisible by {product} (= {others}); "
+                    f"dp_shard=-1 needs the other sizes to divide the world"
+                )
+            resolved = dataclasses.replace(self, dp_shard=world_size // others)
+        else:
+            resolved = self
+        if resolved.world_size != world_size:
+            raise LayoutError(
+                f"world size {world_size} is not the product of the parallel sizes "
+                f"({product}, dp_shard={resolved.dp_shard}: {resolved.world_size} ranks); "
+                "set dp_shard=-1 to fill the world"
+            )
+        if (resolved.data_parallel * resolved.cp * resolved.tp) % resolved.ep:
+            raise LayoutError(
+                f"ep={resolved.ep} must divide the data-parallel ranks it folds onto "
+                f"(dp_replicate x dp_shard x cp x tp = {resolved.data_parallel * resolved.cp * resolved.tp})"
+            )
+        return resolved
+
+
+def _num_experts(config) -> int:
+    return int(getattr(config, "moe_num_experts", 0) or 0)
+
+
+def check_model_fits(parallel: ParallelConfig, config) -> None:
+    """Raise ``LayoutError`` when the model's shapes cannot be split the way ``parallel`` asks."""
+    tp = parallel.tp
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    divisible_by_tp = {
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+    }
+    if _num_experts(config) and getattr(config, "moe_num_shared_experts", 0):
+        divisible_by_tp["moe_intermediate_size x moe_num_shared_experts"] = (
+            config.moe_intermediate_size * config.moe_num_shared_experts
+        )
+    for name, value in divisible_by_tp.items():
+        if value % tp:
+            raise LayoutError(f"tp={tp} must divide {name}={value} of {config.model_type}")
+    if parallel.ep > 1:
+        experts = _num_experts(config)
+        if not experts:
+            raise LayoutError(f"ep={parallel.ep} needs a mixture-of-experts model; {config.model_type} has no experts")
+        if experts % parallel.ep:
+            raise LayoutError(f"ep={parallel.ep} must divide moe_num_experts={experts}")

@@ -1,0 +1,59 @@
+"""FSDP2 (``fully_shard``) for the dense and MoE causal LMs, and gradient-accumulation control.
+
+Groups (each all-gathered just before it runs and freed after):
+  * every decoder block, over the data-parallel mesh;
+  * inside MoE blocks, the routed experts over ``ep_shard`` (they are already split over ``ep``)
+    and the router in its own fp32 group, so ``param_dtype=bf16`` never rounds its weight;
+  * untied embedding and LM head, each on its own; a tied pair stays in the root group, which
+    is gathered for the whole forward (the weight is used at both ends);
+  * the root (final norm and whatever is left).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from .mesh import ParallelMeshes
+from .model_parts import decoder_blocks, is_tied, moe_layer
+
+# NOTE: the router computes in fp32 itself; casting its inputs would change the dtype it hands
+# back (routing weights follow the activations' dtype), so inputs pass through untouched.
+ROUTER_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
+    """Shard ``model`` in place with ``fully_shard`` (a no-op without data parallelism)."""
+    parallel, dp = meshes.parallel, meshes.dp
+    if dp is None:
+        return
+    policy = MixedPrecisionPolicy(param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype)
+    shard = dict(mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
+    for block in decoder_blocks(model):
+        mlp = moe_layer(block)
+        if mlp is not None:
+            if meshes.experts is not None:
+                fully_shard(mlp.experts, mesh=meshes.ep_shard, **shard)
+                # NOTE: each expert's gradient sums the tokens of all its ep peers, so averaging over
+                # the ep_shard ranks alone would be ep times too large: divide by all of them.
+                mlp.experts.set_gradient_divide_factor(float(parallel.ep_shard * parallel.ep))
+            fully_shard(mlp.gate, mesh=dp, mp_policy=ROUTER_POLICY, reshard_after_forward=parallel.reshard_after_forward)
+        fully_shard(block, mesh=dp, **shard)
+    if not is_tied(model):
+        fully_shard(model.model.embed_tokens, mesh=dp, **shard)
+        fully_shard(model.lm_head, mesh=dp, **shard)
+    fully_shard(model, mesh=dp, **shard)
+
+
+def prepare_for_grad_accumulation(model: nn.Module) -> None:
+    """Call before the backward of every micro-batch but the last: gradients stay local and
+    unsharded, so no reduce-scatter runs until ``prepare_for_final_backward``."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+
+
+def prepare_for_final_backward(model: nn.Module) -> None:
+    """Call before the last micro-batch's backward: it reduce-scatters the accumulated gradients."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(True)

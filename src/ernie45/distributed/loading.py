@@ -1,0 +1,114 @@
+"""HF checkpoints in and out of a parallel layout, without a whole-model copy on any rank.
+
+Loading: build the model on the meta device, lay it out (TP/EP/FSDP2), allocate only this rank's
+shards, then fill each one with the matching slice read straight from the safetensors files
+(``read_native(..., index=...)``; routed experts are read per expert, only those this rank owns).
+
+Saving: every rank takes part in gathering one tensor at a time (``DTensor.full_tensor``);
+rank 0 converts it to the HF layout and streams it into the current shard file, so at most one
+tensor plus one shard file are ever in memory. The files are the ones a single-process
+``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import GenerationConfig
+
+from ..auto import model_class_for
+from ..checkpoint.hf_adapter import hf_keys, read_native, to_hf
+from ..checkpoint.hf_checkpoint import _check_key_sets, checkpoint_dtype, load_config, native_tensors
+from ..checkpoint.safetensors_io import AtomicDirectory, CheckpointFiles, write_safetensors_stream
+from ..models.backend import BackendConfig
+from ..models.causal_lm import _building
+from .config import ParallelConfig, check_model_fits
+from .mesh import default_device, ensure_process_group
+from .model_parts import is_tied
+from .parallelize import parallelize_model
+
+
+def local_index(tensor: torch.Tensor) -> tuple[slice, ...] | None:
+    """The slices of the global tensor that this rank holds (None: a plain tensor, all of it)."""
+    if not isinstance(tensor, DTensor):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(start, start + size) for start, size in zip(offset, shape))
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def load_hf_shards(model: nn.Module, files: CheckpointFiles) -> None:
+    """Fill every parameter/buffer's local part (already allocated) with its slice of ``files``."""
+    targets = native_tensors(model)
+    expected = {key for name, t in targets.items() for key in hf_keys(name, tuple(t.shape))}
+    _check_key_sets(files, expected, is_tied(model))
+    for name, target in targets.items():
+        value = read_native(files, name, tuple(target.shape), local_index(target))
+        local_part(target).copy_(value)
+    files.close()
+
+
+def from_pretrained(
+    path: str | Path,
+    parallel: ParallelConfig,
+    dtype: torch.dtype | None = None,
+    backend: BackendConfig | None = None,
+    device: torch.device | str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Load an HF checkpoint directory straight into the layout ``parallel`` (collective)."""
+    ensure_process_group()
+    config = load_config(path)
+    cls = model_class_for(config)
+    cls._check_config(config)
+    check_model_fits(parallel, config)
+    files = CheckpointFiles(path)
+    with _building(dtype or checkpoint_dtype(files), "meta"):
+        model = cls(config, backend=backend, **kwargs)
+    parallelize_model(model, parallel)
+    model.to_empty(device=device or default_device())
+    model.tie_weights()
+    load_hf_shards(model, files)
+    model.materialize_buffers()
+    return model.eval()
+
+
+def _hf_sizes(model: nn.Module) -> list[tuple[str, int]]:
+    """(HF key, bytes) of every tensor the checkpoint will hold, from global shapes (no data)."""
+    sizes = []
+    for name, tensor in native_tensors(model).items():
+        meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        sizes += [(key, part.numel() * part.element_size()) for key, part in to_hf(name, meta)]
+    return sizes
+
+
+def _gathered_hf_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, full CPU tensor) in checkpoint order; every rank must consume it (collectives)."""
+    for name, tensor in native_tensors(model).items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield from to_hf(name, full.detach().cpu())
+
+
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """Write the consolidated HF checkpoint of a parallelised model from rank 0 (collective)."""
+    items = _gathered_hf_items(model)
+    if dist.get_rank() == 0:
+        config = model.config
+        config.dtype = model.get_input_embeddings().weight.dtype
+        with AtomicDirectory(path) as tmp:
+            config.save_pretrained(str(tmp))
+            GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+            write_safetensors_stream(tmp, _hf_sizes(model), items, max_shard_size)
+    for _ in items:  # other ranks: take part in every gather; rank 0: nothing left
+        pass
+    dist.barrier()

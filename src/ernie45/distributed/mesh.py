@@ -1,0 +1,90 @@
+"""Process group start-up and the two device meshes a layout needs.
+
+* ``world``: ``(dp_replicate, dp_shard, tp)``, tp innermost so tensor-parallel peers are
+  neighbouring ranks (same host). Dense parameters are sharded by FSDP2 over the data-parallel
+  dims and by TP over ``tp``.
+* ``experts``: ``(ep_shard, ep)`` over the same ranks, ep innermost. Routed experts are split
+  ``Shard(0)`` over ``ep`` and FSDP2-sharded over ``ep_shard``. Built only when ``ep > 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .config import ParallelConfig
+
+
+def default_device() -> torch.device:
+    """This rank's accelerator (``LOCAL_RANK``-th GPU) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def ensure_process_group() -> None:
+    """Initialise the default process group from torchrun's environment if nobody has yet."""
+    if dist.is_initialized():
+        return
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"parallel loading needs a process group: environment variable(s) {missing} are not set; "
+            "launch with torchrun (e.g. torchrun --nproc-per-node=8 train.py) or call "
+            "torch.distributed.init_process_group first"
+        )
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+@dataclass(frozen=True)
+class ParallelMeshes:
+    """The meshes of a resolved layout; the properties return None for dims of size 1."""
+
+    parallel: ParallelConfig
+    world: DeviceMesh
+    experts: DeviceMesh | None
+
+    @property
+    def dp(self) -> DeviceMesh | None:
+        """FSDP2's mesh: 1-D ``dp_shard``, or 2-D ``(dp_replicate, dp_shard)`` for HSDP."""
+        if self.parallel.data_parallel == 1:
+            return None
+        if self.parallel.dp_replicate > 1:
+            return self.world["dp_replicate", "dp_shard"]
+        return self.world["dp_shard"]
+
+    @property
+    def tp(self) -> DeviceMesh | None:
+        return self.world["tp"] if self.parallel.tp > 1 else None
+
+    @property
+    def ep(self) -> DeviceMesh | None:
+        return self.experts["ep"] if self.experts is not None else None
+
+    @property
+    def ep_shard(self) -> DeviceMesh | None:
+        return self.experts["ep_shard"] if self.experts is not None else None
+
+
+def build_meshes(parallel: ParallelConfig, device_type: str | None = None) -> ParallelMeshes:
+    """Resolve ``parallel`` against the running world and build its meshes (collective)."""
+    if not dist.is_initialized():
+        raise RuntimeError("build_meshes needs an initialised process group (see ensure_process_group)")
+    parallel = parallel.resolve(dist.get_world_size())
+    device_type = device_type or default_device().type
+    world = init_device_mesh(
+        device_type,
+        (parallel.dp_replicate, parallel.dp_shard, parallel.tp),
+        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+    )
+    experts = None
+    if parallel.ep > 1:
+        experts = init_device_mesh(device_type, (parallel.ep_shard, parallel.ep), mesh_dim_names=("ep_shard", "ep"))
+    return ParallelMeshes(parallel, world, experts)

@@ -1,0 +1,33 @@
+"""``parallelize_model``: apply a layout to a single-device model, in the order the wrappers need.
+
+TP first (it replaces weights by DTensors on the ``tp`` mesh), then EP (experts become
+``Shard(0)`` DTensors on ``ep`` and the all-to-all dispatcher is installed), then activation
+checkpointing (hooks on each block), then FSDP2 last, since it shards whatever the others left.
+Works on a model built on the meta device too (that is how ``from_pretrained`` uses it).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .checkpointing import apply_activation_checkpointing
+from .config import ParallelConfig, check_model_fits
+from .expert_parallel import apply_expert_parallel
+from .fsdp import apply_fsdp
+from .mesh import ParallelMeshes, build_meshes
+from .tensor_parallel import apply_tensor_parallel
+
+
+def parallelize_model(model: nn.Module, parallel: ParallelConfig | ParallelMeshes) -> ParallelMeshes:
+    """Lay ``model`` out over the running process group in place; returns the meshes used."""
+    check_model_fits(parallel.parallel if isinstance(parallel, ParallelMeshes) else parallel, model.config)
+    meshes = parallel if isinstance(parallel, ParallelMeshes) else build_meshes(parallel)
+    layout = meshes.parallel
+    if meshes.tp is not None:
+        apply_tensor_parallel(model, meshes.tp, sharded_logits=layout.sharded_logits)
+    if meshes.ep is not None:
+        apply_expert_parallel(model, meshes.ep)
+    if layout.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, meshes)
+    return meshes
