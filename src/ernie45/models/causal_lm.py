@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import generation
 from ..checkpoint.hf_checkpoint import (
     CheckpointFiles,
     checkpoint_dtype,
@@ -129,6 +130,10 @@ class Ernie4_5CausalLMBase(nn.Module):
     def make_output(self, **fields) -> CausalLMOutputWithPast:
         return CausalLMOutputWithPast(**fields)
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Prompt + new tokens [B,P+N] with a KV cache, like transformers; see ``ernie45.generation.generate``."""
+        return generation.generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
     # ----- construction and checkpoints -------------------------------------------------------
     @classmethod
     def _check_config(cls, config) -> None:
@@ -178,6 +183,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         load_hf_weights(model, files, device=device or "cpu")
         model.materialize_buffers()
         model.tie_weights()
+        model.generation_config = generation.load_generation_config(path)  # end/pad tokens for generate
         return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:

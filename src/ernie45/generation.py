@@ -1,0 +1,279 @@
+"""Token generation with a preallocated KV cache: greedy and sampled decoding of left-padded batches.
+
+How one ``generate`` call runs:
+  1. one ``KVCache`` per layer, allocated once at prefill for prompt + max_new_tokens positions;
+  2. prefill: a single forward over the whole prompt fills the caches; only the last position's
+     logits are computed (``logits_to_keep=1``);
+  3. decode: one forward per new token, over that token alone, attending to the cache.
+Positions and padding follow transformers' ``generate``: a row's first real token sits at position
+0 (cumsum of the attention mask minus 1), finished rows are filled with ``pad_token_id``, and
+decoding stops early once every row has produced an end token. Greedy output is therefore
+token-identical to transformers'.
+
+Shapes: B batch, P prompt length, N new tokens, V vocabulary, nKV key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+
+# ----- KV cache ------------------------------------------------------------------------------------
+class KVCache:
+    """One layer's keys and values, [B,nKV,capacity,hd] each, written in place as tokens arrive.
+
+    NOTE: the buffers are allocated on the first ``update`` from the keys' own shape, dtype and
+    device, so the cache fits whatever the attention layer produces (tensor-parallel shards, bf16).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v [B,nKV,S_new,hd]; return every key/value so far, [B,nKV,length,hd] (views)."""
+        if self.keys is None:
+            batch, heads, _, head_dim = k.shape
+            self.keys = k.new_empty(batch, heads, self.capacity, head_dim)
+            self.values = v.new_empty(batch, heads, self.capacity, head_dim)
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def make_kv_caches(num_layers: int, capacity: int) -> list[KVCache]:
+    return [KVCache(capacity) for _ in range(num_layers)]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B,S] HF mask (1 = real) -> position ids [B,S]: real tokens count from 0, padding gets 0."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+# ----- end and pad tokens --------------------------------------------------------------------------
+def load_generation_config(path: str | Path) -> GenerationConfig | None:
+    """The checkpoint's generation_config.json, or None when the directory has none."""
+    if not (Path(path) / "generation_config.json").is_file():
+        return None
+    return GenerationConfig.from_pretrained(str(path))
+
+
+def _as_id_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def default_special_ids(model) -> tuple[list[int], int | None]:
+    """(end token ids, pad id) from the model's generation config, else from its model config."""
+    source = getattr(model, "generation_config", None) or model.config
+    return _as_id_list(getattr(source, "eos_token_id", None)), getattr(source, "pad_token_id", None)
+
+
+# ----- choosing the next token ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick the next token: argmax, or a draw from the tempered, top-k/top-p filtered softmax."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(
+                f"temperature={self.temperature!r} must be a number > 0 (use do_sample=False for greedy decoding)"
+            )
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None to keep every token")
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """logits [B,V]: everything below the k-th largest becomes -inf (ties with it are kept)."""
+    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B,1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits [B,V]: keep the most probable tokens until their mass reaches top_p (at least one)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (transformers' order) on fp32 logits [B,V]."""
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        logits = filter_top_k(logits, sampling.top_k)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = filter_top_p(logits, sampling.top_p)
+    return logits
+
+
+def token_chooser(sampling: Sampling, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function fp32 logits [B,V] -> next token ids [B]."""
+    if not sampling.do_sample:
+        return lambda logits: logits.argmax(dim=-1)
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        probs = sampling_logits(logits, sampling).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return draw
+
+
+# ----- checking the prompt -------------------------------------------------------------------------
+def prompt_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int | None, end_ids: list[int]
+) -> torch.Tensor:
+    """The prompt's HF attention mask [B,P], checked to be left padding with a real token per row.
+
+    As in transformers, a missing mask is inferred from pad tokens when pad_id is no end token.
+    """
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: generation needs at least one prompt token per row")
+    if attention_mask is None:
+        if pad_id is not None and pad_id not in end_ids and bool((input_ids == pad_id).any()):
+            return (input_ids != pad_id).long()
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {list(attention_mask.shape)} must equal input_ids shape {list(input_ids.shape)}"
+        )
+    empty_rows = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(f"prompt row(s) {empty_rows} have no real token (attention_mask is all 0)")
+    right_padded = (~attention_mask[:, -1].bool()).nonzero().flatten().tolist()
+    if right_padded:
+        raise ValueError(
+            f"prompt row(s) {right_padded} end in padding: pad prompts on the left "
+            "(tokenizer.padding_side = 'left') so every row continues from its last real token"
+        )
+    return attention_mask.long()
+
+
+# ----- the decoding loop ---------------------------------------------------------------------------
+def stream_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments)."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    choose = token_chooser(Sampling(do_sample, temperature, top_k, top_p), generator)
+    default_end, default_pad = default_special_ids(model)
+    end_ids = _as_id_list(eos_token_id) if eos_token_id is not None else default_end
+    pad_id = pad_token_id if pad_token_id is not None else default_pad
+    if pad_id is None and end_ids:
+        pad_id = end_ids[0]  # transformers' fallback
+    vocab = model.config.vocab_size
+    for name, ids in (("eos_token_id", end_ids), ("pad_token_id", _as_id_list(pad_id))):
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"{name}={ids} is out of range for vocab_size={vocab} (valid ids: 0..{vocab - 1})")
+    mask = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
+    return _decode(model, input_ids, mask, max_new_tokens, choose, end_ids, pad_id)
+
+
+@torch.no_grad()
+def _decode_step_logits(model, tokens, positions, mask, caches) -> torch.Tensor:
+    out = model(tokens, position_ids=positions, attention_mask=mask, kv_caches=caches, logits_to_keep=1)
+    return out.logits[:, -1].float()  # [B,V]
+
+
+def _decode(
+    model,
+    input_ids: torch.Tensor,
+    prompt_mask_: torch.Tensor,
+    max_new_tokens: int,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    end_ids: list[int],
+    pad_id: int | None,
+) -> Iterator[torch.Tensor]:
+    # NOTE: a generator function of its own, so that argument errors above raise at the call.
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    caches = make_kv_caches(model.config.num_hidden_layers, prompt_len + max_new_tokens)
+    # One mask buffer for the whole run; step s sees its first P + s columns (a view, no concat).
+    padded = not bool(prompt_mask_.all())
+    full_mask = None
+    if padded:
+        full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
+        full_mask[:, :prompt_len] = prompt_mask_
+    end_ids_t = torch.tensor(end_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, positions = input_ids, positions_from_mask(prompt_mask_)  # [B,P] for the prefill
+    for step in range(max_new_tokens):
+        mask = full_mask[:, : prompt_len + step] if padded else None
+        next_tokens = choose(_decode_step_logits(model, tokens, positions, mask, caches))  # [B]
+        if end_ids:
+            next_tokens = next_tokens.masked_fill(finished, pad_id)
+            finished |= torch.isin(next_tokens, end_ids_t)
+        yield next_tokens
+        if end_ids and bool(finished.all()):
+            return
+        tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens.
+
+    eos_token_id / pad_token_id default to the model's generation config (else its config); rows
+    that have ended are padded with pad_token_id and decoding stops once all rows have ended.
+    Sampling (do_sample=True) applies temperature, then top_k, then top_p; ``seed`` or
+    ``generator`` makes it reproducible. Greedy decoding ignores the sampling values.
+    """
+    steps = stream_tokens(
+        model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+        eos_token_id, pad_token_id, generator, seed,
+    )  # fmt: skip
+    new_tokens = torch.stack(list(steps), dim=1)  # [B,N]
+    return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)

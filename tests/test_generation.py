@@ -1,0 +1,161 @@
+"""KV-cache generation: greedy parity with transformers' generate, cached vs uncached steps, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Ernie4_5ForCausalLM as HFErnie
+
+import ernie45
+from ernie45 import BackendConfig
+from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask
+
+from conftest import random_hf_model, tiny_dense_config
+
+NEW_TOKENS = 24
+# NOTE: a large init spread makes tiny random models produce varied text instead of one repeated token.
+VARIED = dict(initializer_range=0.3, tie_word_embeddings=False)
+
+
+def _dense_pair(tmp_path, backend=None):
+    hf = random_hf_model(HFErnie, tiny_dense_config(**VARIED))
+    hf.save_pretrained(tmp_path)
+    return hf, ernie45.from_pretrained(tmp_path, backend=backend)
+
+
+def _left_padded_prompts(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, mask [3,9]: rows with 3, 0 and 7 pad tokens (id 0) on the left."""
+    ids = torch.randint(3, vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :7] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("ending", ["config_eos", "one_row_ends_early", "mask_inferred_from_pad"])
+def test_greedy_matches_transformers_generate(tmp_path, attn, ending):
+    hf, ours = _dense_pair(tmp_path, BackendConfig(attn=attn))
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    if ending == "one_row_ends_early":
+        # End on the token row 1 produces 5th, so rows end at different steps and get padded.
+        first_run = ours.generate(ids, attention_mask=mask, eos_token_id=[], **kwargs)
+        kwargs["eos_token_id"] = int(first_run[1, 9 + 4])
+    masks = {} if ending == "mask_inferred_from_pad" else {"attention_mask": mask}
+
+    expected = hf.generate(ids, **masks, **kwargs)
+    got = ours.generate(ids, **masks, **kwargs)
+
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    if ending == "one_row_ends_early":
+        assert (got[1, 9 + 5 :] == hf.config.pad_token_id).all()
+
+
+def test_each_cached_step_equals_argmax_of_uncached_forward(tmp_path):
+    _, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(ours.config.vocab_size)
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert out.shape == (3, 9 + NEW_TOKENS)
+    full_mask = torch.cat([mask, torch.ones(3, NEW_TOKENS, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        for step in range(NEW_TOKENS):
+            end = 9 + step
+            logits = ours(out[:, :end], attention_mask=full_mask[:, :end], position_ids=positions_from_mask(full_mask[:, :end])).logits
+            assert torch.equal(logits[:, -1].argmax(-1), out[:, end]), f"step {step}"
+
+
+def test_unpadded_prompt_needs_no_mask(tmp_path):
+    hf, ours = _dense_pair(tmp_path)
+    ids = torch.randint(3, hf.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    expected = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=NEW_TOKENS), expected)
+    assert torch.equal(ours.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS), expected)
+
+
+def test_kv_cache_appends_in_place():
+    cache = KVCache(capacity=5)
+    k1, v1 = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    k2, v2 = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+    cache.update(k1, v1)
+    keys, values = cache.update(k2, v2)
+    assert cache.length == 5
+    assert torch.equal(keys, torch.cat([k1, k2], dim=2)) and torch.equal(values, torch.cat([v1, v2], dim=2))
+    assert keys.data_ptr() == cache.keys.data_ptr()  # a view of the preallocated buffer
+    with pytest.raises(RuntimeError, match="capacity is 5"):
+        cache.update(k2, v2)
+
+
+# ----- sampling -------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible(tmp_path):
+    _, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(ours.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5, eos_token_id=[])
+    first = ours.generate(ids, seed=7, **kwargs)
+    assert torch.equal(ours.generate(ids, seed=7, **kwargs), first)
+    assert torch.equal(ours.generate(ids, generator=torch.Generator().manual_seed(7), **kwargs), first)
+    assert not torch.equal(ours.generate(ids, seed=8, **kwargs), first)
+    assert not torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[]), first)
+
+
+@pytest.mark.parametrize("restriction", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.9)])
+def test_sampling_restricted_to_the_top_token_is_greedy(tmp_path, restriction):
+    _, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(ours.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    sampled = ours.generate(ids, do_sample=True, temperature=2.0, seed=0, **restriction, **kwargs)
+    assert torch.equal(sampled, ours.generate(ids, **kwargs))
+
+
+def _draw_support(logits: torch.Tensor, sampling: Sampling, draws: int = 4000) -> set[int]:
+    from ernie45.generation import token_chooser
+
+    choose = token_chooser(sampling, torch.Generator().manual_seed(0))
+    return set(choose(logits.expand(draws, -1).clone()).tolist())
+
+
+def test_top_k_keeps_the_k_most_likely_tokens():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 1.0]])
+    filtered = filter_top_k(logits, 2)
+    assert torch.isfinite(filtered).nonzero()[:, 1].tolist() == [1, 3]
+    assert _draw_support(logits, Sampling(do_sample=True, top_k=3)) == {1, 3, 4}
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, {0}), (0.8, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_set_reaching_the_mass(top_p, kept):
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert set(torch.isfinite(filter_top_p(logits, top_p)).nonzero()[:, 1].tolist()) == kept
+    assert _draw_support(logits, Sampling(do_sample=True, top_p=top_p)) == kept
+
+
+def test_top_k_then_top_p_renormalises_in_between():
+    # top_k=2 leaves {0: 0.625, 1: 0.375}; top_p=0.6 then keeps token 0 alone.
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert _draw_support(logits, Sampling(do_sample=True, top_k=2, top_p=0.6)) == {0}
+
+
+# ----- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(do_sample=True, temperature=0.0), "temperature=0.0 must be a number > 0"),
+        (dict(do_sample=True, top_k=0), "top_k=0 must be an integer >= 1"),
+        (dict(do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+        (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 must be an integer >= 1"),
+        (dict(eos_token_id=10_000), r"eos_token_id=\[10000\] is out of range for vocab_size=160"),
+        (dict(seed=1, generator=torch.Generator()), "either generator or seed"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "input_ids is empty"),
+        (dict(input_ids=torch.tensor([[5, 200]])), "token id 200 is out of range for vocab_size=160"),
+        (dict(input_ids=torch.tensor([5, 6])), r"must be an integer tensor \[batch, seq\]"),
+        (dict(attention_mask=torch.tensor([[1, 1, 0]])), r"row\(s\) \[0\] end in padding: pad prompts on the left"),
+        (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"row\(s\) \[0\] have no real token"),
+        (dict(attention_mask=torch.tensor([[1, 1]])), r"attention_mask shape \[1, 2\] must equal input_ids shape"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, message):
+    model = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config())
+    kwargs = dict(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3) | change
+    with pytest.raises(ValueError, match=message):
+        model.generate(**kwargs)
