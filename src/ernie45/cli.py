@@ -28,6 +28,125 @@ def _root(
     """ERNIE 4.5 toolkit."""
 
 
+# ----- generate and eval (logic in generation.py, chat.py, evaluation.py) -------------------------
+_DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)."
+_DTYPE_HELP = "auto (the checkpoint's), float32, bfloat16 or float16."
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, device: str, dtype: str):
+    """The model (any ERNIE 4.5 checkpoint directory) in eval mode and its tokenizer (default: same directory)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .auto import from_pretrained
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype, None)
+    if dtype != "auto" and not isinstance(torch_dtype, torch.dtype):
+        raise _fail(f"--dtype {dtype!r} is not valid; use {_DTYPE_HELP}")
+    tokenizer_path = tokenizer_path or model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as err:
+        raise _fail(f"no tokenizer could be loaded from {tokenizer_path} ({err}); pass --tokenizer PATH") from err
+    model = from_pretrained(model_path, dtype=torch_dtype, device=device)
+    return model.eval(), tokenizer
+
+
+@app.command("generate")
+def generate_command(
+    model: str = typer.Option(..., "--model", help="HF checkpoint directory (config.json + safetensors)."),
+    prompt: str = typer.Option(None, "--prompt", help="Text to continue."),
+    chat: bool = typer.Option(False, "--chat", help="Multi-turn chat on stdin with the tokenizer's chat template."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1]."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens."),
+    seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """Generate text from a prompt, or chat, streaming tokens as they come."""
+    import sys
+
+    from .chat import chat as run_chat
+    from .chat import stream_text
+
+    if chat == (prompt is not None):
+        raise _fail("give exactly one of --prompt TEXT or --chat")
+    if temperature < 0:
+        raise _fail(f"--temperature {temperature} must be >= 0 (0 = greedy)")
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, top_k=top_k, top_p=top_p, seed=seed)
+    if temperature > 0:
+        sampling["temperature"] = temperature
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def read() -> str | None:
+        write("User: ")
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+
+    try:
+        lm, tok = _load_model_and_tokenizer(model, tokenizer, device, dtype)
+        if chat:
+            run_chat(lm, tok, read, write, **sampling)
+        else:
+            stream_text(lm, tok, tok.encode(prompt, add_special_tokens=False), write, **sampling)
+            write("\n")
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+
+
+eval_app = typer.Typer(help="Evaluate a model on a benchmark.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+DEFAULT_HELLASWAG = "../shared/data/hellaswag/hellaswag_val.jsonl"
+
+
+@eval_app.command("hellaswag")
+def hellaswag_command(
+    model: str = typer.Option(..., "--model", help="HF checkpoint directory (config.json + safetensors)."),
+    data: str = typer.Option(DEFAULT_HELLASWAG, "--data", help="HellaSwag JSONL (ctx/endings/label per line)."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N examples."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences (context + ending) per forward."),
+    output: str = typer.Option("hellaswag_result.json", "--output", help="Where to write the JSON result."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """HellaSwag acc and acc_norm (lm-evaluation-harness definitions), with a progress bar and a JSON result."""
+    import json
+    from pathlib import Path
+
+    from .evaluation import evaluate_hellaswag, load_hellaswag
+
+    if limit is not None and limit < 1:
+        raise _fail(f"--limit {limit} must be >= 1")
+    try:
+        examples = load_hellaswag(data, limit)
+        lm, tok = _load_model_and_tokenizer(model, tokenizer, device, dtype)
+        result = evaluate_hellaswag(lm, tok, examples, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    result.update(model=model, data=data, batch_size=batch_size)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(
+        f"hellaswag: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+        f"({result['num_examples']} examples, {result['examples_per_second']:.2f} examples/s) -> {output}"
+    )
+
+
 def main() -> None:
     app()
 

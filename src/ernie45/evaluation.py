@@ -1,0 +1,203 @@
+"""HellaSwag accuracy by log-likelihood, as lm-evaluation-harness defines it.
+
+Each example is a context and four endings. The model scores ending e by the sum of the log-probs
+of its tokens given the context (the continuation is " " + ending). ``acc`` picks the ending with
+the highest sum; ``acc_norm`` divides each sum by the ending's length in characters first (without
+the joining space), which removes the bias towards short endings. Tokenization follows lm-eval:
+context + continuation are encoded together and split where the context's own encoding ends, no
+special tokens added.
+
+Scoring is batched: all (context + ending) sequences are sorted by length, left-padded, and each
+batch is one forward that computes logits only for the last K positions (K = longest ending).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .generation import positions_from_mask
+
+
+# ----- data ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HellaSwagExample:
+    context: str
+    endings: tuple[str, ...]
+    label: int
+
+
+def clean_text(text: str) -> str:
+    """lm-eval's HellaSwag preprocessing: drop WikiHow markers like "[header]", squeeze spaces."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def example_from_record(record: dict, where: str = "record") -> HellaSwagExample:
+    """One HellaSwag example from the original fields (activity_label, ctx_a, ctx_b) or a ready ``ctx``."""
+    missing = [key for key in ("endings", "label") if key not in record]
+    if "ctx_a" in record and "activity_label" in record:
+        context = f"{record['activity_label']}: {record['ctx_a']} {record.get('ctx_b', '').capitalize()}"
+    elif "ctx" in record:
+        context = record["ctx"]
+    else:
+        missing.insert(0, "ctx (or ctx_a + activity_label)")
+    if missing:
+        raise ValueError(f"{where} lacks HellaSwag field(s) {missing}; it has {sorted(record)}")
+    endings, label = record["endings"], int(record["label"])
+    if not endings or not 0 <= label < len(endings):
+        raise ValueError(f"{where}: label={label} must index one of its {len(endings)} endings")
+    return HellaSwagExample(clean_text(context), tuple(clean_text(e) for e in endings), label)
+
+
+def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwagExample]:
+    """The first ``limit`` examples (all when None) of a HellaSwag JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"HellaSwag file {path} does not exist; pass a JSONL file with ctx/endings/label per line "
+            "(or the original ctx_a/ctx_b/activity_label fields)"
+        )
+    examples = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if line.strip():
+                examples.append(example_from_record(json.loads(line), where=f"{path}:{number}"))
+    return examples
+
+
+# ----- scoring -------------------------------------------------------------------------------------
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), split where the context's own encoding ends (lm-eval's way).
+
+    NOTE: trailing spaces of the context move to the continuation, so BPE merges " word" as usual.
+    """
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + continuation
+    whole = tokenizer.encode(stripped + continuation, add_special_tokens=False)
+    context_len = len(tokenizer.encode(stripped, add_special_tokens=False))
+    if context_len == 0:
+        raise ValueError(f"context {context!r} encodes to no tokens; scoring needs a non-empty context")
+    return whole[:context_len], whole[context_len:]
+
+
+def _left_pad(rows: Sequence[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B,width], mask [B,width]) with each row right-aligned; pad id 0 is never attended to."""
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _batch_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair, one forward."""
+    device = model.device
+    inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]  # position t predicts token t+1
+    keep = max(len(cont) for _, cont in pairs)  # K: the continuations sit in the last K positions
+    ids, mask = _left_pad(inputs, max(map(len, inputs)), device)
+    targets, target_mask = _left_pad([cont for _, cont in pairs], keep, device)  # [B,K]
+    logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=keep).logits
+    logits = logits.float()  # [B,K,V]
+    logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B,K]
+    return (logprobs * target_mask).sum(-1).tolist()
+
+
+def loglikelihoods(
+    model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16, progress: bool = True, desc: str = ""
+) -> list[float]:
+    """Log-likelihood of each continuation given its context, batched by length (longest first)."""
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None:
+        # NOTE: like lm-eval, an over-long sequence loses tokens from the left of its context.
+        pairs = [(ctx[max(0, len(ctx) + len(cont) - 1 - max_len) :], cont) for ctx, cont in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    results = [0.0] * len(pairs)
+    with tqdm(total=len(pairs), desc=desc, unit="seq", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, value in zip(chunk, _batch_loglikelihoods(model, [pairs[i] for i in chunk])):
+                results[i] = value
+            bar.update(len(chunk))
+    return results
+
+
+def predictions(lls: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:
+    """(argmax of the log-likelihoods, argmax of log-likelihood per character): acc and acc_norm's picks."""
+    per_char = [ll / max(len(ending), 1) for ll, ending in zip(lls, endings)]
+    return max(range(len(lls)), key=lls.__getitem__), max(range(len(per_char)), key=per_char.__getitem__)
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample std / sqrt(n)), as lm-eval reports them."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def evaluate_hellaswag(
+    model,
+    tokenizer,
+    examples: Iterable[HellaSwagExample | dict],
+    batch_size: int = 16,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """acc and acc_norm (with standard errors) of ``model`` on HellaSwag ``examples``, plus throughput.
+
+    ``examples`` may be ``HellaSwagExample``s or raw JSON records. The model is put in eval mode for
+    the call and returned to its previous mode, so training loops can call this for validation.
+    """
+    examples = [e if isinstance(e, HellaSwagExample) else example_from_record(e) for e in examples]
+    examples = examples[:limit] if limit is not None else examples
+    if not examples:
+        raise ValueError("no HellaSwag examples to evaluate")
+    pairs = [encode_pair(tokenizer, ex.context, " " + ending) for ex in examples for ending in ex.endings]
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        lls = loglikelihoods(model, pairs, batch_size, progress, desc="hellaswag")
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+
+    correct, correct_norm, offset = [], [], 0
+    for ex in examples:
+        pick, pick_norm = predictions(lls[offset : offset + len(ex.endings)], ex.endings)
+        correct.append(float(pick == ex.label))
+        correct_norm.append(float(pick_norm == ex.label))
+        offset += len(ex.endings)
+    acc, acc_stderr = _mean_and_stderr(correct)
+    acc_norm, acc_norm_stderr = _mean_and_stderr(correct_norm)
+    tokens = sum(len(ctx) + len(cont) - 1 for ctx, cont in pairs)
+    return {
+        "task": "hellaswag",
+        "num_examples": len(examples),
+        "acc": acc,
+        "acc_stderr": acc_stderr,
+        "acc_norm": acc_norm,
+        "acc_norm_stderr": acc_norm_stderr,
+        "seconds": seconds,
+        "examples_per_second": len(examples) / seconds,
+        "tokens_per_second": tokens / seconds,
+    }
