@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
+from transformers import Ernie4_5_MoeConfig
+
 from conftest import perturb_norms_and_biases, tiny_dense_config
 from ernie45 import Ernie4_5ForCausalLM
+from ernie45.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 
 ATOL = 1e-5
 
@@ -16,6 +19,41 @@ def dense_model(seed: int = 0, **overrides) -> Ernie4_5ForCausalLM:
     torch.manual_seed(seed)
     model = Ernie4_5ForCausalLM.from_config(tiny_dense_config(**overrides), dtype=torch.float32)
     perturb_norms_and_biases(model)
+    return model
+
+
+def tiny_moe_config(**overrides) -> Ernie4_5_MoeConfig:
+    """Layer 0 dense, layers 1-2 MoE: 8 experts, top-2, one shared expert."""
+    values = dict(
+        vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, moe_intermediate_size=16,
+        moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=-1,
+        moe_layer_interval=1, tie_word_embeddings=True, use_bias=False,
+    )
+    values.update(overrides)
+    return Ernie4_5_MoeConfig(**values)
+
+
+@torch.no_grad()
+def make_routing_matter(model: torch.nn.Module, favourite_experts: tuple[int, ...] = (), bias: float = 10.0) -> None:
+    """Input-dependent routing (router std 0.3, experts std 0.1, small random correction bias);
+    a large ``bias`` on ``favourite_experts`` sends (nearly) every token to them."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("mlp.gate.weight"):
+            tensor.normal_(0.0, 0.3)
+        elif name.endswith("e_score_correction_bias"):
+            tensor.normal_(0.0, 0.01)
+            tensor[0, list(favourite_experts)] += bias
+        elif ".experts." in name:
+            tensor.normal_(0.0, 0.1)
+
+
+def moe_model(seed: int = 0, favourite_experts: tuple[int, ...] = (), **overrides) -> Ernie4_5_MoeForCausalLM:
+    """A random fp32 MoE model, identical on every rank that asks with the same arguments."""
+    torch.manual_seed(seed)
+    model = Ernie4_5_MoeForCausalLM.from_config(tiny_moe_config(**overrides), dtype=torch.float32)
+    perturb_norms_and_biases(model)
+    make_routing_matter(model, favourite_experts)
     return model
 
 

@@ -12,6 +12,7 @@ Groups (each all-gathered just before it runs and freed after):
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -38,6 +39,10 @@ def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
                 # NOTE: each expert's gradient sums the tokens of all its ep peers, so averaging over
                 # the ep_shard ranks alone would be ep times too large: divide by all of them.
                 mlp.experts.set_gradient_divide_factor(float(parallel.ep_shard * parallel.ep))
+                if parallel.ep_shard > 1 and dist.get_backend(meshes.ep_shard.get_group()) != "nccl":
+                    # NOTE: a custom factor means a PREMUL_SUM reduce-scatter, which only NCCL has;
+                    # with one rank there is no reduce-scatter (and forcing sums would divide twice).
+                    mlp.experts.set_force_sum_reduction_for_comms(True)
             fully_shard(mlp.gate, mesh=dp, mp_policy=ROUTER_POLICY, reshard_after_forward=parallel.reshard_after_forward)
         fully_shard(block, mesh=dp, **shard)
     if not is_tied(model):

@@ -36,7 +36,7 @@ class Ernie4_5ForCausalLM(Ernie4_5CausalLMBase):
 
     @classmethod
     def get_capabilities(cls, config) -> ModelCapabilities:
-        return ModelCapabilities(is_moe=False)
+        return ModelCapabilities(is_moe=False, supports_tp=True, supports_fsdp=True, supports_activation_checkpointing=True)
 
 
 ModelClass = Ernie4_5ForCausalLM
