@@ -1,0 +1,197 @@
+"""Building what a recipe names: tokenizer, model (laid out over the ranks), and the final HF export.
+
+Mixed precision: the model's weights (and so the optimizer state) are always float32 "master"
+copies. Compute runs in ``model.torch_dtype``: under FSDP2 its ``MixedPrecisionPolicy`` casts the
+gathered weights; otherwise ``torch.autocast`` casts matmul inputs. The router, norms and RoPE
+compute in fp32 either way (the model code sees to that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from ..auto import from_pretrained, model_class_for
+from ..checkpoint.hf_checkpoint import load_config
+from ..models.backend import BackendConfig
+from ..tokenizer import train_tokenizer
+from .config import ConfigError, RecipeConfig
+from .data import record_texts
+from .runtime import Runtime
+
+MASTER_DTYPE = torch.float32
+
+
+def compute_dtype(config: RecipeConfig) -> torch.dtype:
+    return getattr(torch, config.model.torch_dtype)
+
+
+def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
+    """The autocast context for forward passes (none when FSDP2 casts, or when computing in fp32)."""
+    dtype = compute_dtype(config)
+    if dtype == MASTER_DTYPE or layout.fsdp:
+        return contextlib.nullcontext()
+    return torch.autocast(runtime.device.type, dtype=dtype)
+
+
+# ----- tokenizer -------------------------------------------------------------------------------
+def build_tokenizer(config: RecipeConfig, train_records: list[dict], saved: Path):
+    """The recipe's tokenizer. A trained one is saved to ``saved`` once and reloaded on resume."""
+    section = config.tokenizer
+    if section.target == "ernie45.tokenizer.train_tokenizer":
+        if (saved / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(saved))
+        texts = [text for record in train_records for text in record_texts(record)]
+        return train_tokenizer(texts, section.vocab_size)
+    path = section.pretrained_model_name_or_path or config.model.pretrained_model_name_or_path
+    if path is None:
+        raise ConfigError("tokenizer: a from_config model needs tokenizer.pretrained_model_name_or_path or train_tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"tokenizer: cannot load a tokenizer from {path!r} ({err})") from None
+
+
+# ----- model -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """How the model is spread over the ranks: data-parallel size/rank and who reduces gradients."""
+
+    dp_size: int = 1
+    dp_rank: int = 0
+    fsdp: bool = False  # gradients reduced inside backward by FSDP2 (else by average_gradients)
+
+
+def model_kwargs(config: RecipeConfig, hf_config) -> dict:
+    """MoE training settings as the model's ``moe_overrides`` (nothing for dense models)."""
+    if hf_config.model_type != "ernie4_5_moe":
+        return {}
+    overrides = {"gate_bias_update_factor": config.moe.bias_update_rate}
+    if config.moe.aux_loss_coef is not None:
+        overrides["aux_loss_coeff"] = config.moe.aux_loss_coef
+    return {"moe_overrides": overrides}
+
+
+def hf_config_from_recipe(config: RecipeConfig, tokenizer):
+    """A transformers config from ``model.config``, sized and wired to the tokenizer."""
+    fields = dict(config.model.config)
+    model_type = fields.pop("model_type")
+    fields.update(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.config: {err}") from None
+
+
+def parallel_config(config: RecipeConfig, runtime: Runtime):
+    """The scale-out layout of ``distributed``; checks sizes against the world and the batch."""
+    from ..distributed import ParallelConfig
+
+    section = config.distributed
+    if runtime.world_size % section.tp_size:
+        raise ConfigError(f"distributed.tp_size={section.tp_size} must divide the world size {runtime.world_size}")
+    dp_size = runtime.world_size // section.tp_size
+    if section.dp_size is not None and section.dp_size != dp_size:
+        raise ConfigError(
+            f"distributed.dp_size={section.dp_size} does not fit {runtime.world_size} ranks with "
+            f"tp_size={section.tp_size}: it must be {dp_size} (or leave it out)"
+        )
+    if section.strategy == "ddp" and (section.tp_size > 1 or section.ep_size > 1):
+        raise ConfigError("distributed.strategy=ddp replicates the whole model: use fsdp2 for tp_size/ep_size > 1")
+    steps = config.step_scheduler
+    if steps.global_batch_size % (steps.local_batch_size * dp_size):
+        raise ConfigError(
+            f"step_scheduler.global_batch_size={steps.global_batch_size} must be a multiple of local_batch_size="
+            f"{steps.local_batch_size} x {dp_size} data-parallel ranks = {steps.local_batch_size * dp_size}"
+        )
+    dtype = compute_dtype(config)
+    return ParallelConfig(
+        dp_shard=-1,
+        tp=section.tp_size,
+        ep=section.ep_size,
+        param_dtype=None if dtype == MASTER_DTYPE else dtype,
+        activation_checkpointing=section.activation_checkpointing,
+    )
+
+
+def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:
+    """The model in fp32 master weights, laid out over the ranks, in training mode."""
+    backend = BackendConfig.from_dict(config.backend_fields())
+    section = config.model
+    if section.target == "ernie45.from_pretrained":
+        hf_config = load_config(section.pretrained_model_name_or_path)
+    else:
+        hf_config = hf_config_from_recipe(config, tokenizer)
+    kwargs = model_kwargs(config, hf_config)
+    parallel = parallel_config(config, runtime) if runtime.distributed else None
+    fsdp = parallel is not None and config.distributed.strategy == "fsdp2"
+    if section.target == "ernie45.from_pretrained" and fsdp:
+        from ..distributed import from_pretrained as parallel_from_pretrained
+
+        model = parallel_from_pretrained(
+            section.pretrained_model_name_or_path, parallel, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs
+        )
+    else:
+        if section.target == "ernie45.from_pretrained":
+            model = from_pretrained(section.pretrained_model_name_or_path, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs)
+        else:
+            torch.manual_seed(section.seed)  # NOTE: the same weights on every rank
+            cls = model_class_for(hf_config)
+            model = cls.from_config(hf_config, backend=backend, dtype=MASTER_DTYPE, device=runtime.device, **kwargs)
+        if fsdp:
+            from ..distributed import parallelize_model
+
+            parallelize_model(model, parallel)
+    layout = Layout(
+        dp_size=runtime.world_size // config.distributed.tp_size if parallel else 1,
+        dp_rank=runtime.rank // config.distributed.tp_size if parallel else 0,
+        fsdp=fsdp,
+    )
+    return model.train(), layout
+
+
+def average_gradients(model: nn.Module, runtime: Runtime) -> None:
+    """Plain data parallelism (strategy ddp): every rank gets the mean gradient, in one all-reduce."""
+    if not runtime.distributed:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= runtime.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:
+    """Under FSDP2, reduce gradients only in the last micro-batch's backward."""
+    if layout.fsdp:
+        from ..distributed import prepare_for_final_backward, prepare_for_grad_accumulation
+
+        (prepare_for_final_backward if last_micro_batch else prepare_for_grad_accumulation)(model)
+
+
+# ----- export ----------------------------------------------------------------------------------
+def export_hf(model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout) -> None:
+    """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective)."""
+    if layout.fsdp:
+        from ..distributed import save_pretrained as parallel_save_pretrained
+
+        parallel_save_pretrained(model, path)
+    elif runtime.is_main:
+        # NOTE: training is over, so the master weights can be cast in place (fp32-only tensors
+        # such as the router weight and RoPE frequencies are protected by the model code).
+        model.to(compute_dtype(config)).save_pretrained(path)
+    if runtime.is_main:
+        tokenizer.save_pretrained(str(path))

@@ -1,0 +1,482 @@
+"""The fine-tuning recipe's configuration: YAML sections named as in NeMo AutoModel, typed and validated.
+
+A recipe file is a mapping of sections (``step_scheduler``, ``model``, ``dataset``, ...). It is
+parsed into the pydantic models below, which reject unknown keys, wrong types and impossible
+values with a message that names the key and what is valid (``ConfigError``).
+
+``_target_`` keys name components the way AutoModel does, but a config never imports code: each
+``_target_`` must be one of the names in ``ALLOWED_TARGETS`` (AutoModel's own names are accepted
+as aliases of ours), anything else is an error listing the allowed names.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import field_validator, model_validator
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message names the key(s) and what is valid."""
+
+
+# ----- the _target_ allowlist ------------------------------------------------------------------
+# section -> {accepted name: canonical name}. Only these components can be named by a config.
+_NEMO = "nemo_automodel.components"
+ALLOWED_TARGETS: dict[str, dict[str, str]] = {
+    "model": {
+        "ernie45.from_pretrained": "ernie45.from_pretrained",
+        "nemo_automodel.NeMoAutoModelForCausalLM.from_pretrained": "ernie45.from_pretrained",
+        "ernie45.from_config": "ernie45.from_config",
+        "nemo_automodel.NeMoAutoModelForCausalLM.from_config": "ernie45.from_config",
+    },
+    "backend": {
+        "ernie45.BackendConfig": "ernie45.BackendConfig",
+        f"{_NEMO}.models.common.BackendConfig": "ernie45.BackendConfig",
+    },
+    "tokenizer": {
+        "transformers.AutoTokenizer.from_pretrained": "transformers.AutoTokenizer.from_pretrained",
+        "ernie45.tokenizer.train_tokenizer": "ernie45.tokenizer.train_tokenizer",
+    },
+    "dataset": {
+        "ernie45.training.data.HellaSwag": "ernie45.training.data.HellaSwag",
+        f"{_NEMO}.datasets.llm.hellaswag.HellaSwag": "ernie45.training.data.HellaSwag",
+        "ernie45.training.data.SFTDataset": "ernie45.training.data.SFTDataset",
+        "ernie45.training.synthetic.SyntheticMultipleChoice": "ernie45.training.synthetic.SyntheticMultipleChoice",
+    },
+    "dataloader": {
+        "ernie45.training.data.DataLoader": "ernie45.training.data.DataLoader",
+        "torchdata.stateful_dataloader.StatefulDataLoader": "ernie45.training.data.DataLoader",
+    },
+    "collate_fn": {
+        "ernie45.training.data.collate": "ernie45.training.data.collate",
+        f"{_NEMO}.datasets.utils.default_collater": "ernie45.training.data.collate",
+    },
+    "optimizer": {
+        "torch.optim.AdamW": "torch.optim.AdamW",
+        "torch.optim.Adam": "torch.optim.Adam",
+    },
+    "loss_fn": {
+        "ernie45.training.loss.MaskedCrossEntropy": "ernie45.training.loss.MaskedCrossEntropy",
+        f"{_NEMO}.loss.masked_ce.MaskedCrossEntropy": "ernie45.training.loss.MaskedCrossEntropy",
+        "ernie45.training.loss.FusedLinearCrossEntropy": "ernie45.training.loss.FusedLinearCrossEntropy",
+        f"{_NEMO}.loss.linear_ce.FusedLinearCrossEntropy": "ernie45.training.loss.FusedLinearCrossEntropy",
+    },
+    "rng": {
+        "ernie45.training.rng.StatefulRNG": "ernie45.training.rng.StatefulRNG",
+        f"{_NEMO}.training.rng.StatefulRNG": "ernie45.training.rng.StatefulRNG",
+    },
+}
+
+
+def canonical_target(kind: str, value: Any) -> str:
+    """The canonical name of an allowed ``_target_``; anything else is a clear error."""
+    allowed = ALLOWED_TARGETS[kind]
+    if value not in allowed:
+        names = sorted(set(allowed.values()))
+        raise ValueError(
+            f"_target_={value!r} is not an allowed {kind} component (configs never import arbitrary code); "
+            f"choose one of {names}"
+        )
+    return allowed[value]
+
+
+def _target_field(kind: str, default: str | None = None):
+    """A ``_target_`` field: optional when the section has a single obvious component."""
+    return Field(default, alias="_target_", description=f"one of {sorted(set(ALLOWED_TARGETS[kind].values()))}")
+
+
+class Section(BaseModel):
+    """A YAML section: unknown keys are errors, values are checked against the field types."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+def _check_target(kind: str):
+    return field_validator("target", mode="before")(lambda cls, v: None if v is None else canonical_target(kind, v))
+
+
+# ----- sections --------------------------------------------------------------------------------
+class StepSchedulerConfig(Section):
+    """How many examples make one optimizer step, how many steps, when to checkpoint and validate."""
+
+    global_batch_size: PositiveInt = Field(32, description="examples per optimizer step, over all ranks")
+    local_batch_size: PositiveInt = Field(4, description="examples per forward on one rank (a micro-batch)")
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")
+    num_epochs: PositiveInt = Field(1, description="passes over the training set (max_steps stops earlier)")
+    ckpt_every_steps: PositiveInt | None = Field(None, description="resumable checkpoint every N steps (and at the end)")
+    val_every_steps: PositiveInt | None = Field(None, description="validation loss every N steps (and at the end)")
+
+    @model_validator(mode="after")
+    def _batches_divide(self):
+        if self.global_batch_size % self.local_batch_size:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} must be a multiple of "
+                f"local_batch_size={self.local_batch_size} (x the number of data-parallel ranks)"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """The model: an HF checkpoint (from_pretrained) or a transformers config built from scratch (from_config)."""
+
+    target: str = _target_field("model", "ernie45.from_pretrained")
+    pretrained_model_name_or_path: str | None = Field(None, description="HF checkpoint directory (from_pretrained)")
+    config: dict[str, Any] | None = Field(None, description="transformers config fields, with model_type (from_config)")
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="compute dtype; weights and optimizer state stay float32 (mixed precision)"
+    )
+    seed: int = Field(0, description="initialisation seed for from_config")
+    backend: dict[str, Any] | None = Field(None, description="AutoModel's place for the backend section")
+    _check = _check_target("model")
+
+    @model_validator(mode="after")
+    def _source_given(self):
+        if self.target == "ernie45.from_pretrained" and not self.pretrained_model_name_or_path:
+            raise ValueError("from_pretrained needs pretrained_model_name_or_path (an HF checkpoint directory)")
+        if self.target == "ernie45.from_config":
+            if not self.config or "model_type" not in self.config:
+                raise ValueError("from_config needs config: {model_type: ernie4_5 | ernie4_5_moe, ...}")
+            if self.pretrained_model_name_or_path:
+                raise ValueError("from_config builds a new model: remove pretrained_model_name_or_path")
+        return self
+
+
+class TokenizerConfig(Section):
+    """The tokenizer: loaded from a directory (default: the model's), or trained on the training texts."""
+
+    target: str = _target_field("tokenizer", "transformers.AutoTokenizer.from_pretrained")
+    pretrained_model_name_or_path: str | None = Field(None, description="tokenizer directory (default: the model's)")
+    vocab_size: PositiveInt | None = Field(None, description="vocabulary of a trained tokenizer (train_tokenizer)")
+    _check = _check_target("tokenizer")
+
+    @model_validator(mode="after")
+    def _fields_match_target(self):
+        if self.target == "ernie45.tokenizer.train_tokenizer":
+            if self.vocab_size is None:
+                raise ValueError("train_tokenizer needs vocab_size")
+            if self.pretrained_model_name_or_path:
+                raise ValueError("train_tokenizer trains a new tokenizer: remove pretrained_model_name_or_path")
+        elif self.vocab_size is not None:
+            raise ValueError("vocab_size is only for ernie45.tokenizer.train_tokenizer")
+        return self
+
+
+class DatasetConfig(Section):
+    """A training or validation dataset: HellaSwag, SFT JSONL (prompt/completion or chat messages), or synthetic."""
+
+    target: str = _target_field("dataset")
+    path_or_dataset: str | None = Field(None, description="local JSONL file, or a hub id (needs `datasets`, online)")
+    split: str = Field("train", description="hub split (ignored for local files)")
+    sample_offset: NonNegativeInt = Field(0, description="skip the first N records (e.g. to hold out part of a file)")
+    num_samples_limit: PositiveInt | None = Field(None, description="use only N examples (after the offset)")
+    seq_length: PositiveInt | None = Field(None, description="truncate sequences to N tokens")
+    num_examples: PositiveInt | None = Field(None, description="synthetic: examples to generate")
+    seed: int | None = Field(None, description="synthetic: generator seed")
+    _check = _check_target("dataset")
+
+    @model_validator(mode="after")
+    def _fields_match_target(self):
+        if self.target is None:
+            raise ValueError(f"_target_ is required; choose one of {sorted(set(ALLOWED_TARGETS['dataset'].values()))}")
+        synthetic = self.target == "ernie45.training.synthetic.SyntheticMultipleChoice"
+        if synthetic and (self.num_examples is None or self.seed is None or self.path_or_dataset):
+            raise ValueError("SyntheticMultipleChoice takes num_examples and seed (and no path_or_dataset)")
+        if not synthetic and (self.path_or_dataset is None or self.num_examples is not None or self.seed is not None):
+            raise ValueError(f"{self.target} takes path_or_dataset (num_examples and seed are for the synthetic task)")
+        return self
+
+
+class DataLoaderConfig(Section):
+    """How training examples are ordered and padded."""
+
+    target: str | None = _target_field("dataloader")
+    collate_fn: str | None = Field(None, description=f"one of {sorted(set(ALLOWED_TARGETS['collate_fn'].values()))}")
+    shuffle: bool = Field(True, description="a new seeded order every epoch")
+    pad_to_multiple_of: PositiveInt = Field(8, description="pad each micro-batch's length to a multiple of N")
+    _check = _check_target("dataloader")
+
+    @field_validator("collate_fn", mode="before")
+    @classmethod
+    def _check_collate(cls, value):
+        return None if value is None else canonical_target("collate_fn", value)
+
+
+class ValidationDataLoaderConfig(DataLoaderConfig):
+    """How validation examples are batched."""
+
+    batch_size: PositiveInt = Field(8, description="examples per validation forward")
+    shuffle: bool = Field(False, description="validation keeps file order")
+
+
+class OptimizerConfig(Section):
+    target: str = _target_field("optimizer", "torch.optim.AdamW")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: NonNegativeFloat = 0.0
+    _check = _check_target("optimizer")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas):
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={list(betas)} must both be in [0, 1)")
+        return betas
+
+
+class LRSchedulerConfig(Section):
+    """Linear warm-up, then decay (AutoModel's keys)."""
+
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_warmup_steps: NonNegativeInt = 0
+    lr_decay_steps: PositiveInt | None = Field(None, description="default: until the last step")
+    min_lr: NonNegativeFloat = 0.0
+
+
+class LossConfig(Section):
+    target: str = _target_field("loss_fn", "ernie45.training.loss.MaskedCrossEntropy")
+    chunk_size: PositiveInt | None = Field(None, description="FusedLinearCrossEntropy: tokens per logits chunk")
+    _check = _check_target("loss_fn")
+
+    @model_validator(mode="after")
+    def _chunk_only_for_fused(self):
+        fused = self.target == "ernie45.training.loss.FusedLinearCrossEntropy"
+        if self.chunk_size is not None and not fused:
+            raise ValueError("chunk_size is only for ernie45.training.loss.FusedLinearCrossEntropy")
+        if fused and self.chunk_size is None:
+            self.chunk_size = 1024
+        return self
+
+
+class CheckpointConfig(Section):
+    enabled: bool = True
+    checkpoint_dir: str | None = Field(None, description="default OUTPUT_DIR/checkpoints; relative = under OUTPUT_DIR")
+    keep_last_n: PositiveInt | None = Field(3, description="delete older step_N checkpoints (null keeps all)")
+    model_save_format: Literal["safetensors"] = "safetensors"
+    save_consolidated: bool = Field(True, description="write the final model + tokenizer in HF format to OUTPUT_DIR/hf")
+
+
+class ClipGradNormConfig(Section):
+    max_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
+
+
+class DistributedConfig(Section):
+    """Parallel layout (AutoModel's keys). dp_size defaults to whatever fills the world."""
+
+    strategy: Literal["fsdp2", "ddp"] = Field("fsdp2", description="fsdp2: sharded; ddp: replicated weights")
+    dp_size: PositiveInt | None = None
+    tp_size: PositiveInt = 1
+    cp_size: Literal[1] = Field(1, description="context parallelism is not supported")
+    pp_size: Literal[1] = Field(1, description="pipeline parallelism is not supported")
+    ep_size: PositiveInt = Field(1, description="expert parallelism (MoE); folds onto the data-parallel ranks")
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+
+
+class DistEnvConfig(Section):
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    timeout_minutes: PositiveInt = 30
+
+
+class RNGConfig(Section):
+    target: str | None = _target_field("rng")
+    seed: int = 42
+    ranked: bool = Field(False, description="offset the seed by the rank")
+    _check = _check_target("rng")
+
+
+class MoETrainingConfig(Section):
+    """Router balancing during training (MoE models only)."""
+
+    aux_loss_coef: NonNegativeFloat | None = Field(None, description="load-balancing loss weight (null: the model config's)")
+    bias_update_rate: NonNegativeFloat = Field(0.0, description="aux-loss-free bias update per step (0 = off)")
+
+
+class EvaluationConfig(Section):
+    """Multiple-choice accuracy on the validation set before and after training (HellaSwag-format data)."""
+
+    multiple_choice: bool = True
+    num_samples_limit: PositiveInt | None = 200
+    batch_size: PositiveInt = 16
+
+
+class RecipeConfig(Section):
+    """The whole recipe. Sections left out take their defaults."""
+
+    recipe: Literal["finetune", "TrainFinetuneRecipeForNextTokenPrediction"] = Field(
+        "finetune", description="the recipe (AutoModel's name is accepted)"
+    )
+    output_dir: str | None = Field(None, description="default runs/<timestamp>/")
+    step_scheduler: StepSchedulerConfig = StepSchedulerConfig()
+    model: ModelConfig
+    backend: dict[str, Any] | None = Field(None, description="BackendConfig fields (attn, experts, ...)")
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    dataset: DatasetConfig
+    validation_dataset: DatasetConfig | None = None
+    dataloader: DataLoaderConfig = DataLoaderConfig()
+    validation_dataloader: ValidationDataLoaderConfig = ValidationDataLoaderConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_scheduler: LRSchedulerConfig = LRSchedulerConfig()
+    loss_fn: LossConfig = LossConfig()
+    clip_grad_norm: ClipGradNormConfig = ClipGradNormConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    dist_env: DistEnvConfig = DistEnvConfig()
+    rng: RNGConfig = RNGConfig()
+    moe: MoETrainingConfig = MoETrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _one_backend(self):
+        if self.backend is not None and self.model.backend is not None:
+            raise ValueError("give the backend either as a top-level `backend` section or as `model.backend`, not both")
+        return self
+
+    def backend_fields(self) -> dict[str, Any]:
+        """BackendConfig keyword arguments (``_target_`` checked against the allowlist and dropped)."""
+        values = dict(self.backend or self.model.backend or {})
+        if "_target_" in values:
+            canonical_target("backend", values.pop("_target_"))
+        return values
+
+
+# ----- loading, overrides, errors --------------------------------------------------------------
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--a.b=1", "--c=x"]`` -> ``{"a.b": 1, "c": "x"}`` (values parsed as YAML)."""
+    overrides = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot read {arg!r}: write config overrides as --section.key=value")
+        key, _, text = arg[2:].partition("=")
+        if not key:
+            raise ConfigError(f"cannot read {arg!r}: the key before '=' is empty")
+        overrides[key.replace("-", "_") if "." not in key else key] = yaml.safe_load(text) if text else None
+    return overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with each dotted key set (creating sections as needed)."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"override --{dotted}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (step_scheduler:, model:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for listing valid keys)."""
+    model: Any = RecipeConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        owner = _section_model(loc)
+        valid = sorted(f.alias or name for name, f in owner.model_fields.items()) if owner else []
+        return f"{key}: unknown key; valid keys here: {valid}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] not in ("value_error", "missing"):
+        message += f" (got {error.get('input')!r})"
+    return f"{key}: {message}"
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> RecipeConfig:
+    """Typed config from a raw mapping; every problem is reported at once, by key."""
+    try:
+        return RecipeConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = "\n  ".join(_describe(e) for e in err.errors())
+        raise ConfigError(f"invalid {source}:\n  {lines}") from None
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    """Read a recipe file (default: the embedded one), apply ``--a.b=v`` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_RECIPE
+    raw = apply_overrides(read_yaml(path), overrides or {})
+    config = validate(raw, source=str(path))
+    return resolve_paths(config, path.parent if path != DEFAULT_RECIPE else None)
+
+
+def resolve_paths(config: RecipeConfig, base: Path | None) -> RecipeConfig:
+    """Relative local paths in a recipe file are read relative to the file's folder when they exist there."""
+    if base is None:
+        return config
+
+    def fix(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute() or Path(value).exists():
+            return value
+        candidate = base / value
+        return str(candidate) if candidate.exists() else value
+
+    config.model.pretrained_model_name_or_path = fix(config.model.pretrained_model_name_or_path)
+    config.tokenizer.pretrained_model_name_or_path = fix(config.tokenizer.pretrained_model_name_or_path)
+    for dataset in (config.dataset, config.validation_dataset):
+        if dataset is not None:
+            dataset.path_or_dataset = fix(dataset.path_or_dataset)
+    return config
+
+
+def to_yaml(config: RecipeConfig) -> str:
+    """The resolved recipe (every default filled in), as saved in OUTPUT_DIR/config.yaml."""
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def sections_help() -> str:
+    """Every section and key with its type and default, for ``ernie45 finetune --help``."""
+    lines = []
+    for name, field in RecipeConfig.model_fields.items():
+        annotation = field.annotation
+        models = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
+            lines.append(f"{name}: {field.description or ''}".rstrip(": "))
+            continue
+        section = models[0]
+        lines.append(f"{name}: {(section.__doc__ or '').strip().splitlines()[0] if section.__doc__ else ''}".rstrip(": "))
+        for key, sub in section.model_fields.items():
+            default = "required" if sub.is_required() else repr(sub.default)
+            note = f"  {sub.description}" if sub.description else ""
+            lines.append(f"    {sub.alias or key} = {default}{note}")
+    return "\n".join(lines)
+

@@ -1,0 +1,245 @@
+"""Training data: records -> token ids with loss labels -> padded micro-batches, in a layout-free order.
+
+Datasets (``_target_`` in the recipe):
+  * HellaSwag: ``{"ctx", "endings", "label"}`` lines; the model reads the context and learns the gold
+    ending (loss on the ending's tokens only).
+  * SFTDataset: ``{"prompt", "completion"}`` lines (loss on the completion + EOS), or chat
+    ``{"messages": [{"role", "content"}, ...]}`` lines rendered with the tokenizer's chat template
+    (loss on the assistant turns only).
+  * SyntheticMultipleChoice: the seeded HellaSwag-format task of ``synthetic.py``.
+A local path is read as JSONL; anything else is a hub id loaded with ``datasets`` (online only).
+
+Order: the examples of one optimizer step (a *global batch*) are chosen from a seeded permutation
+per epoch, independent of the number of ranks; each rank takes every dp-th micro-batch of it. So
+the loss curve does not depend on the parallel layout, and resuming at step N needs only N.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DatasetConfig
+from .synthetic import make_examples
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """input_ids and labels of one sequence (labels[i] = input_ids[i] where the loss applies, else -100)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens that are predicted (the first position is never a target after the causal shift)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+# ----- reading records -------------------------------------------------------------------------
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number} must be a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def read_hub(name: str, split: str, limit: int | None) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"path_or_dataset={name!r} is not a local file, and reading hub datasets needs the `datasets` "
+            "package (pip install datasets) and a network connection; or pass a local JSONL file"
+        ) from None
+    data = datasets.load_dataset(name, split=split)
+    rows = data if limit is None else data.select(range(min(limit, len(data))))
+    return [dict(row) for row in rows]
+
+
+def load_records(config: DatasetConfig) -> list[dict]:
+    """The raw records of a dataset section (``num_samples_limit`` of them after ``sample_offset``)."""
+    offset = config.sample_offset
+    limit = offset + config.num_samples_limit if config.num_samples_limit is not None else None
+    if config.target == "ernie45.training.synthetic.SyntheticMultipleChoice":
+        return make_examples(config.num_examples, config.seed)[offset:limit]
+    path = Path(config.path_or_dataset).expanduser()
+    if path.is_file():
+        records = read_jsonl(path, limit)[offset:]
+    elif path.suffix in (".jsonl", ".json") or path.is_absolute() or path.exists():
+        raise ValueError(f"dataset file {path} does not exist (path_or_dataset)")
+    else:
+        records = read_hub(config.path_or_dataset, config.split, limit)[offset:]
+    if not records:
+        raise ValueError(f"dataset {config.path_or_dataset} has no records")
+    return records
+
+
+def record_texts(record: dict) -> list[str]:
+    """The texts of a record (HellaSwag, prompt/completion or chat), to train a tokenizer on."""
+    texts = [record.get("ctx"), *record.get("endings", []), record.get("prompt"), record.get("completion")]
+    texts += [m.get("content") for m in record.get("messages", []) if isinstance(m, dict)]
+    return [t for t in texts if isinstance(t, str)]
+
+
+def is_multiple_choice(config: DatasetConfig) -> bool:
+    return config.target in ("ernie45.training.data.HellaSwag", "ernie45.training.synthetic.SyntheticMultipleChoice")
+
+
+# ----- tokenising ------------------------------------------------------------------------------
+def encode_segments(tokenizer, segments: list[tuple[str, bool]], first_with_special: bool = True) -> TokenizedExample:
+    """Concatenate (text, trained?) segments; only trained segments get labels."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(segments):
+        ids = tokenizer(text, add_special_tokens=first_with_special and i == 0)["input_ids"]
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    return TokenizedExample(input_ids, labels)
+
+
+def hellaswag_segments(record: dict, where: str) -> list[tuple[str, bool]]:
+    missing = [key for key in ("ctx", "endings", "label") if key not in record]
+    if missing:
+        raise ValueError(f"{where} lacks HellaSwag field(s) {missing}; it has {sorted(record)}")
+    endings, label = record["endings"], int(record["label"])
+    if not 0 <= label < len(endings):
+        raise ValueError(f"{where}: label={label} must index one of its {len(endings)} endings")
+    return [(record["ctx"], False), (" " + endings[label], True)]
+
+
+def chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
+    """Split the rendered chat into pieces so that only assistant replies carry loss.
+
+    Each piece is the difference between renderings of successive message prefixes; an assistant
+    turn is split further into its header ("Assistant: ", the generation prompt) and its reply.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where} has chat messages but the tokenizer has no chat_template")
+
+    def render(upto: int, generation_prompt: bool = False) -> str:
+        if upto == 0 and not generation_prompt:
+            return ""
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: messages[{i}] must be an object with role and content")
+        if message["role"] == "assistant":
+            header = render(i, generation_prompt=True)
+            segments.append((header[len(done):], False))
+            done = header
+        full = render(i + 1)
+        if not full.startswith(done):
+            raise ValueError(f"{where}: the chat template does not render message prefixes as prefixes")
+        segments.append((full[len(done):], message["role"] == "assistant"))
+        done = full
+    return [(text, trained) for text, trained in segments if text]
+
+
+def sft_segments(tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
+    if "messages" in record:
+        return chat_segments(tokenizer, record["messages"], where)
+    if "prompt" in record and "completion" in record:
+        eos = tokenizer.eos_token or ""
+        return [(record["prompt"], False), (record["completion"] + eos, True)]
+    raise ValueError(f"{where} needs prompt + completion, or messages; it has {sorted(record)}")
+
+
+def tokenize_records(config: DatasetConfig, records: list[dict], tokenizer) -> list[TokenizedExample]:
+    """Token ids + labels for every record; sequences with nothing left to learn are dropped."""
+    name = config.path_or_dataset or "synthetic"
+    examples = []
+    for i, record in enumerate(records):
+        where = f"{name} record {i}"
+        if is_multiple_choice(config):
+            segments = hellaswag_segments(record, where)
+        else:
+            segments = sft_segments(tokenizer, record, where)
+        example = encode_segments(tokenizer, segments, first_with_special="messages" not in record)
+        if config.seq_length is not None:
+            example = TokenizedExample(example.input_ids[: config.seq_length], example.labels[: config.seq_length])
+        if example.num_label_tokens:
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"dataset {name}: no example has a label token left (seq_length={config.seq_length})")
+    return examples
+
+
+# ----- batching --------------------------------------------------------------------------------
+def collate(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad to a common length (a multiple of ``pad_to_multiple_of``).
+
+    Returns input_ids [B,S], labels [B,S] (-100 on padding), attention_mask [B,S] (1 = token),
+    padding_mask [B,S] (True = padding).
+    """
+    longest = max(len(ex.input_ids) for ex in examples)
+    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "padding_mask": attention_mask == 0}
+
+
+class GlobalBatchSampler:
+    """Which examples form optimizer step ``step``, and which of them a rank processes.
+
+    Step s of the run lies in epoch ``s // steps_per_epoch``; each epoch has its own seeded
+    permutation (or file order without shuffling) and drops its incomplete last global batch.
+    """
+
+    def __init__(self, num_examples: int, global_batch_size: int, local_batch_size: int, seed: int, shuffle: bool):
+        if num_examples < global_batch_size:
+            raise ValueError(
+                f"the training set has {num_examples} examples, fewer than step_scheduler.global_batch_size="
+                f"{global_batch_size}"
+            )
+        self.num_examples = num_examples
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = local_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = num_examples // global_batch_size
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def order(self, epoch: int) -> list[int]:
+        indices = list(range(self.num_examples))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(indices)
+        return indices
+
+    def global_batch(self, step: int) -> list[int]:
+        position = step % self.steps_per_epoch
+        start = position * self.global_batch_size
+        return self.order(self.epoch_of(step))[start : start + self.global_batch_size]
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[list[int]]:
+        """This rank's micro-batches of step ``step``: every dp_size-th one, starting at dp_rank."""
+        batch = self.global_batch(step)
+        micro = [batch[i : i + self.local_batch_size] for i in range(0, len(batch), self.local_batch_size)]
+        return micro[dp_rank::dp_size]

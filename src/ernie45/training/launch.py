@@ -1,0 +1,81 @@
+"""``ernie45 finetune``: read the recipe, then train here or start N local ranks with torchrun's machinery.
+
+``--nproc-per-node N`` starts N copies of this same command through
+``torch.distributed.launcher`` (what ``torchrun --standalone`` uses); each copy sees torchrun's
+environment and runs one rank. Started under an external ``torchrun``, the command is already a
+rank and trains directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import typer
+
+from .config import ConfigError, load_recipe, parse_overrides
+from .runtime import launched_by_torchrun
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def default_output_dir() -> str:
+    return str(Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def finetune(config_path: str | None, extra_args: list[str], output_dir: str | None, resume: bool, nproc_per_node: int) -> None:
+    """The whole command: validate everything first, then train (or launch the ranks that will)."""
+    if config_path is not None and config_path.startswith("--"):
+        # NOTE: click hands the first unknown option to the optional CONFIG argument; it is an override.
+        config_path, extra_args = None, [config_path, *extra_args]
+    if nproc_per_node < 1:
+        fail(f"--nproc-per-node={nproc_per_node} must be at least 1")
+    try:
+        overrides = parse_overrides(extra_args)
+        if output_dir is not None:
+            overrides["output_dir"] = output_dir
+        config = load_recipe(Path(config_path) if config_path else None, overrides)
+    except ConfigError as err:
+        fail(str(err))
+    if nproc_per_node > 1 and not launched_by_torchrun():
+        launch_ranks(config_path, extra_args, config.output_dir or default_output_dir(), resume, nproc_per_node)
+        return
+    from .recipe import run
+
+    try:
+        run(config, resume=resume)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        # NOTE: bad input found while building (a missing dataset file, a layout the model cannot
+        # take, ...) is reported like a config error, without a stack trace.
+        fail(str(err))
+
+
+def launch_ranks(config_path: str | None, extra_args: list[str], output_dir: str, resume: bool, nproc: int) -> None:
+    """Run ``ernie45 finetune`` as ``nproc`` local ranks (c10d rendezvous on a free port)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    args = ["-m", "ernie45.cli", "finetune", *([config_path] if config_path else []), *extra_args]
+    args += [f"--output_dir={output_dir}"] + (["--resume"] if resume else [])
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        elastic_launch(launch, entrypoint=sys.executable)(*args)
+    except ChildFailedError as err:
+        typer.echo(f"error: a rank failed ({', '.join(str(f.exitcode) for f in err.failures.values())} exit code(s))", err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,115 @@
+"""Causal-LM losses that return a *sum* over label tokens, so the recipe can divide by the label
+tokens of the whole global batch (all micro-batches on all ranks): every token weighs the same
+whatever the padding, the micro-batch split or the number of ranks.
+
+  * ``MaskedCrossEntropy``: the model computes logits [B,S,V]; fp32 cross-entropy on labels != -100.
+  * ``FusedLinearCrossEntropy``: the model stops at the final hidden states; only positions with a
+    label are projected onto the vocabulary, ``chunk_size`` tokens at a time, and each chunk's
+    gradient is computed right away, so [tokens, V] logits (V = 103k for ERNIE 4.5) never exist whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Predicted tokens of a batch (labels [B,S]; the causal shift drops position 0)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs):
+    return model(
+        batch["input_ids"], attention_mask=batch["attention_mask"], padding_mask=batch["padding_mask"], **kwargs
+    )
+
+
+class MaskedCrossEntropy:
+    """Sum of fp32 token cross-entropies over labels != -100 (the model computes full logits)."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """-> (loss sum, the model's output)."""
+        output = _forward(model, batch)
+        logits = output.logits[:, :-1]  # [B,S-1,V]: position t predicts token t+1
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss, output
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W.T + b, target_i), computing gradients chunk by chunk in forward.
+
+    NOTE: computing the gradient during forward (as Liger-Kernel does) is what keeps memory at one
+    chunk of logits: nothing of size [N,V] is saved for backward. The result must be used as a
+    scalar loss (backward scales the saved gradients by the incoming scalar gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            y = targets[start : start + chunk_size]
+            logits = F.linear(h, weight, bias).float()  # [c,V]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            d_logits = torch.softmax(logits, dim=-1)  # dCE/dlogits = softmax - onehot
+            d_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+            d_logits = d_logits.to(h.dtype)
+            grad_hidden[start : start + chunk_size] = d_logits @ weight.to(h.dtype)
+            grad_weight += (d_logits.T @ h).float()
+            if grad_bias is not None:
+                grad_bias += d_logits.float().sum(0)
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+        ctx.grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_bias = ctx.grad_bias * grad_output if ctx.grad_bias is not None else None
+        return grad_hidden * grad_output, grad_weight * grad_output, grad_bias, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Summed CE of ``hidden [N,H] @ weight[V,H].T (+ bias)`` against ``targets [N]``."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+
+
+class FusedLinearCrossEntropy:
+    """Sum of cross-entropies computed from the final hidden states, ``chunk_size`` tokens at a time."""
+
+    def __init__(self, chunk_size: int = 1024):
+        self.chunk_size = chunk_size
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """-> (loss sum, the model's output)."""
+        no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+        output = _forward(model, batch, logits_to_keep=no_logits, output_hidden_states=True)
+        hidden = output.hidden_states[-1][:, :-1]  # [B,S-1,H] after the final norm
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # a DTensor (sharded model): gather it, differentiably
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        loss = chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size)
+        return loss, output
+
+
+def build_loss(target: str, chunk_size: int | None):
+    if target == "ernie45.training.loss.FusedLinearCrossEntropy":
+        return FusedLinearCrossEntropy(chunk_size or 1024)
+    return MaskedCrossEntropy()

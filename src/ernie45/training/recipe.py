@@ -1,0 +1,324 @@
+"""The fine-tuning recipe: ``run(config)`` trains, validates, checkpoints and exports.
+
+One optimizer step:
+  1. the step's global batch (``global_batch_size`` examples, the same whatever the layout) is
+     split into micro-batches of ``local_batch_size``; this rank takes every dp-th one;
+  2. each micro-batch's summed token loss is divided by the label tokens of the *whole* global
+     batch (x dp, since gradient reduction averages over ranks), plus the MoE aux loss if asked;
+     backward accumulates gradients, reduced across ranks with the last micro-batch;
+  3. clip, set the scheduled lr, optimizer step; MoE: optional aux-loss-free bias update from
+     the step's tokens per expert (summed over ranks);
+  4. log; validate every ``val_every_steps``; checkpoint every ``ckpt_every_steps``.
+At the end: validation, multiple-choice accuracy (before vs after), ``OUTPUT_DIR/hf``,
+``loss.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpointing import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
+from .components import (
+    Layout,
+    autocast,
+    average_gradients,
+    build_model,
+    build_tokenizer,
+    export_hf,
+    set_grad_sync,
+)
+from .config import ConfigError, RecipeConfig, to_yaml
+from .data import GlobalBatchSampler, TokenizedExample, collate, is_multiple_choice, load_records, tokenize_records
+from .loss import build_loss, count_label_tokens
+from .metrics import MetricsLogger, plot_losses, read_metrics
+from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from .runtime import Runtime, all_reduce_sum, barrier, broadcast_object, init_runtime, shutdown
+
+
+@dataclass
+class RunState:
+    """Everything a step changes besides the model and optimizer (saved in checkpoints)."""
+
+    step: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    mc_before: dict | None = None
+
+
+def run(config: RecipeConfig, resume: bool = False) -> dict:
+    """Train as ``config`` says (in this process, or as one rank of a torchrun job); returns the summary."""
+    runtime = init_runtime(config.dist_env)
+    try:
+        return Trainer(config, runtime).train(resume)
+    finally:
+        shutdown(runtime)
+
+
+def resolve_output_dir(config: RecipeConfig, runtime: Runtime) -> Path:
+    """``output_dir``, or ``runs/<timestamp>`` chosen on rank 0 (every rank must agree)."""
+    chosen = config.output_dir or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return Path(broadcast_object(chosen, runtime)).resolve()
+
+
+class Trainer:
+    def __init__(self, config: RecipeConfig, runtime: Runtime):
+        self.config = config
+        self.runtime = runtime
+        self.output_dir = resolve_output_dir(config, runtime)
+        checkpoint_dir = Path(config.checkpoint.checkpoint_dir or "checkpoints")
+        self.checkpoint_dir = checkpoint_dir if checkpoint_dir.is_absolute() else self.output_dir / checkpoint_dir
+        if runtime.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(config))
+        barrier(runtime)
+        seed = config.rng.seed + (runtime.rank if config.rng.ranked else 0)
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+        train_records = load_records(config.dataset)
+        self.tokenizer = build_tokenizer(config, train_records, self.output_dir / "tokenizer")
+        if runtime.is_main and config.tokenizer.target == "ernie45.tokenizer.train_tokenizer":
+            self.tokenizer.save_pretrained(str(self.output_dir / "tokenizer"))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.train_examples = tokenize_records(config.dataset, train_records, self.tokenizer)
+        val = config.validation_dataset
+        self.val_records = load_records(val) if val is not None else []
+        self.val_examples = tokenize_records(val, self.val_records, self.tokenizer) if val is not None else []
+
+        steps = config.step_scheduler
+        self.sampler = GlobalBatchSampler(
+            len(self.train_examples), steps.global_batch_size, steps.local_batch_size, config.rng.seed, config.dataloader.shuffle
+        )
+        epoch_steps = self.sampler.steps_per_epoch * steps.num_epochs
+        self.total_steps = min(steps.max_steps, epoch_steps) if steps.max_steps else epoch_steps
+
+        self.model, self.layout = build_model(config, self.tokenizer, runtime)
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.loss_fn = build_loss(config.loss_fn.target, config.loss_fn.chunk_size)
+        self.moe = getattr(self.model, "moe_config", None)
+
+    # ----- one optimizer step ---------------------------------------------------------------
+    def batch(self, indices: list[int], examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        tensors = collate([examples[i] for i in indices], self.pad_id, self.config.dataloader.pad_to_multiple_of)
+        return {key: value.to(self.runtime.device) for key, value in tensors.items()}
+
+    def train_step(self, step: int) -> dict:
+        """Forward/backward over this rank's micro-batches of ``step``, then the optimizer step."""
+        config, layout = self.config, self.layout
+        global_batch = self.sampler.global_batch(step)
+        num_micro = len(global_batch) // config.step_scheduler.local_batch_size
+        label_tokens = sum(self.train_examples[i].num_label_tokens for i in global_batch)
+        micro_batches = self.sampler.micro_batches(step, layout.dp_rank, layout.dp_size)
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        aux_sum = torch.zeros((), device=self.runtime.device)
+        expert_load: dict[int, torch.Tensor] = {}
+        tokens = 0
+        started = time.perf_counter()
+        for i, indices in enumerate(micro_batches):
+            batch = self.batch(indices, self.train_examples)
+            tokens += int(batch["attention_mask"].sum())
+            set_grad_sync(self.model, layout, last_micro_batch=i == len(micro_batches) - 1)
+            with autocast(config, self.runtime, layout):
+                token_loss_sum, output = self.loss_fn(self.model, batch)
+            # NOTE: gradient reduction averages over the dp ranks; x dp_size turns it into a sum.
+            loss = token_loss_sum * (layout.dp_size / label_tokens)
+            aux_loss = getattr(output, "aux_loss", None)
+            if aux_loss is not None:
+                loss = loss + self.moe.aux_loss_coeff * aux_loss * (layout.dp_size / num_micro)
+                aux_sum += aux_loss.detach()
+            loss.backward()
+            loss_sum += token_loss_sum.detach()
+            for layer_idx, load in self.expert_loads().items():
+                expert_load[layer_idx] = expert_load.get(layer_idx, 0) + load
+        if not layout.fsdp:
+            average_gradients(self.model, self.runtime)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), config.clip_grad_norm.max_norm)
+        lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        totals = all_reduce_sum(torch.stack([loss_sum, aux_sum, torch.tensor(float(tokens), device=loss_sum.device)]), self.runtime)
+        entry = {
+            "step": step + 1,
+            "epoch": self.sampler.epoch_of(step),
+            "loss": float(totals[0]) / label_tokens,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": float(totals[2]) / (time.perf_counter() - started),
+            "label_tokens": label_tokens,
+        }
+        if expert_load:
+            entry.update(self.balance_metrics(expert_load, float(totals[1]) / num_micro))
+        return entry
+
+    def expert_loads(self) -> dict[int, torch.Tensor]:
+        """{MoE layer: [E] tokens per expert} of the last forward (empty for dense models)."""
+        if self.moe is None:
+            return {}
+        from ..moe.balancing import collect_tokens_per_expert
+
+        return {idx: load.detach().float() for idx, load in collect_tokens_per_expert(self.model).items()}
+
+    def balance_metrics(self, expert_load: dict[int, torch.Tensor], aux_loss: float) -> dict:
+        """Router load balance of the step (counts summed over ranks); applies the opt-in bias update."""
+        from ..moe.balancing import update_correction_bias
+
+        loads = torch.stack([expert_load[idx] for idx in sorted(expert_load)])  # [L_moe, E]
+        loads = all_reduce_sum(loads, self.runtime)
+        if self.moe.gate_bias_update_factor > 0:
+            update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
+        ratio = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)  # 1.0 = perfectly balanced
+        metrics = {"moe_max_over_mean_load": float(ratio.mean()), "moe_worst_layer_max_over_mean": float(ratio.max())}
+        if self.moe.aux_loss_coeff > 0:
+            metrics["aux_loss"] = aux_loss
+        return metrics
+
+    # ----- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean token loss over the validation set, batches spread over the dp ranks."""
+        size = self.config.validation_dataloader.batch_size
+        batches = [list(range(i, min(i + size, len(self.val_examples)))) for i in range(0, len(self.val_examples), size)]
+        dp_size, dp_rank = self.layout.dp_size, self.layout.dp_rank
+        totals = torch.zeros(2, device=self.runtime.device)  # loss sum, label tokens
+        self.model.eval()
+        # NOTE: every rank runs the same number of forwards (sharded models need all ranks in each);
+        # a rank without a batch of its own repeats batch 0 and discards the result.
+        for i in range(-(-len(batches) // dp_size)):
+            j = i * dp_size + dp_rank
+            batch = self.batch(batches[j if j < len(batches) else 0], self.val_examples)
+            with autocast(self.config, self.runtime, self.layout):
+                loss_sum, _ = self.loss_fn(self.model, batch)
+            if j < len(batches):
+                totals += torch.stack([loss_sum.float(), torch.tensor(float(count_label_tokens(batch["labels"])))])
+        self.model.train()
+        totals = all_reduce_sum(totals, self.runtime)
+        return float(totals[0] / totals[1])
+
+    def multiple_choice_accuracy(self) -> dict | None:
+        """acc / acc_norm on the validation set, when it is multiple choice (HellaSwag format)."""
+        settings = self.config.evaluation
+        val = self.config.validation_dataset
+        if not (settings.multiple_choice and val is not None and is_multiple_choice(val)):
+            return None
+        from ..evaluation import evaluate_hellaswag
+
+        with autocast(self.config, self.runtime, self.layout):
+            result = evaluate_hellaswag(
+                self.model, self.tokenizer, self.val_records, settings.batch_size, settings.num_samples_limit, progress=False
+            )
+        return {key: result[key] for key in ("acc", "acc_norm", "num_examples")}
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def save(self, state: RunState) -> None:
+        train_state = {
+            "step": state.step,
+            "epoch": self.sampler.epoch_of(state.step),
+            "consumed_examples": state.step * self.config.step_scheduler.global_batch_size,
+            "global_batch_size": self.config.step_scheduler.global_batch_size,
+            "seed": self.config.rng.seed,
+            "first_loss": state.first_loss,
+            "mc_before": state.mc_before,
+        }
+        save_checkpoint(
+            self.checkpoint_dir, state.step, self.model, self.optimizer, train_state, self.runtime, self.config.checkpoint.keep_last_n
+        )
+
+    def restore(self) -> RunState | None:
+        """The newest complete checkpoint's state, or None when there is none."""
+        if self.runtime.is_main:
+            remove_incomplete(self.checkpoint_dir)
+        barrier(self.runtime)
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return None
+        saved = load_checkpoint(path, self.model, self.optimizer, self.runtime)
+        for key in ("global_batch_size", "seed"):
+            current = self.config.step_scheduler.global_batch_size if key == "global_batch_size" else self.config.rng.seed
+            if saved[key] != current:
+                raise ConfigError(
+                    f"{path} was written with {key}={saved[key]}; resuming with {current} would change the data order"
+                )
+        return RunState(step=saved["step"], first_loss=saved["first_loss"], mc_before=saved["mc_before"])
+
+    # ----- the run --------------------------------------------------------------------------
+    def train(self, resume: bool) -> dict:
+        config, runtime = self.config, self.runtime
+        state = self.restore() if resume else None
+        resumed_from = state.step if state else None
+        state = state or RunState()
+        logger = MetricsLogger(self.output_dir, self.total_steps, state.step, enabled=runtime.is_main)
+        if resumed_from is not None:
+            logger.write(f"resumed from {self.checkpoint_dir / f'step_{resumed_from}'}")
+        elif resume:
+            logger.write(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
+        started = time.perf_counter()
+        if state.step == 0:
+            state.mc_before = self.multiple_choice_accuracy()
+            if self.val_examples:
+                logger.log({"step": 0, "val_loss": self.validation_loss()})
+        steps = config.step_scheduler
+        while state.step < self.total_steps:
+            entry = self.train_step(state.step)
+            state.step += 1
+            state.first_loss = state.first_loss if state.first_loss is not None else entry["loss"]
+            state.last_loss = entry["loss"]
+            logger.log(entry, advance=True)
+            last = state.step == self.total_steps
+            if self.val_examples and (last or (steps.val_every_steps and state.step % steps.val_every_steps == 0)):
+                logger.log({"step": state.step, "val_loss": self.validation_loss()})
+            if config.checkpoint.enabled and (last or (steps.ckpt_every_steps and state.step % steps.ckpt_every_steps == 0)):
+                self.save(state)
+        mc_after = self.multiple_choice_accuracy()
+        logger.close()
+        hf_dir = self.output_dir / "hf"
+        if config.checkpoint.save_consolidated:
+            export_hf(self.model, self.tokenizer, hf_dir, config, runtime, self.layout)
+        summary = self.summary(state, time.perf_counter() - started, mc_after, resumed_from, hf_dir)
+        if runtime.is_main:
+            plot_losses(logger.path, self.output_dir / "loss.png")
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print_summary(summary)
+        barrier(runtime)
+        return summary
+
+    def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
+        val_losses = [e["val_loss"] for e in read_metrics(self.output_dir / "metrics.jsonl") if "val_loss" in e]
+        return {
+            "output_dir": str(self.output_dir),
+            "steps": state.step,
+            "resumed_from_step": resumed_from,
+            "world_size": self.runtime.world_size,
+            "wall_time_s": round(seconds, 2),
+            "first_loss": state.first_loss,
+            "last_loss": state.last_loss,
+            "val_loss_before": val_losses[0] if val_losses and resumed_from is None else None,
+            "val_loss_after": val_losses[-1] if val_losses else None,
+            "multiple_choice_before": state.mc_before,
+            "multiple_choice_after": mc_after,
+            "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated else None,
+        }
+
+
+def print_summary(summary: dict) -> None:
+    lines = [f"finished {summary['steps']} steps in {summary['wall_time_s']:.1f}s -> {summary['output_dir']}"]
+    if summary["first_loss"] is not None:
+        lines.append(f"  train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    if summary["val_loss_after"] is not None:
+        before = f"{summary['val_loss_before']:.4f} -> " if summary["val_loss_before"] is not None else ""
+        lines.append(f"  validation loss {before}{summary['val_loss_after']:.4f}")
+    before, after = summary["multiple_choice_before"], summary["multiple_choice_after"]
+    if after is not None:
+        shown = f"{before['acc']:.1%} -> " if before else ""
+        lines.append(f"  multiple-choice accuracy ({after['num_examples']} held-out examples): {shown}{after['acc']:.1%} (chance 25%)")
+    if summary["hf_dir"]:
+        lines.append(f"  HF model + tokenizer: {summary['hf_dir']}")
+    print("\n".join(lines), flush=True)

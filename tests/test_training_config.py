@@ -1,0 +1,92 @@
+"""Recipe config: typed sections, clear errors naming the key, the _target_ allowlist, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ernie45.training.config import (
+    DEFAULT_RECIPE,
+    ConfigError,
+    RecipeConfig,
+    apply_overrides,
+    load_recipe,
+    parse_overrides,
+    read_yaml,
+    validate,
+)
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+
+
+def test_embedded_default_and_every_example_validate():
+    assert isinstance(load_recipe(), RecipeConfig)
+    assert len(EXAMPLES) >= 4
+    for path in EXAMPLES:
+        config = load_recipe(path)
+        assert config.dataset.target == "ernie45.training.data.HellaSwag", path
+
+
+def test_reference_recipe_names_map_to_ours():
+    config = load_recipe(next(p for p in EXAMPLES if p.name == "ernie4_5_21b_a3b_hellaswag.yaml"))
+    assert config.model.target == "ernie45.from_pretrained"
+    assert config.loss_fn.target == "ernie45.training.loss.MaskedCrossEntropy"
+    assert config.distributed.ep_size == 8
+    assert config.backend_fields()["experts"] == "torch_mm"
+
+
+def test_overrides_are_parsed_as_yaml_and_nest():
+    overrides = parse_overrides(["--step_scheduler.max_steps=7", "--optimizer.betas=[0.8, 0.9]", "--output_dir=x"])
+    assert overrides == {"step_scheduler.max_steps": 7, "optimizer.betas": [0.8, 0.9], "output_dir": "x"}
+    raw = apply_overrides({"step_scheduler": {"max_steps": 1}}, overrides)
+    assert raw["step_scheduler"]["max_steps"] == 7 and raw["optimizer"]["betas"] == [0.8, 0.9]
+    with pytest.raises(ConfigError, match="--section.key=value"):
+        parse_overrides(["--step_scheduler.max_steps"])
+    with pytest.raises(ConfigError, match="step_scheduler.max_steps is a value"):
+        apply_overrides({"step_scheduler": {"max_steps": 1}}, {"step_scheduler.max_steps.x": 1})
+
+
+def _default_with(overrides: dict) -> RecipeConfig:
+    return validate(apply_overrides(read_yaml(DEFAULT_RECIPE), overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"step_scheduler.global_batch_sze": 4}, ["step_scheduler.global_batch_sze: unknown key", "global_batch_size"]),
+        ({"optimizerr.lr": 1.0}, ["optimizerr: unknown key", "step_scheduler"]),
+        ({"step_scheduler.max_steps": "many"}, ["step_scheduler.max_steps", "integer", "'many'"]),
+        ({"step_scheduler.max_steps": -3}, ["step_scheduler.max_steps", "greater than 0"]),
+        ({"step_scheduler.local_batch_size": 5}, ["global_batch_size=16 must be a multiple of local_batch_size=5"]),
+        ({"optimizer._target_": "os.system"}, ["optimizer._target_", "'os.system' is not an allowed optimizer", "torch.optim.AdamW"]),
+        ({"dataset._target_": "evil.module.Dataset"}, ["dataset._target_", "configs never import arbitrary code"]),
+        ({"model.torch_dtype": "float8"}, ["model.torch_dtype", "'float32'", "'bfloat16'"]),
+        ({"optimizer.betas": [0.9, 1.5]}, ["optimizer.betas", "[0, 1)"]),
+        ({"distributed.pp_size": 2}, ["distributed.pp_size", "1"]),
+        ({"loss_fn.chunk_size": 64}, ["loss_fn", "chunk_size is only for"]),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_valid(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        _default_with(overrides)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_backend_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match="either as a top-level `backend` section or as `model.backend`"):
+        _default_with({"backend.attn": "sdpa", "model.backend.attn": "eager"})
+
+
+def test_relative_paths_resolve_against_the_recipe_file(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {_target_: ernie45.from_pretrained, pretrained_model_name_or_path: missing-dir}\n"
+        "dataset: {_target_: ernie45.training.data.SFTDataset, path_or_dataset: data.jsonl}\n"
+    )
+    config = load_recipe(recipe)
+    assert config.dataset.path_or_dataset == str(data)
+    assert config.model.pretrained_model_name_or_path == "missing-dir"  # nothing there: left as written
