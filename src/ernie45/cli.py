@@ -147,6 +147,37 @@ def hellaswag_command(
     )
 
 
+# ----- finetune (logic in training/launch.py and training/recipe.py) ---------------------------------
+def _finetune_help() -> str:
+    from .training.config import sections_help
+
+    return (
+        "Fine-tune an ERNIE 4.5 model from a YAML recipe (NeMo AutoModel's section names).\n\n"
+        "With no CONFIG it runs the embedded default: a tiny ERNIE 4.5 MoE built from config, a tokenizer "
+        "trained on the spot and a synthetic HellaSwag-style task (no downloads; a few minutes on a CPU). "
+        "Override any key with --section.key=value (e.g. --step_scheduler.max_steps=20). Output in "
+        "OUTPUT_DIR: metrics.jsonl, loss.png, config.yaml, checkpoints/step_N/, hf/ (the trained model).\n\n"
+        "Sections and keys (default values):\n\n\b\n" + sections_help()
+    )
+
+
+@app.command(
+    "finetune",
+    help=_finetune_help(),
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def finetune_command(
+    ctx: typer.Context,
+    config: str = typer.Argument(None, help="Recipe YAML (default: the embedded default run)."),
+    output_dir: str = typer.Option(None, "--output_dir", "--output-dir", help="Where everything goes (default runs/<timestamp>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in OUTPUT_DIR."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", "--nproc_per_node", help="Local ranks to start (torchrun's machinery)."),
+) -> None:
+    from .training.launch import finetune
+
+    finetune(config, ctx.args, output_dir, resume, nproc_per_node)
+
+
 def main() -> None:
     app()
 
