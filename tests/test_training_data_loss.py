@@ -1,0 +1,164 @@
+"""Training data (tokenising, collation, layout-free order) and losses (global-token normalisation, fused CE)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_dense_config
+
+from ernie45 import Ernie4_5ForCausalLM
+from ernie45.tokenizer import train_tokenizer
+from ernie45.training.config import DatasetConfig, LRSchedulerConfig
+from ernie45.training.data import (
+    IGNORE_INDEX,
+    GlobalBatchSampler,
+    collate,
+    load_records,
+    record_texts,
+    tokenize_records,
+)
+from ernie45.training.loss import FusedLinearCrossEntropy, MaskedCrossEntropy, count_label_tokens
+from ernie45.training.optim import lr_at
+from ernie45.training.synthetic import make_examples
+
+SFT_RECORDS = [
+    {"prompt": "Question: what is two plus two?", "completion": " Four."},
+    {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Green."},
+    ]},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [t for r in make_examples(300, seed=0) + SFT_RECORDS for t in record_texts(r)]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def labelled_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def test_hellaswag_loss_is_on_the_gold_ending_only(tokenizer):
+    config = DatasetConfig(_target_="ernie45.training.synthetic.SyntheticMultipleChoice", num_examples=5, seed=3)
+    records = load_records(config)
+    examples = tokenize_records(config, records, tokenizer)
+    for record, example in zip(records, examples):
+        assert labelled_text(tokenizer, example) == " " + record["endings"][record["label"]]
+        assert tokenizer.decode(example.input_ids) == record["ctx"] + " " + record["endings"][record["label"]]
+
+
+def test_sft_prompt_completion_and_chat_label_only_the_answers(tokenizer, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(r) for r in SFT_RECORDS) + "\n")
+    config = DatasetConfig(_target_="ernie45.training.data.SFTDataset", path_or_dataset=str(path))
+    plain, chat = tokenize_records(config, load_records(config), tokenizer)
+    assert labelled_text(tokenizer, plain) == " Four." + tokenizer.eos_token
+    assert labelled_text(tokenizer, chat) == "Blue.<|end_of_sentence|>Green.<|end_of_sentence|>"
+    rendered = tokenizer.apply_chat_template(SFT_RECORDS[1]["messages"], tokenize=False)
+    assert tokenizer.decode(chat.input_ids) == rendered
+
+
+def test_bad_records_and_missing_files_are_named(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n')
+    config = DatasetConfig(_target_="ernie45.training.data.SFTDataset", path_or_dataset=str(path))
+    with pytest.raises(ValueError, match="record 0 needs prompt \\+ completion, or messages"):
+        tokenize_records(config, load_records(config), tokenizer)
+    missing = DatasetConfig(_target_="ernie45.training.data.HellaSwag", path_or_dataset=str(tmp_path / "none.jsonl"))
+    with pytest.raises(ValueError, match="none.jsonl does not exist"):
+        load_records(missing)
+
+
+def test_collate_pads_to_a_multiple_of_8_with_masks(tokenizer):
+    config = DatasetConfig(_target_="ernie45.training.synthetic.SyntheticMultipleChoice", num_examples=3, seed=1)
+    examples = tokenize_records(config, load_records(config), tokenizer)
+    batch = collate(examples, pad_id=0, pad_to_multiple_of=8)
+    lengths = [len(e.input_ids) for e in examples]
+    assert batch["input_ids"].shape == (3, math.ceil(max(lengths) / 8) * 8)
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert bool((batch["padding_mask"][row] == (batch["attention_mask"][row] == 0)).all())
+        assert bool((batch["labels"][row, n:] == IGNORE_INDEX).all())
+    assert count_label_tokens(batch["labels"]) == sum(e.num_label_tokens for e in examples)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+def test_every_layout_sees_the_same_global_batches(dp_size):
+    sampler = GlobalBatchSampler(num_examples=50, global_batch_size=8, local_batch_size=2, seed=7, shuffle=True)
+    assert sampler.steps_per_epoch == 6
+    for step in (0, 5, 6, 13):
+        per_rank = [sampler.micro_batches(step, rank, dp_size) for rank in range(dp_size)]
+        seen = sorted(i for rank in per_rank for micro in rank for i in micro)
+        assert seen == sorted(sampler.global_batch(step))
+        assert all(len(micro) == 2 for rank in per_rank for micro in rank)
+    assert sampler.order(0) != sampler.order(1)  # a new order every epoch
+    assert sampler.global_batch(6) == sampler.order(1)[:8]
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return Ernie4_5ForCausalLM.from_config(tiny_dense_config(**overrides), dtype=torch.float32)
+
+
+def grads_of(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def random_batch(vocab: int, lengths: list[int], width: int = 16):
+    torch.manual_seed(1)
+    ids = torch.randint(1, vocab, (len(lengths), width))
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    labels = torch.where(mask.bool(), ids, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX  # a "prompt" without loss
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "padding_mask": mask == 0}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_linear_cross_entropy_matches_masked_cross_entropy(tied):
+    batch = random_batch(160, [16, 11, 7])
+    results = []
+    for loss_fn in (MaskedCrossEntropy(), FusedLinearCrossEntropy(chunk_size=5)):
+        model = tiny_model(tie_word_embeddings=tied)
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        results.append((loss.detach(), grads_of(model)))
+    (masked, masked_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
+    assert masked_grads.keys() == fused_grads.keys()
+    for name in masked_grads:
+        torch.testing.assert_close(fused_grads[name], masked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_normalised_by_global_tokens_equal_one_big_batch():
+    """Splitting a batch into micro-batches of different token counts must not reweight tokens."""
+    batch = random_batch(160, [16, 4, 9, 13])
+    loss_fn = MaskedCrossEntropy()
+    whole = tiny_model()
+    loss, _ = loss_fn(whole, batch)
+    (loss / count_label_tokens(batch["labels"])).backward()
+    split = tiny_model()
+    total = count_label_tokens(batch["labels"])
+    for rows in ([0], [1, 2], [3]):
+        micro = {key: value[rows] for key, value in batch.items()}
+        micro_loss, _ = loss_fn(split, micro)
+        (micro_loss / total).backward()
+    for name, grad in grads_of(whole).items():
+        torch.testing.assert_close(grads_of(split)[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lr_schedules_warm_up_then_decay_to_min_lr():
+    cosine = LRSchedulerConfig(lr_decay_style="cosine", lr_warmup_steps=4, min_lr=0.1)
+    lrs = [lr_at(step, 20, 1.0, cosine) for step in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and 0.1 <= lrs[-1] < 0.15
+    linear = LRSchedulerConfig(lr_decay_style="linear", lr_decay_steps=10, min_lr=0.0)
+    assert lr_at(5, 100, 1.0, linear) == pytest.approx(0.5) and lr_at(50, 100, 1.0, linear) == 0.0
+    constant = LRSchedulerConfig(lr_decay_style="constant")
+    assert {lr_at(step, 10, 0.3, constant) for step in range(10)} == {0.3}
