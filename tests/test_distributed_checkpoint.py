@@ -1,0 +1,109 @@
+"""HF checkpoints straight into FSDP2 / TP / EP layouts and back out.
+
+Loading: each rank reads exactly the bytes of the shards it holds (counted at the safetensors
+reader) and the sharded model gives the single-process logits. Saving: the consolidated files
+from every layout reload in transformers bit-exactly and match a single-process save file by file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import ernie45
+from conftest import random_hf_model, tiny_dense_config
+from dist_harness import run_ranks
+from dist_models import assert_close, make_routing_matter, tiny_moe_config, token_batch
+from ernie45.checkpoint.hf_checkpoint import native_tensors
+from ernie45.checkpoint.safetensors_io import CheckpointFiles
+from ernie45.distributed import ParallelConfig, save_pretrained
+from ernie45.distributed.loading import local_part
+
+SHARD_SIZE = "40KB"  # small enough that every checkpoint here spans several files
+
+
+def _count_reads(log: list[int]) -> None:
+    """Record the bytes of every tensor this process reads from safetensors files."""
+    for name in ("get", "get_slice"):
+        original = getattr(CheckpointFiles, name)
+
+        def counted(self, *args, _original=original):
+            tensor = _original(self, *args)
+            log.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        setattr(CheckpointFiles, name, counted)
+
+
+def _load_and_save(rank: int, world: int, source: str, layout: dict, target: str) -> None:
+    reference = ernie45.from_pretrained(source, dtype=torch.float32)
+    reads: list[int] = []
+    _count_reads(reads)
+    parallel = ParallelConfig(param_dtype=torch.float32, **layout)
+    model = ernie45.from_pretrained(source, dtype=torch.float32, parallel=parallel)
+
+    held = sum(local_part(t).numel() * t.element_size() for t in native_tensors(model).values())
+    assert sum(reads) == held, f"rank {rank} read {sum(reads)} bytes but holds {held}"
+    batch = token_batch(reference.config.vocab_size, 2, 12)
+    with torch.no_grad():
+        diff = assert_close(model(batch).logits, reference(batch).logits, f"logits after loading into {layout}")
+    save_pretrained(model, target, max_shard_size=SHARD_SIZE)
+    if rank == 0:
+        reference.save_pretrained(target + "-single", max_shard_size=SHARD_SIZE)
+        total = sum(t.numel() * t.element_size() for t in native_tensors(reference).values())
+        print(f"load {layout}: logits {diff:.2e}, rank 0 read {sum(reads)} of {total} bytes")
+
+
+def _same_files(directory, single) -> None:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == json.loads((single / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in sorted(set(index.values())):
+        ours, theirs = load_file(directory / name), load_file(single / name)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def _reloads_bit_exactly(directory, original: torch.nn.Module) -> None:
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    expected = original.state_dict()
+    got = reloaded.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected), [k for k in expected if not torch.equal(got[k], expected[k])]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{"dense": (dir, hf model), "moe": (dir, hf model)} saved by transformers (several shard files)."""
+    from transformers import Ernie4_5_MoeForCausalLM, Ernie4_5ForCausalLM
+
+    root = tmp_path_factory.mktemp("hf")
+    dense = random_hf_model(Ernie4_5ForCausalLM, tiny_dense_config(use_bias=True))
+    moe = random_hf_model(Ernie4_5_MoeForCausalLM, tiny_moe_config(tie_word_embeddings=False))
+    make_routing_matter(moe)
+    for name, model in (("dense", dense), ("moe", moe)):
+        model.save_pretrained(root / name, max_shard_size=SHARD_SIZE)
+    return {"dense": (root / "dense", dense), "moe": (root / "moe", moe)}
+
+
+@pytest.mark.parametrize(
+    "kind, world, layout",
+    [
+        ("dense", 2, dict(dp_shard=2)),
+        ("dense", 2, dict(tp=2, dp_shard=1)),
+        ("dense", 4, dict(tp=2, dp_shard=2)),
+        ("moe", 2, dict(ep=2)),
+        ("moe", 4, dict(ep=2, dp_shard=4)),
+        ("moe", 2, dict(tp=2, dp_shard=1)),
+    ],
+    ids=["dense-fsdp2", "dense-tp2", "dense-tp2xfsdp2", "moe-ep2", "moe-ep2xfsdp2", "moe-tp2"],
+)
+def test_load_into_layout_and_save_back(checkpoints, tmp_path, kind, world, layout):
+    source, hf_model = checkpoints[kind]
+    target = tmp_path / "saved"
+    run_ranks(_load_and_save, world, str(source), layout, str(target))
+    _same_files(target, tmp_path / "saved-single")
+    _reloads_bit_exactly(target, hf_model)
