@@ -32,10 +32,8 @@ def _left_padded_prompts(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("ending", ["config_eos", "one_row_ends_early", "mask_inferred_from_pad"])
-def test_greedy_matches_transformers_generate(tmp_path, attn, ending):
-    hf, ours = _dense_pair(tmp_path, BackendConfig(attn=attn))
+def assert_greedy_parity(hf, ours, ending: str) -> None:
+    """ours.generate == hf.generate on left-padded prompts, 24 new tokens; ``ending`` picks the end-token case."""
     ids, mask = _left_padded_prompts(hf.config.vocab_size)
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
     if ending == "one_row_ends_early":
@@ -53,8 +51,16 @@ def test_greedy_matches_transformers_generate(tmp_path, attn, ending):
         assert (got[1, 9 + 5 :] == hf.config.pad_token_id).all()
 
 
-def test_each_cached_step_equals_argmax_of_uncached_forward(tmp_path):
-    _, ours = _dense_pair(tmp_path)
+@pytest.mark.parametrize(
+    "attn, ending",
+    [("sdpa", "config_eos"), ("sdpa", "one_row_ends_early"), ("sdpa", "mask_inferred_from_pad"), ("eager", "one_row_ends_early")],
+)
+def test_greedy_matches_transformers_generate(tmp_path, attn, ending):
+    assert_greedy_parity(*_dense_pair(tmp_path, BackendConfig(attn=attn)), ending)
+
+
+def assert_cached_steps_match_uncached(ours) -> None:
+    """Every token generated with the KV cache is the argmax of a full forward over the sequence so far."""
     ids, mask = _left_padded_prompts(ours.config.vocab_size)
     out = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     assert out.shape == (3, 9 + NEW_TOKENS)
@@ -64,6 +70,10 @@ def test_each_cached_step_equals_argmax_of_uncached_forward(tmp_path):
             end = 9 + step
             logits = ours(out[:, :end], attention_mask=full_mask[:, :end], position_ids=positions_from_mask(full_mask[:, :end])).logits
             assert torch.equal(logits[:, -1].argmax(-1), out[:, end]), f"step {step}"
+
+
+def test_each_cached_step_equals_argmax_of_uncached_forward(tmp_path):
+    assert_cached_steps_match_uncached(_dense_pair(tmp_path)[1])
 
 
 def test_unpadded_prompt_needs_no_mask(tmp_path):
@@ -91,19 +101,19 @@ def test_kv_cache_appends_in_place():
 def test_seeded_sampling_is_reproducible(tmp_path):
     _, ours = _dense_pair(tmp_path)
     ids, mask = _left_padded_prompts(ours.config.vocab_size)
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5, eos_token_id=[])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=[])
     first = ours.generate(ids, seed=7, **kwargs)
     assert torch.equal(ours.generate(ids, seed=7, **kwargs), first)
     assert torch.equal(ours.generate(ids, generator=torch.Generator().manual_seed(7), **kwargs), first)
     assert not torch.equal(ours.generate(ids, seed=8, **kwargs), first)
-    assert not torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[]), first)
+    assert not torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]), first)
 
 
 @pytest.mark.parametrize("restriction", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.9)])
 def test_sampling_restricted_to_the_top_token_is_greedy(tmp_path, restriction):
     _, ours = _dense_pair(tmp_path)
     ids, mask = _left_padded_prompts(ours.config.vocab_size)
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=[])
     sampled = ours.generate(ids, do_sample=True, temperature=2.0, seed=0, **restriction, **kwargs)
     assert torch.equal(sampled, ours.generate(ids, **kwargs))
 

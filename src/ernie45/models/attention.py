@@ -45,6 +45,8 @@ def sdpa_attention(q, k, v, mask, scale):
         q_len, k_len = q.shape[2], k.shape[2]
         if q_len == k_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        if q_len == 1:  # NOTE: one new token after a KV cache sees every key; no mask to build
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         mask = _causal_bool(q_len, k_len, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
