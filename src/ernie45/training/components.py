@@ -124,6 +124,20 @@ def parallel_config(config: RecipeConfig, runtime: Runtime):
     )
 
 
+def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
+    """A layout that needs several ranks is an error in one process, not silently ignored."""
+    if runtime.distributed:
+        return
+    section = config.distributed
+    for key in ("dp_size", "tp_size", "ep_size"):
+        value = getattr(section, key)
+        if value is not None and value > 1:
+            raise ConfigError(
+                f"distributed.{key}={value} needs several ranks, but this is one process: "
+                f"add --nproc-per-node N (or launch with torchrun), or set {key}=1"
+            )
+
+
 def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:
     """The model in fp32 master weights, laid out over the ranks, in training mode."""
     backend = BackendConfig.from_dict(config.backend_fields())
@@ -133,6 +147,7 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
     else:
         hf_config = hf_config_from_recipe(config, tokenizer)
     kwargs = model_kwargs(config, hf_config)
+    check_single_process_layout(config, runtime)
     parallel = parallel_config(config, runtime) if runtime.distributed else None
     fsdp = parallel is not None and config.distributed.strategy == "fsdp2"
     if section.target == "ernie45.from_pretrained" and fsdp:

@@ -1,0 +1,232 @@
+"""``ernie45 finetune`` end to end: the embedded default, the CPU twins of the HellaSwag examples
+with tiny random HF checkpoints and the real HellaSwag file, exact resume, a kill while
+checkpointing, bad configs, and two gloo ranks (dp=2, ep=2) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_hf_model, tiny_dense_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Ernie4_5_MoeConfig
+from transformers import Ernie4_5_MoeForCausalLM as HFMoeForCausalLM
+from transformers import Ernie4_5ForCausalLM as HFForCausalLM
+from typer.testing import CliRunner
+
+import ernie45
+from ernie45.cli import app
+from ernie45.tokenizer import train_tokenizer
+from ernie45.training.checkpointing import latest_checkpoint
+from ernie45.training.data import read_jsonl, record_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+def finetune(*args: str) -> dict:
+    """Run ``ernie45 finetune ARGS`` in this process; returns summary.json."""
+    result = CliRunner().invoke(app, ["finetune", *args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    output_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--output_dir="))
+    return json.loads((Path(output_dir) / "summary.json").read_text())
+
+
+def finetune_process(*args: str, prelude: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``ernie45 finetune ARGS`` in a fresh Python process (after ``prelude`` code)."""
+    script = f"{prelude}\nimport sys\nfrom ernie45.cli import main\nsys.argv = ['ernie45', 'finetune', *{list(args)!r}]\nmain()\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in entries if "loss" in e]
+    assert [e["step"] for e in steps] == list(range(1, len(steps) + 1))
+    return [e["loss"] for e in steps]
+
+
+def twin(name: str, checkpoint: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Arguments running a CPU twin example on ``checkpoint`` and the real HellaSwag file."""
+    return [
+        str(EXAMPLES / name),
+        f"--model.pretrained_model_name_or_path={checkpoint}",
+        f"--dataset.path_or_dataset={HELLASWAG}",
+        f"--validation_dataset.path_or_dataset={HELLASWAG}",
+        f"--output_dir={output_dir}",
+        *extra,
+    ]
+
+
+# ----- tiny random checkpoints with a tokenizer trained on HellaSwag text ------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    records = read_jsonl(HELLASWAG, limit=300)
+    return train_tokenizer([t for r in records for t in record_texts(r)], vocab_size=400)
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _special_ids(tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory, tokenizer) -> Path:
+    config = tiny_dense_config(**_special_ids(tokenizer), max_position_embeddings=512)
+    return _save(random_hf_model(HFForCausalLM, config), tokenizer, tmp_path_factory.mktemp("dense"))
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tokenizer) -> Path:
+    config = Ernie4_5_MoeConfig(
+        **_special_ids(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        moe_num_experts=4,
+        moe_k=2,
+        moe_intermediate_size=32,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        moe_layer_end_index=-1,
+        tie_word_embeddings=True,
+    )
+    return _save(random_hf_model(HFMoeForCausalLM, config), tokenizer, tmp_path_factory.mktemp("moe"))
+
+
+# ----- the embedded default --------------------------------------------------------------------
+def test_default_run_learns_and_exports_an_hf_model_transformers_loads(tmp_path):
+    out = tmp_path / "run"
+    summary = finetune(f"--output_dir={out}", "--step_scheduler.max_steps=60", "--step_scheduler.val_every_steps=30")
+    assert summary["steps"] == 60
+    assert summary["val_loss_after"] < 0.4 * summary["val_loss_before"]
+    assert summary["last_loss"] < 0.4 * summary["first_loss"]
+    before, after = summary["multiple_choice_before"]["acc"], summary["multiple_choice_after"]["acc"]
+    assert after > 0.5 and after > before + 0.2, (before, after)
+
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = next(e for e in entries if e.get("step") == 60 and "loss" in e)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "moe_max_over_mean_load", "aux_loss"):
+        assert isinstance(step[key], float) and step[key] >= 0, key
+    assert [e["step"] for e in entries if "val_loss" in e] == [0, 30, 60]
+    for name in ("loss.png", "config.yaml", "checkpoints/step_50/train_state.json"):
+        assert (out / name).is_file(), name
+
+    hf_dir = out / "hf"
+    reference = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    ours = ernie45.from_pretrained(hf_dir).eval()
+    ids = hf_tokenizer("Anna is in the kitchen. Anna picks up the knife, then Anna", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ----- exact resume, and a kill while writing a checkpoint -------------------------------------
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, dense_dir) -> list[float]:
+    """8 uninterrupted steps of the 0.3B CPU twin (checkpoints at 4 and 8)."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out))
+    assert summary["steps"] == 8
+    assert (out / "hf" / "model.safetensors").is_file()
+    return train_losses(out)
+
+
+def test_four_steps_then_resume_to_eight_reproduces_the_losses_exactly(tmp_path, dense_dir, straight_run):
+    out = tmp_path / "run"
+    # NOTE: the schedule is pinned to 8 steps so the first 4 steps are the straight run's first 4.
+    first = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, "--step_scheduler.max_steps=4", "--lr_scheduler.lr_decay_steps=8"))
+    assert first["steps"] == 4 and latest_checkpoint(out / "checkpoints").name == "step_4"
+    resumed = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, "--lr_scheduler.lr_decay_steps=8", "--resume"))
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 8
+    assert train_losses(out) == straight_run
+
+
+def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_path, dense_dir, straight_run):
+    out = tmp_path / "run"
+    # Kill the process (SIGKILL, no clean-up) right after the step-8 checkpoint's tensors are written,
+    # before the checkpoint is complete.
+    prelude = (
+        "import os, signal\nimport torch.distributed.checkpoint as dcp\nreal_save, calls = dcp.save, []\n"
+        "def save(*args, **kwargs):\n    real_save(*args, **kwargs)\n    calls.append(1)\n"
+        "    if len(calls) == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "dcp.save = save\n"
+    )
+    killed = finetune_process(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out), prelude=prelude)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    leftovers = [p.name for p in (out / "checkpoints").iterdir()]
+    assert "step_4" in leftovers and "step_8" not in leftovers
+    assert any(name.startswith(".step_8.tmp") for name in leftovers), leftovers
+    assert latest_checkpoint(out / "checkpoints").name == "step_4"
+
+    resumed = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, "--resume"))
+    assert resumed["resumed_from_step"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_8"]
+    assert train_losses(out) == straight_run
+
+
+# ----- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--step_scheduler.global_batch_sze=4"], ["step_scheduler.global_batch_sze: unknown key", "global_batch_size"]),
+        (["--step_scheduler.local_batch_size=5"], ["global_batch_size=16 must be a multiple of local_batch_size=5"]),
+        (["--optimizer._target_=builtins.eval"], ["optimizer._target_", "not an allowed optimizer component"]),
+        (["--model.torch_dtype=int8"], ["model.torch_dtype", "'bfloat16'"]),
+        (["--distributed.ep_size=2"], ["distributed.ep_size=2 needs several ranks", "--nproc-per-node"]),
+        (["--dataset._target_=ernie45.training.data.HellaSwag", "--dataset.path_or_dataset=/nowhere/x.jsonl",
+          "--dataset.num_examples=null", "--dataset.seed=null"], ["/nowhere/x.jsonl does not exist"]),
+        (["no_such_recipe.yaml"], ["recipe file no_such_recipe.yaml does not exist"]),
+        (["--step_scheduler.max_steps"], ["--section.key=value"]),
+    ],
+)
+def test_bad_configs_are_reported_by_key_without_a_traceback(tmp_path, args, expected):
+    result = CliRunner().invoke(app, ["finetune", *args, f"--output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2, result.output
+    for text in expected:
+        assert text in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_documents_every_section():
+    result = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for section in ("step_scheduler", "model", "backend", "distributed", "dataset", "validation_dataset",
+                    "dataloader", "optimizer", "lr_scheduler", "loss_fn", "checkpoint", "rng", "moe",
+                    "--nproc-per-node", "--resume", "--output_dir", "global_batch_size", "ep_size"):
+        assert section in result.output, section
+
+
+# ----- two gloo ranks follow one process -------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_process_moe(tmp_path_factory, moe_dir) -> list[float]:
+    out = tmp_path_factory.mktemp("moe1")
+    finetune(*twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, out, "--checkpoint.enabled=false"))
+    return train_losses(out)
+
+
+@pytest.mark.parametrize("layout", [[], ["--distributed.ep_size=2"]], ids=["dp2", "ep2"])
+def test_two_ranks_follow_the_single_process_loss_curve(tmp_path, moe_dir, single_process_moe, layout):
+    out = tmp_path / "run"
+    run = finetune_process(
+        *twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, out, "--checkpoint.enabled=false", "--nproc-per-node=2", *layout)
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single_process_moe), rtol=1e-4, atol=1e-5)
