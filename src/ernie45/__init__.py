@@ -7,9 +7,13 @@ from .models import (
     Ernie4_5Block,
     Ernie4_5ForCausalLM,
     Ernie4_5Model,
+    Ernie4_5_MoeForCausalLM,
+    Ernie4_5_MoeModel,
+    Ernie4_5MoeBlock,
     ModelCapabilities,
     _config_dtype,
 )
+from .moe import MoEConfig
 
 __version__ = "0.1.0"
 
@@ -19,6 +23,10 @@ __all__ = [
     "Ernie4_5Block",
     "Ernie4_5ForCausalLM",
     "Ernie4_5Model",
+    "Ernie4_5MoeBlock",
+    "Ernie4_5_MoeForCausalLM",
+    "Ernie4_5_MoeModel",
+    "MoEConfig",
     "ModelCapabilities",
     "_config_dtype",
     "from_pretrained",

@@ -3,6 +3,7 @@
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
 from .ernie4_5 import Ernie4_5Attention, Ernie4_5Block, Ernie4_5ForCausalLM, Ernie4_5Model, _config_dtype
+from .ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel, Ernie4_5MoeBlock
 
 __all__ = [
     "BackendConfig",
@@ -10,6 +11,9 @@ __all__ = [
     "Ernie4_5Block",
     "Ernie4_5ForCausalLM",
     "Ernie4_5Model",
+    "Ernie4_5MoeBlock",
+    "Ernie4_5_MoeForCausalLM",
+    "Ernie4_5_MoeModel",
     "ModelCapabilities",
     "_config_dtype",
 ]

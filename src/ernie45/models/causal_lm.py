@@ -216,6 +216,48 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.materialize_buffers()
         self.tie_weights()
 
+    # ----- accounting (from the config, so it holds for meta-device and sharded models) ---------
+    def _attention_counts(self) -> tuple[int, int]:
+        """(parameters, matmul weights) of one attention block."""
+        c = self.config
+        heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
+        q_width, kv_width = heads * head_dim_of(c), kv * head_dim_of(c)
+        weights = c.hidden_size * (2 * q_width + 2 * kv_width)
+        biases = q_width + 2 * kv_width + c.hidden_size if c.use_bias else 0
+        return weights + biases, weights
+
+    def _feed_forward_counts(self, layer_idx: int) -> tuple[int, int, int]:
+        """(parameters, parameters used per token, matmul weights used per token) of one layer's MLP."""
+        c = self.config
+        weights = 3 * c.hidden_size * c.intermediate_size
+        params = weights + (2 * c.intermediate_size + c.hidden_size if c.use_bias else 0)
+        return params, params, weights
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Parameter count as transformers' ``num_parameters()`` counts it (tied head once; the MoE
+        correction bias included). ``active_only``: those one token uses (K of E routed experts)."""
+        c = self.config
+        hidden, vocab = c.hidden_size, c.vocab_size
+        total = vocab * hidden + hidden  # embedding, final norm
+        if not c.tie_word_embeddings:
+            total += vocab * hidden + (vocab if c.use_bias and self.lm_head_bias else 0)
+        attention, _ = self._attention_counts()
+        for i in range(c.num_hidden_layers):
+            params, active, _ = self._feed_forward_counts(i)
+            total += attention + 2 * hidden + (active if active_only else params)
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token: ``6 * matmul weights used per token +
+        12 * layers * heads * head_dim * seq_len`` (PaLM/torchtitan convention: attention counted
+        as non-causal; the embedding lookup is free, the LM head matmul is counted even if tied)."""
+        c = self.config
+        _, attention = self._attention_counts()
+        matmul = c.vocab_size * c.hidden_size
+        for i in range(c.num_hidden_layers):
+            matmul += attention + self._feed_forward_counts(i)[2]
+        return 6 * matmul + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim_of(c) * seq_len
+
     # ----- introspection ----------------------------------------------------------------------
     @classmethod
     def get_capabilities(cls, config) -> ModelCapabilities:
