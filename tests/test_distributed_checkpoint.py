@@ -27,7 +27,7 @@ SHARD_SIZE = "40KB"  # small enough that every checkpoint here spans several fil
 
 
 def _count_reads(log: list[int]) -> None:
-    """Record the bytes of every tensor this process reads from safetensors files."""
+    """Record the bytes of every tensor (part) this process reads from safetensors files."""
     for name in ("get", "get_slice"):
         original = getattr(CheckpointFiles, name)
 
@@ -37,6 +37,13 @@ def _count_reads(log: list[int]) -> None:
             return tensor
 
         setattr(CheckpointFiles, name, counted)
+    read_rows_into = CheckpointFiles.read_rows_into
+
+    def counted_rows(self, key, out, start=0):
+        log.append(out.numel() * out.element_size())
+        read_rows_into(self, key, out, start)
+
+    CheckpointFiles.read_rows_into = counted_rows
 
 
 def _load_and_save(rank: int, world: int, source: str, layout: dict, target: str) -> None:
@@ -107,3 +114,28 @@ def test_load_into_layout_and_save_back(checkpoints, tmp_path, kind, world, layo
     run_ranks(_load_and_save, world, str(source), layout, str(target))
     _same_files(target, tmp_path / "saved-single")
     _reloads_bit_exactly(target, hf_model)
+
+
+@pytest.mark.parametrize(
+    "key, shape, index, dtype, direct",
+    [
+        ("model.embed_tokens.weight", (160, 32), (slice(40, 80), slice(0, 32)), torch.float32, True),
+        ("model.layers.1.mlp.experts.gate_up_proj", (8, 32, 32), (slice(2, 6), slice(0, 32), slice(0, 32)), torch.float32, True),
+        ("model.layers.2.mlp.experts.down_proj", (8, 32, 16), None, torch.float32, True),
+        ("model.layers.1.mlp.experts.gate_up_proj", (8, 32, 32), (slice(0, 8), slice(16, 32), slice(0, 32)), torch.float32, False),
+        ("lm_head.weight", (160, 32), (slice(80, 160), slice(0, 32)), torch.bfloat16, False),
+    ],
+    ids=["embedding-rows", "expert-rows", "experts-whole", "expert-columns", "cast"],
+)
+def test_read_native_into_equals_read_native(checkpoints, monkeypatch, key, shape, index, dtype, direct):
+    """Row ranges are read straight into the destination (no memory map); other cases copy."""
+    from ernie45.checkpoint.hf_adapter import read_native, read_native_into
+
+    files = CheckpointFiles(checkpoints["moe"][0])
+    expected = read_native(files, key, shape, index).to(dtype)
+    files.close()
+    out = torch.full_like(expected, float("nan"))
+    if direct:
+        monkeypatch.setattr(CheckpointFiles, "_handle", lambda *_: pytest.fail("memory-mapped read"))
+    read_native_into(files, key, shape, out, index)
+    assert torch.equal(out, expected)

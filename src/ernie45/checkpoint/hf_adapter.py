@@ -81,17 +81,49 @@ def read_native(
     rest = index[1:]
     per_expert = []
     for expert in experts:
-        keys = hf_expert_keys(match["prefix"], match["kind"], expert)
-        layer = match["prefix"].split(".")[2]
-        parts = []
-        for key in keys:
-            _require(files, key, f"layer {layer} expert {expert}")
-            rows, cols = native_shape[1] // len(keys), native_shape[2]
-            _check_shape(files, key, (rows, cols), f"layer {layer} expert {expert}")
-            parts.append(files.get(key))
+        parts = [files.get(key) for key in _expert_parts(files, match, native_shape, expert)]
         per_expert.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
     stacked = torch.stack(per_expert) if per_expert else torch.empty(0, *native_shape[1:])
     return stacked[(slice(None), *rest)] if rest else stacked
+
+
+def _expert_parts(files: CheckpointFiles, match: re.Match, native_shape: tuple[int, ...], expert: int) -> list[str]:
+    """The checked HF keys whose rows, stacked, make ``native[expert]``."""
+    keys = hf_expert_keys(match["prefix"], match["kind"], expert)
+    layer = match["prefix"].split(".")[2]
+    for key in keys:
+        _require(files, key, f"layer {layer} expert {expert}")
+        _check_shape(files, key, (native_shape[1] // len(keys), native_shape[2]), f"layer {layer} expert {expert}")
+    return keys
+
+
+def read_native_into(
+    files: CheckpointFiles,
+    native_key: str,
+    native_shape: tuple[int, ...],
+    out: torch.Tensor,
+    index: tuple[slice, ...] | None = None,
+) -> None:
+    """``out.copy_(read_native(files, native_key, native_shape, index))`` without temporaries when
+    ``index`` narrows only the first dim (how FSDP2 and expert parallelism shard): the rows are
+    read from the files straight into ``out``."""
+    index = tuple(index or ())
+    full_rest = all(s == slice(0, n) for s, n in zip(index[1:], native_shape[1:]))
+    if not full_rest:
+        out.copy_(read_native(files, native_key, native_shape, index))
+        return
+    rows = range(native_shape[0])[index[0] if index else slice(None)]
+    match = _EXPERTS.match(native_key)
+    if not match:
+        _require(files, native_key, "the model")
+        _check_shape(files, native_key, native_shape, "the model")
+        files.read_rows_into(native_key, out, rows.start if len(rows) else 0)
+        return
+    for local, expert in enumerate(rows):
+        keys = _expert_parts(files, match, native_shape, expert)
+        height = native_shape[1] // len(keys)
+        for part, key in enumerate(keys):
+            files.read_rows_into(key, out[local, part * height : (part + 1) * height])
 
 
 def to_hf(native_key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -90,8 +90,38 @@ class CheckpointFiles:
         """Read only ``tensor[index]`` from disk (index: a tuple of slices)."""
         return self._handle(key).get_slice(key)[index]
 
+    def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """``out[:] = tensor[start : start + len(out)]`` (rows of dim 0), read straight from disk.
+
+        When ``out`` is a contiguous CPU tensor of the stored dtype the bytes land in it directly
+        (no memory map, no temporary), so a rank loading its shard of a model holds only that.
+        """
+        header = self._header(key)
+        stored = header["shape"]
+        if list(out.shape[1:]) != stored[1:] or start + out.shape[0] > stored[0]:
+            raise ValueError(f"rows {start}..{start + out.shape[0]} of shape {list(out.shape)} do not fit {key} {stored}")
+        if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != _DTYPES[header["dtype"]]:
+            out.copy_(self.get_slice(key, (slice(start, start + out.shape[0]),)))
+            return
+        path = self._file_of[key]
+        row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        with open(path, "rb", buffering=0) as f:
+            f.seek(_data_start(path) + header["data_offsets"][0] + start * row_bytes)
+            while view.nbytes:
+                read = f.readinto(view)
+                if not read:
+                    raise EOFError(f"{path} ends inside tensor {key}")
+                view = view[read:]
+
     def close(self) -> None:
         self._handles.clear()
+
+
+def _data_start(path: Path) -> int:
+    """Byte offset of the tensor data: the 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def _read_header(path: Path) -> dict:

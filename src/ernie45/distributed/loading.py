@@ -2,16 +2,18 @@
 
 Loading: build the model on the meta device, lay it out (TP/EP/FSDP2), allocate only this rank's
 shards, then fill each one with the matching slice read straight from the safetensors files
-(``read_native(..., index=...)``; routed experts are read per expert, only those this rank owns).
+(``read_native_into(..., index=...)``: rows land in the shard without a temporary or a memory
+map where the shard is a range of rows; routed experts are read per expert, only those owned).
 
-Saving: every rank takes part in gathering one tensor at a time (``DTensor.full_tensor``);
-rank 0 converts it to the HF layout and streams it into the current shard file, so at most one
-tensor plus one shard file are ever in memory. The files are the ones a single-process
-``save_pretrained`` writes.
+Saving: the ranks gather one tensor at a time onto rank 0 (each sends the box it holds), which
+converts it to the HF layout and streams it into the current shard file, so rank 0 holds at most
+one tensor plus one shard file and the other ranks nothing beyond their shards. The files are
+the ones a single-process ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import GenerationConfig
 
 from ..auto import model_class_for
-from ..checkpoint.hf_adapter import hf_keys, read_native, to_hf
+from ..checkpoint.hf_adapter import hf_keys, read_native_into, to_hf
 from ..checkpoint.hf_checkpoint import _check_key_sets, checkpoint_dtype, load_config, native_tensors
 from ..checkpoint.safetensors_io import AtomicDirectory, CheckpointFiles, write_safetensors_stream
 from ..models.backend import BackendConfig
@@ -53,8 +55,7 @@ def load_hf_shards(model: nn.Module, files: CheckpointFiles) -> None:
     expected = {key for name, t in targets.items() for key in hf_keys(name, tuple(t.shape))}
     _check_key_sets(files, expected, is_tied(model))
     for name, target in targets.items():
-        value = read_native(files, name, tuple(target.shape), local_index(target))
-        local_part(target).copy_(value)
+        read_native_into(files, name, tuple(target.shape), local_part(target), local_index(target))
     files.close()
 
 
@@ -92,11 +93,43 @@ def _hf_sizes(model: nn.Module) -> list[tuple[str, int]]:
     return sizes
 
 
+def gather_on_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The whole value of ``tensor`` on rank 0, None elsewhere (collective for a DTensor).
+
+    Each rank sends the box of the global tensor it holds (padded to the largest box, as
+    ``gather`` wants equal sizes), so only rank 0 ever holds the whole tensor.
+    """
+    if not isinstance(tensor, DTensor):
+        return tensor.detach() if dist.get_rank() == 0 else None
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    boxes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, (shape, offset))
+    local = tensor.to_local().detach().reshape(-1)
+    send = local.new_zeros(max(math.prod(box_shape) for box_shape, _ in boxes))
+    send[: local.numel()] = local
+    received = [torch.empty_like(send) for _ in boxes] if dist.get_rank() == 0 else None
+    dist.gather(send, received, dst=0)
+    if received is None:
+        return None
+    full = send.new_empty(tensor.shape)
+    for (box_shape, box_offset), flat in zip(boxes, received):
+        box = tuple(slice(start, start + size) for start, size in zip(box_offset, box_shape))
+        full[box] = flat[: math.prod(box_shape)].view(box_shape)
+    return full
+
+
 def _gathered_hf_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, full CPU tensor) in checkpoint order; every rank must consume it (collectives)."""
+    """(HF key, full CPU tensor) in checkpoint order on rank 0; nothing elsewhere. Every rank must
+    exhaust it: each native tensor is gathered collectively when its turn comes."""
     for name, tensor in native_tensors(model).items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        yield from to_hf(name, full.detach().cpu())
+        full = gather_on_rank0(tensor)
+        if full is None:
+            continue
+        for key, part in to_hf(name, full.cpu()):
+            # NOTE: a view (one expert of a layer) would keep the whole layer alive until its
+            # shard file is written; a copy of just the part lets the layer go now.
+            yield key, part if part.untyped_storage().nbytes() == part.nbytes else part.clone()
+        del full
 
 
 def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> None:
