@@ -5,8 +5,9 @@ ours vs transformers' generate (cached and uncached), on the same random weights
     .venv/bin/python benchmarks/decode.py --preset tiny --batch 4 --new-tokens 64 --dtype bfloat16
 
 Every variant decodes exactly --new-tokens tokens greedily (end tokens disabled), after one warm-up
-run; the time is the median of --repeats runs and includes the prefill. Greedy outputs of ours and
-transformers are checked to be identical. Prints a table and one JSON line.
+run; the time (wall clock, or CPU time with --clock cpu) is the median of --repeats runs and
+includes the prefill. Greedy outputs of ours and transformers are checked to be identical.
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ def uncached_generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> to
     return ids
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, repeats: int, clock) -> tuple[float, torch.Tensor]:
     """(median seconds over ``repeats`` runs after one warm-up, the output of the last run)."""
     out = fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         out = fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times), out
 
 
@@ -67,6 +71,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="cpu = this process's CPU time: steadier on a shared machine, meaningful with --threads 1 on CPU",
+    )
     parser.add_argument("--skip-uncached", action="store_true", help="skip the two uncached baselines")
     args = parser.parse_args()
     if args.threads:
@@ -91,7 +99,7 @@ def main() -> None:
             sync()
             return out
 
-        return timed(wrapped, args.repeats)
+        return timed(wrapped, args.repeats, CLOCKS[args.clock])
 
     no_end = dict(max_new_tokens=new, do_sample=False)
     hf_fixed = dict(no_end, min_new_tokens=new)  # NOTE: transformers has no "no end token"; this forces length
@@ -116,7 +124,7 @@ def main() -> None:
         ratios["ours_vs_hf_uncached"] = tps["ours_uncached"] / tps["hf_uncached"]
 
     print(f"preset={args.preset} batch={args.batch} prompt={args.prompt_tokens} new={new} "
-          f"dtype={args.dtype} device={args.device} threads={torch.get_num_threads()}")  # fmt: skip
+          f"dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} clock={args.clock}")  # fmt: skip
     for name, r in results.items():
         print(f"  {name:<14} {r['tokens_per_second']:10.1f} tokens/s  ({r['seconds']:.3f} s)")
     for name, value in ratios.items():

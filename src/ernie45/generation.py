@@ -82,6 +82,22 @@ def default_special_ids(model) -> tuple[list[int], int | None]:
     return _as_id_list(getattr(source, "eos_token_id", None)), getattr(source, "pad_token_id", None)
 
 
+def resolve_special_ids(
+    model, eos_token_id: int | list[int] | None, pad_token_id: int | None
+) -> tuple[list[int], int | None]:
+    """(end ids, pad id) for one call: given values win, then the model's; pad falls back to the first end id."""
+    default_end, default_pad = default_special_ids(model)
+    end_ids = _as_id_list(eos_token_id) if eos_token_id is not None else default_end
+    pad_id = pad_token_id if pad_token_id is not None else default_pad
+    if pad_id is None and end_ids:
+        pad_id = end_ids[0]  # transformers' fallback
+    vocab = model.config.vocab_size
+    for name, ids in (("eos_token_id", end_ids), ("pad_token_id", _as_id_list(pad_id))):
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"{name}={ids} is out of range for vocab_size={vocab} (valid ids: 0..{vocab - 1})")
+    return end_ids, pad_id
+
+
 # ----- choosing the next token ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sampling:
@@ -155,9 +171,9 @@ def prompt_mask(
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token per row")
     if attention_mask is None:
-        if pad_id is not None and pad_id not in end_ids and bool((input_ids == pad_id).any()):
-            return (input_ids != pad_id).long()
-        return torch.ones_like(input_ids)
+        if pad_id is None or pad_id in end_ids or not bool((input_ids == pad_id).any()):
+            return torch.ones_like(input_ids)
+        attention_mask = input_ids != pad_id
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {list(attention_mask.shape)} must equal input_ids shape {list(input_ids.shape)}"
@@ -197,17 +213,9 @@ def stream_tokens(
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     choose = token_chooser(Sampling(do_sample, temperature, top_k, top_p), generator)
-    default_end, default_pad = default_special_ids(model)
-    end_ids = _as_id_list(eos_token_id) if eos_token_id is not None else default_end
-    pad_id = pad_token_id if pad_token_id is not None else default_pad
-    if pad_id is None and end_ids:
-        pad_id = end_ids[0]  # transformers' fallback
-    vocab = model.config.vocab_size
-    for name, ids in (("eos_token_id", end_ids), ("pad_token_id", _as_id_list(pad_id))):
-        if any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"{name}={ids} is out of range for vocab_size={vocab} (valid ids: 0..{vocab - 1})")
-    mask = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
-    return _decode(model, input_ids, mask, max_new_tokens, choose, end_ids, pad_id)
+    end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id)
+    keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
+    return _decode(model, input_ids, keep, max_new_tokens, choose, end_ids, pad_id)
 
 
 @torch.no_grad()
@@ -219,7 +227,7 @@ def _decode_step_logits(model, tokens, positions, mask, caches) -> torch.Tensor:
 def _decode(
     model,
     input_ids: torch.Tensor,
-    prompt_mask_: torch.Tensor,
+    prompt_keep: torch.Tensor,
     max_new_tokens: int,
     choose: Callable[[torch.Tensor], torch.Tensor],
     end_ids: list[int],
@@ -230,14 +238,14 @@ def _decode(
     batch, prompt_len = input_ids.shape
     caches = make_kv_caches(model.config.num_hidden_layers, prompt_len + max_new_tokens)
     # One mask buffer for the whole run; step s sees its first P + s columns (a view, no concat).
-    padded = not bool(prompt_mask_.all())
+    padded = not bool(prompt_keep.all())
     full_mask = None
     if padded:
         full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
-        full_mask[:, :prompt_len] = prompt_mask_
+        full_mask[:, :prompt_len] = prompt_keep
     end_ids_t = torch.tensor(end_ids, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, positions = input_ids, positions_from_mask(prompt_mask_)  # [B,P] for the prefill
+    tokens, positions = input_ids, positions_from_mask(prompt_keep)  # [B,P] for the prefill
     for step in range(max_new_tokens):
         mask = full_mask[:, : prompt_len + step] if padded else None
         next_tokens = choose(_decode_step_logits(model, tokens, positions, mask, caches))  # [B]
@@ -266,10 +274,11 @@ def generate(
 ) -> torch.Tensor:
     """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens.
 
-    eos_token_id / pad_token_id default to the model's generation config (else its config); rows
-    that have ended are padded with pad_token_id and decoding stops once all rows have ended.
+    eos_token_id / pad_token_id default to the model's generation config (else its config);
+    ``eos_token_id=[]`` disables ending. Rows that have ended are padded with pad_token_id and
+    decoding stops once all rows have ended.
     Sampling (do_sample=True) applies temperature, then top_k, then top_p; ``seed`` or
-    ``generator`` makes it reproducible. Greedy decoding ignores the sampling values.
+    ``generator`` makes it reproducible. Greedy decoding ignores (but still checks) the sampling values.
     """
     steps = stream_tokens(
         model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
