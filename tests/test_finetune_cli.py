@@ -213,6 +213,20 @@ def test_help_documents_every_section():
 
 
 # ----- two gloo ranks follow one process -------------------------------------------------------
+def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run):
+    """dp=2 (FSDP2 over 2 gloo ranks, fused linear + cross-entropy), started by an outside torchrun."""
+    out = tmp_path / "run"
+    args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ernie45.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*torchrun, "finetune", *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_8"]
+    assert (out / "hf" / "model.safetensors").is_file()
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(straight_run), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def single_process_moe(tmp_path_factory, moe_dir) -> list[float]:
     out = tmp_path_factory.mktemp("moe1")
@@ -220,13 +234,14 @@ def single_process_moe(tmp_path_factory, moe_dir) -> list[float]:
     return train_losses(out)
 
 
-@pytest.mark.parametrize("layout", [[], ["--distributed.ep_size=2"]], ids=["dp2", "ep2"])
-def test_two_ranks_follow_the_single_process_loss_curve(tmp_path, moe_dir, single_process_moe, layout):
+def test_expert_parallel_over_two_ranks_follows_the_single_process_curve_across_a_resume(tmp_path, moe_dir, single_process_moe):
+    """ep=2 (experts split over 2 gloo ranks, FSDP2 for the rest) via --nproc-per-node; 4 steps, then --resume to 8."""
     out = tmp_path / "run"
-    run = finetune_process(
-        *twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, out, "--checkpoint.enabled=false", "--nproc-per-node=2", *layout)
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    args = twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, out, "--nproc-per-node=2", "--distributed.ep_size=2")
+    first = finetune_process(*args, "--step_scheduler.max_steps=4")
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = finetune_process(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single_process_moe), rtol=1e-4, atol=1e-5)
+    assert summary["world_size"] == 2 and summary["resumed_from_step"] == 4
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single_process_moe), rtol=1e-5, atol=1e-6)

@@ -106,6 +106,11 @@ def parallel_config(config: RecipeConfig, runtime: Runtime):
             f"distributed.dp_size={section.dp_size} does not fit {runtime.world_size} ranks with "
             f"tp_size={section.tp_size}: it must be {dp_size} (or leave it out)"
         )
+    if section.tp_size > 1 and config.loss_fn.target == "ernie45.training.loss.FusedLinearCrossEntropy":
+        raise ConfigError(
+            "loss_fn FusedLinearCrossEntropy does not support distributed.tp_size > 1 (a vocabulary-sharded "
+            "head); use ernie45.training.loss.MaskedCrossEntropy"
+        )
     if section.strategy == "ddp" and (section.tp_size > 1 or section.ep_size > 1):
         raise ConfigError("distributed.strategy=ddp replicates the whole model: use fsdp2 for tp_size/ep_size > 1")
     steps = config.step_scheduler

@@ -87,6 +87,35 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
 
 
+class _GatherAcrossDataParallel(torch.autograd.Function):
+    """A data-parallel-sharded DTensor weight gathered whole for use outside the model's forward.
+
+    NOTE: ``DTensor.full_tensor()`` would declare the gathered weight's gradient *replicated* and
+    so keep only each rank's own slice of it; but every rank's gradient differs (different data).
+    Here the gradient is declared *partial*, i.e. summed over the ranks and scattered back to the
+    shards, then divided by the number of ranks, as FSDP2 averages every other gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.mesh, ctx.placements = weight.device_mesh, weight.placements
+        return weight.full_tensor()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor, Partial
+
+        partial = DTensor.from_local(grad / ctx.mesh.size(), ctx.mesh, [Partial()] * ctx.mesh.ndim)
+        return partial.redistribute(ctx.mesh, ctx.placements)
+
+
+def gathered(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """``weight`` itself, or the whole of a data-parallel-sharded DTensor (see above)."""
+    if weight is None or not hasattr(weight, "device_mesh"):
+        return weight
+    return _GatherAcrossDataParallel.apply(weight)
+
+
 class FusedLinearCrossEntropy:
     """Sum of cross-entropies computed from the final hidden states, ``chunk_size`` tokens at a time."""
 
@@ -101,10 +130,8 @@ class FusedLinearCrossEntropy:
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         head = model.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):  # a DTensor (sharded model): gather it, differentiably
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
+        # NOTE: under FSDP2 the head is resharded once forward ends; it is gathered again here.
+        weight, bias = gathered(head.weight), gathered(head.bias)
         loss = chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size)
         return loss, output
 
