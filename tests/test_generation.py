@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import Ernie4_5ForCausalLM as HFErnie
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import ernie45
 from ernie45 import BackendConfig
-from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask
+from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask, token_chooser
 
 from conftest import random_hf_model, tiny_dense_config
 
@@ -119,8 +120,6 @@ def test_sampling_restricted_to_the_top_token_is_greedy(tmp_path, restriction):
 
 
 def _draw_support(logits: torch.Tensor, sampling: Sampling, draws: int = 4000) -> set[int]:
-    from ernie45.generation import token_chooser
-
     choose = token_chooser(sampling, torch.Generator().manual_seed(0))
     return set(choose(logits.expand(draws, -1).clone()).tolist())
 
@@ -132,11 +131,23 @@ def test_top_k_keeps_the_k_most_likely_tokens():
     assert _draw_support(logits, Sampling(do_sample=True, top_k=3)) == {1, 3, 4}
 
 
-@pytest.mark.parametrize("top_p, kept", [(0.5, {0}), (0.8, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize("top_p, kept", [(0.45, {0}), (0.79, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
 def test_top_p_keeps_the_smallest_set_reaching_the_mass(top_p, kept):
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     assert set(torch.isfinite(filter_top_p(logits, top_p)).nonzero()[:, 1].tolist()) == kept
     assert _draw_support(logits, Sampling(do_sample=True, top_p=top_p)) == kept
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.3), (None, 0.9), (20, 0.7)])
+def test_filters_keep_the_same_tokens_as_transformers_warpers(top_k, top_p):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ours = logits
+    theirs = logits.clone()
+    if top_k is not None:
+        ours, theirs = filter_top_k(ours, top_k), TopKLogitsWarper(top_k)(None, theirs)
+    if top_p is not None:
+        ours, theirs = filter_top_p(ours, top_p), TopPLogitsWarper(top_p)(None, theirs)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
 
 
 def test_top_k_then_top_p_renormalises_in_between():
