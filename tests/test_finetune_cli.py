@@ -5,6 +5,7 @@ checkpointing, bad configs, and two gloo ranks (dp=2, ep=2) against one process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -245,3 +246,24 @@ def test_expert_parallel_over_two_ranks_follows_the_single_process_curve_across_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["resumed_from_step"] == 4
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single_process_moe), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_master_state_and_the_bias_update_is_opt_in(tmp_path):
+    from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
+
+    args = ["--step_scheduler.max_steps=3", "--step_scheduler.ckpt_every_steps=3", "--evaluation.multiple_choice=false",
+            "--model.torch_dtype=bfloat16"]
+    biases = {}
+    for rate in (0.0, 0.05):
+        out = tmp_path / f"rate{rate}"
+        summary = finetune(f"--output_dir={out}", *args, f"--moe.bias_update_rate={rate}")
+        assert math.isfinite(summary["last_loss"])
+        saved = FileSystemReader(str(out / "checkpoints" / "step_3")).read_metadata().state_dict_metadata
+        dtypes = {meta.properties.dtype for key, meta in saved.items() if hasattr(meta, "properties")}
+        assert dtypes == {torch.float32}, dtypes  # master weights and Adam moments
+        with safe_open(str(out / "hf" / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+            biases[rate] = f.get_tensor("model.layers.1.mlp.moe_statics.e_score_correction_bias")
+    assert biases[0.0].dtype == torch.float32 and bool((biases[0.0] == 0).all())
+    assert bool((biases[0.05] != 0).any()) and bool((biases[0.05].abs() <= 3 * 0.05 + 1e-6).all())
