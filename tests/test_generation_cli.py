@@ -33,7 +33,7 @@ def test_prompt_prints_the_greedy_continuation(tiny_lm_dir):
     result = _run("--model", str(tiny_lm_dir), "--prompt", PROMPT, "--max-new-tokens", "12")
     assert result.exit_code == 0, result.output
     model, tokenizer = ernie45.from_pretrained(tiny_lm_dir), load_tokenizer(tiny_lm_dir)
-    expected = _greedy_reply(model, tokenizer, tokenizer.encode(PROMPT, add_special_tokens=False), 12)
+    expected = _greedy_reply(model, tokenizer, tokenizer.encode(PROMPT), 12)
     assert expected.strip()
     assert result.stdout == expected + "\n"
 

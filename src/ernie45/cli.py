@@ -101,7 +101,7 @@ def generate_command(
         if chat:
             run_chat(lm, tok, read, write, **sampling)
         else:
-            stream_text(lm, tok, tok.encode(prompt, add_special_tokens=False), write, **sampling)
+            stream_text(lm, tok, tok.encode(prompt), write, **sampling)  # the tokenizer's own BOS rule
             write("\n")
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
