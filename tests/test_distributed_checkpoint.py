@@ -20,7 +20,7 @@ from dist_harness import run_ranks
 from dist_models import assert_close, make_routing_matter, tiny_moe_config, token_batch
 from ernie45.checkpoint.hf_checkpoint import native_tensors
 from ernie45.checkpoint.safetensors_io import CheckpointFiles
-from ernie45.distributed import ParallelConfig, save_pretrained
+from ernie45.distributed import ParallelConfig
 from ernie45.distributed.loading import local_part
 
 SHARD_SIZE = "40KB"  # small enough that every checkpoint here spans several files
@@ -58,7 +58,7 @@ def _load_and_save(rank: int, world: int, source: str, layout: dict, target: str
     batch = token_batch(reference.config.vocab_size, 2, 12)
     with torch.no_grad():
         diff = assert_close(model(batch).logits, reference(batch).logits, f"logits after loading into {layout}")
-    save_pretrained(model, target, max_shard_size=SHARD_SIZE)
+    model.save_pretrained(target, max_shard_size=SHARD_SIZE)  # the sharded save, bound by parallelize_model
     if rank == 0:
         reference.save_pretrained(target + "-single", max_shard_size=SHARD_SIZE)
         total = sum(t.numel() * t.element_size() for t in native_tensors(reference).values())

@@ -101,7 +101,7 @@ def _moe_parity(rank: int, world: int, layout: dict, favourite_experts: tuple[in
         assert moe.experts.gate_up_proj.placements[-1] == Shard(0)  # experts split over ep
     if resolved.dp_shard > 1:
         assert isinstance(moe.gate.weight, DTensor) and moe.gate.weight.dtype == torch.float32
-    calls = _forward_counter(model.model.layers[1])
+    dense_calls, moe_calls = (_forward_counter(model.model.layers[i]) for i in (0, 1))
 
     data_ranks = resolved.data_parallel
     batch = token_batch(reference.config.vocab_size, 2 * data_ranks, 10)
@@ -117,7 +117,8 @@ def _moe_parity(rank: int, world: int, layout: dict, favourite_experts: tuple[in
     expected.loss.backward()
     out.loss.backward()
     grads = assert_grads_close(model, reference, "grads")
-    assert len(calls) == (2 if resolved.activation_checkpointing else 1)
+    runs = 2 if resolved.activation_checkpointing else 1  # forward, and the recompute in backward
+    assert len(dense_calls) == len(moe_calls) == runs
     for layer, load in zip(model.moe_layers(), expected_load):  # no double counting on recompute
         total = layer.last_tokens_per_expert.clone()
         dist.all_reduce(total)
@@ -134,10 +135,11 @@ def _moe_parity(rank: int, world: int, layout: dict, favourite_experts: tuple[in
         (2, dict(ep=2), ()),
         (2, dict(ep=2, activation_checkpointing=True), (0, 1)),  # every token to rank 0; rank 1 idle
         (4, dict(ep=2, dp_shard=4), (5,)),  # EP folds onto the 4 FSDP ranks: experts mesh (2, 2)
+        (4, dict(ep=4, dp_replicate=2, dp_shard=2), ()),  # HSDP for dense weights, experts over all 4
         (2, dict(tp=2, dp_shard=1), ()),  # attention + shared experts TP, routed experts replicated
         (2, dict(dp_shard=2, activation_checkpointing=True), ()),  # FSDP2 + AC without EP
     ],
-    ids=["ep2", "ep2-ac-hot-experts", "ep2xfsdp2", "tp2", "fsdp2-ac"],
+    ids=["ep2", "ep2-ac-hot-experts", "ep2xfsdp2", "ep4xhsdp", "tp2", "fsdp2-ac"],
 )
 def test_moe_layouts_equal_single_process(world, layout, favourite_experts):
     run_ranks(_moe_parity, world, layout, favourite_experts)

@@ -4,10 +4,10 @@ activation checkpointing, and HF checkpoints loaded into / saved from sharded mo
 Typical use (under ``torchrun``)::
 
     from ernie45 import from_pretrained
-    from ernie45.distributed import ParallelConfig, save_pretrained
+    from ernie45.distributed import ParallelConfig
     model = from_pretrained(path, dtype=torch.bfloat16, parallel=ParallelConfig(ep=8))
     ...
-    save_pretrained(model, out_dir)   # the same files a single-process save writes
+    model.save_pretrained(out_dir)   # gathers onto rank 0: the files a single-process save writes
 
 Or wrap a model you built yourself with ``parallelize_model(model, ParallelConfig(...))``.
 Model code never imports this package: everything here wraps models from outside.
@@ -17,9 +17,10 @@ from .checkpointing import apply_activation_checkpointing
 from .config import LayoutError, ParallelConfig, check_model_fits
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from .fsdp import apply_fsdp, prepare_for_final_backward, prepare_for_grad_accumulation
-from .loading import from_pretrained, load_hf_shards, save_pretrained
+from .loading import from_pretrained, load_hf_shards
 from .mesh import ParallelMeshes, build_meshes, ensure_process_group
 from .parallelize import parallelize_model
+from .saving import save_pretrained
 from .tensor_parallel import apply_tensor_parallel
 
 __all__ = [
