@@ -89,6 +89,17 @@ def test_bad_layouts_fail_on_every_rank_before_loading(dense_checkpoint):
     run_ranks(_bad_layouts_on_two_ranks, 2, str(dense_checkpoint[0]))
 
 
+def _load_under_torchrun_environment(rank: int, world: int, path: str) -> None:
+    assert not torch.distributed.is_initialized()
+    model = ernie45.from_pretrained(path, dtype=torch.float32, parallel=ParallelConfig(param_dtype=torch.float32))
+    assert torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() == world
+    assert model.model.layers[0].self_attn.q_proj.weight.device_mesh.mesh_dim_names == ("dp_shard",)
+
+
+def test_parallel_load_starts_the_process_group_from_torchrun_environment(dense_checkpoint):
+    run_ranks(_load_under_torchrun_environment, 2, str(dense_checkpoint[0]), init=False)
+
+
 def test_capabilities_report_the_supported_parallelisms():
     dense = Ernie4_5ForCausalLM.get_capabilities(tiny_dense_config())
     moe = Ernie4_5_MoeForCausalLM.get_capabilities(tiny_moe_config())

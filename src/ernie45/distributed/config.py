@@ -36,8 +36,10 @@ class ParallelConfig:
         gradients in fp32 by default; ``param_dtype=None`` computes in the stored dtype).
     reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) when True.
     activation_checkpointing: recompute each decoder block in backward.
-    sharded_logits: under tp > 1, return vocabulary-sharded logits (a DTensor, for a
-        vocabulary-parallel loss) instead of a plain full tensor.
+    sharded_logits: under tp > 1, return vocabulary-sharded logits (a DTensor) instead of a
+        plain full tensor; compute the loss on them under
+        ``torch.distributed.tensor.parallel.loss_parallel()`` (the model's ``labels=`` loss
+        needs full logits).
     """
 
     dp_replicate: int = 1
@@ -75,6 +77,8 @@ class ParallelConfig:
     @property
     def data_parallel(self) -> int:
         """Ranks that see different data (replicas x shards)."""
+        if self.dp_shard == -1:
+            raise LayoutError("dp_shard=-1 is only known once the world size is: call resolve(world_size) first")
         return self.dp_replicate * self.dp_shard
 
     @property

@@ -18,8 +18,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from ..auto import model_class_for
 from ..checkpoint.hf_adapter import hf_keys, read_native_into
 from ..checkpoint.hf_checkpoint import _check_key_sets, checkpoint_dtype, load_config, native_tensors
-from ..generation import load_generation_config
 from ..checkpoint.safetensors_io import CheckpointFiles
+from ..generation import load_generation_config
 from ..models.backend import BackendConfig
 from ..models.causal_lm import _building
 from .config import ParallelConfig, check_model_fits
