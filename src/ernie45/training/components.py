@@ -18,6 +18,14 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..auto import from_pretrained, model_class_for
 from ..checkpoint.hf_checkpoint import load_config
+from ..distributed import (
+    ParallelConfig,
+    parallelize_model,
+    prepare_for_final_backward,
+    prepare_for_grad_accumulation,
+)
+from ..distributed import from_pretrained as parallel_from_pretrained
+from ..distributed import save_pretrained as parallel_save_pretrained
 from ..models.backend import BackendConfig
 from ..tokenizer import train_tokenizer
 from .config import ConfigError, RecipeConfig
@@ -95,8 +103,6 @@ def hf_config_from_recipe(config: RecipeConfig, tokenizer):
 
 def parallel_config(config: RecipeConfig, runtime: Runtime):
     """The scale-out layout of ``distributed``; checks sizes against the world and the batch."""
-    from ..distributed import ParallelConfig
-
     section = config.distributed
     if runtime.world_size % section.tp_size:
         raise ConfigError(f"distributed.tp_size={section.tp_size} must divide the world size {runtime.world_size}")
@@ -156,8 +162,6 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
     parallel = parallel_config(config, runtime) if runtime.distributed else None
     fsdp = parallel is not None and config.distributed.strategy == "fsdp2"
     if section.target == "ernie45.from_pretrained" and fsdp:
-        from ..distributed import from_pretrained as parallel_from_pretrained
-
         model = parallel_from_pretrained(
             section.pretrained_model_name_or_path, parallel, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs
         )
@@ -169,8 +173,6 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
             cls = model_class_for(hf_config)
             model = cls.from_config(hf_config, backend=backend, dtype=MASTER_DTYPE, device=runtime.device, **kwargs)
         if fsdp:
-            from ..distributed import parallelize_model
-
             parallelize_model(model, parallel)
     layout = Layout(
         dp_size=runtime.world_size // config.distributed.tp_size if parallel else 1,
@@ -197,8 +199,6 @@ def average_gradients(model: nn.Module, runtime: Runtime) -> None:
 def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:
     """Under FSDP2, reduce gradients only in the last micro-batch's backward."""
     if layout.fsdp:
-        from ..distributed import prepare_for_final_backward, prepare_for_grad_accumulation
-
         (prepare_for_final_backward if last_micro_batch else prepare_for_grad_accumulation)(model)
 
 
@@ -206,8 +206,6 @@ def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> N
 def export_hf(model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout) -> None:
     """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective)."""
     if layout.fsdp:
-        from ..distributed import save_pretrained as parallel_save_pretrained
-
         parallel_save_pretrained(model, path)
     elif runtime.is_main:
         # NOTE: training is over, so the master weights can be cast in place (fp32-only tensors

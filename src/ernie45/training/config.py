@@ -281,8 +281,13 @@ class DistributedConfig(Section):
 
 
 class DistEnvConfig(Section):
+    """Process group and CPU threads."""
+
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
     timeout_minutes: PositiveInt = 30
+    cpu_threads: PositiveInt | None = Field(
+        None, description="torch threads per process on CPU (default: the cores, shared by the local ranks)"
+    )
 
 
 class RNGConfig(Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial
 
 from .data import IGNORE_INDEX
 
@@ -103,8 +104,6 @@ class _GatherAcrossDataParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from torch.distributed.tensor import DTensor, Partial
-
         partial = DTensor.from_local(grad / ctx.mesh.size(), ctx.mesh, [Partial()] * ctx.mesh.ndim)
         return partial.redistribute(ctx.mesh, ctx.placements)
 

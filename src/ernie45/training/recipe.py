@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation import evaluate_hellaswag
+from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
 from .components import (
     Layout,
@@ -54,11 +56,13 @@ class RunState:
 
 def run(config: RecipeConfig, resume: bool = False) -> dict:
     """Train as ``config`` says (in this process, or as one rank of a torchrun job); returns the summary."""
+    threads = torch.get_num_threads()
     runtime = init_runtime(config.dist_env)
     try:
         return Trainer(config, runtime).train(resume)
     finally:
         shutdown(runtime)
+        torch.set_num_threads(threads)  # NOTE: leave a calling process (e.g. tests) as it was
 
 
 def resolve_output_dir(config: RecipeConfig, runtime: Runtime) -> Path:
@@ -156,30 +160,19 @@ class Trainer:
             "label_tokens": label_tokens,
         }
         if expert_load:
-            entry.update(self.balance_metrics(expert_load, float(totals[1]) / num_micro))
+            loads = all_reduce_sum(torch.stack([expert_load[i] for i in sorted(expert_load)]), self.runtime)  # [L_moe,E]
+            if self.moe.gate_bias_update_factor > 0:
+                update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
+            entry.update(load_balance(loads))
+            if self.moe.aux_loss_coeff > 0:
+                entry["aux_loss"] = float(totals[1]) / num_micro
         return entry
 
     def expert_loads(self) -> dict[int, torch.Tensor]:
         """{MoE layer: [E] tokens per expert} of the last forward (empty for dense models)."""
         if self.moe is None:
             return {}
-        from ..moe.balancing import collect_tokens_per_expert
-
         return {idx: load.detach().float() for idx, load in collect_tokens_per_expert(self.model).items()}
-
-    def balance_metrics(self, expert_load: dict[int, torch.Tensor], aux_loss: float) -> dict:
-        """Router load balance of the step (counts summed over ranks); applies the opt-in bias update."""
-        from ..moe.balancing import update_correction_bias
-
-        loads = torch.stack([expert_load[idx] for idx in sorted(expert_load)])  # [L_moe, E]
-        loads = all_reduce_sum(loads, self.runtime)
-        if self.moe.gate_bias_update_factor > 0:
-            update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
-        ratio = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)  # 1.0 = perfectly balanced
-        metrics = {"moe_max_over_mean_load": float(ratio.mean()), "moe_worst_layer_max_over_mean": float(ratio.max())}
-        if self.moe.aux_loss_coeff > 0:
-            metrics["aux_loss"] = aux_loss
-        return metrics
 
     # ----- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -209,8 +202,6 @@ class Trainer:
         val = self.config.validation_dataset
         if not (settings.multiple_choice and val is not None and is_multiple_choice(val)):
             return None
-        from ..evaluation import evaluate_hellaswag
-
         with autocast(self.config, self.runtime, self.layout):
             result = evaluate_hellaswag(
                 self.model, self.tokenizer, self.val_records, settings.batch_size, settings.num_samples_limit, progress=False
@@ -306,6 +297,12 @@ class Trainer:
             "multiple_choice_after": mc_after,
             "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated else None,
         }
+
+
+def load_balance(loads: torch.Tensor) -> dict:
+    """Router balance of a step from tokens per expert [L_moe, E]: max / mean load (1.0 = perfectly even)."""
+    ratio = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)
+    return {"moe_max_over_mean_load": float(ratio.mean()), "moe_worst_layer_max_over_mean": float(ratio.max())}
 
 
 def print_summary(summary: dict) -> None:

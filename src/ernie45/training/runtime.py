@@ -37,20 +37,27 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def set_cpu_threads(config: DistEnvConfig) -> None:
+    """``cpu_threads``, or the cores shared evenly by the local ranks.
+
+    NOTE: oversubscribed cores make every rank wait on the others' threads; and for tiny
+    matrices one thread can beat several (the embedded default sets cpu_threads: 1).
+    """
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
+
+
 def init_runtime(config: DistEnvConfig) -> Runtime:
     """Start the process group when launched by torchrun; pick this rank's device."""
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return Runtime(0, 1, 0, device)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and config.backend != "gloo"
+    if not use_cuda:
+        set_cpu_threads(config)
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Runtime(0, 1, 0, torch.device("cuda") if use_cuda else torch.device("cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    else:
-        # NOTE: N ranks on one host share its cores; oversubscribing threads slows every rank down.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     backend = config.backend if config.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=config.timeout_minutes))
