@@ -105,8 +105,9 @@ def checkpoints(tmp_path_factory):
         ("moe", 2, dict(ep=2)),
         ("moe", 4, dict(ep=2, dp_shard=4)),
         ("moe", 2, dict(tp=2, dp_shard=1)),
+        ("moe", 4, dict(tp=2, ep=2, dp_shard=2)),
     ],
-    ids=["dense-fsdp2", "dense-tp2", "dense-tp2xfsdp2", "moe-ep2", "moe-ep2xfsdp2", "moe-tp2"],
+    ids=["dense-fsdp2", "dense-tp2", "dense-tp2xfsdp2", "moe-ep2", "moe-ep2xfsdp2", "moe-tp2", "moe-tp2xfsdp2-ep2"],
 )
 def test_load_into_layout_and_save_back(checkpoints, tmp_path, kind, world, layout):
     source, hf_model = checkpoints[kind]

@@ -138,9 +138,11 @@ def _moe_parity(rank: int, world: int, layout: dict, favourite_experts: tuple[in
         (4, dict(ep=4, dp_replicate=2, dp_shard=2), ()),  # HSDP for dense weights, experts over all 4
         (2, dict(tp=2, dp_shard=1), ()),  # attention + shared experts TP, routed experts replicated
         (2, dict(tp=2, dp_shard=1, activation_checkpointing=True), ()),
+        (2, dict(tp=2, ep=2, dp_shard=1), (0,)),  # EP over the tp ranks: experts mesh (1, 2)
+        (4, dict(tp=2, ep=2, dp_shard=2), ()),  # experts mesh (2, 2) over dp x tp
         (2, dict(dp_shard=2, activation_checkpointing=True), ()),  # FSDP2 + AC without EP
     ],
-    ids=["ep2", "ep2-ac-hot-experts", "ep2xfsdp2", "ep4xhsdp", "tp2", "tp2-ac", "fsdp2-ac"],
+    ids=["ep2", "ep2-ac-hot-experts", "ep2xfsdp2", "ep4xhsdp", "tp2", "tp2-ac", "tp2-ep2", "tp2xfsdp2-ep2", "fsdp2-ac"],
 )
 def test_moe_layouts_equal_single_process(world, layout, favourite_experts):
     run_ranks(_moe_parity, world, layout, favourite_experts)

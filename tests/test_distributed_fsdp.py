@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from dist_harness import run_ranks
-from dist_models import assert_close, assert_grads_close, assert_params_close, dense_model, full, token_batch
+from dist_models import assert_close, assert_grads_close, assert_params_close, dense_model, full, moe_model, token_batch
 from ernie45.distributed import (
     ParallelConfig,
     parallelize_model,
@@ -64,10 +65,10 @@ def test_hsdp_adamw_steps_equal_single_process():
     run_ranks(_train_steps, 4, True, dict(dp_replicate=2, dp_shard=2))
 
 
-def _grad_accumulation(rank: int, world: int) -> None:
-    reference = dense_model()
+def _grad_accumulation(rank: int, world: int, moe: bool) -> None:
+    reference = moe_model() if moe else dense_model()
     model = copy.deepcopy(reference)
-    parallelize_model(model, ParallelConfig(dp_shard=world, **FP32))
+    parallelize_model(model, ParallelConfig(dp_shard=world, ep=2 if moe else 1, **FP32))
     batch = token_batch(reference.config.vocab_size, 4 * world, 8)
     reference(batch, labels=batch).loss.backward()
 
@@ -86,8 +87,9 @@ def _grad_accumulation(rank: int, world: int) -> None:
     assert_grads_close(model, reference, "accumulated grads")
 
 
-def test_fsdp2_grad_accumulation_defers_reduce_scatter():
-    run_ranks(_grad_accumulation, 2)
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe-ep2"])
+def test_fsdp2_grad_accumulation_defers_reduce_scatter(moe):
+    run_ranks(_grad_accumulation, 2, moe)
 
 
 def _mixed_precision(rank: int, world: int) -> None:

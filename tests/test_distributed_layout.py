@@ -23,7 +23,6 @@ from ernie45.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
         (dict(ep=1.5), LayoutError, "ParallelConfig.ep=1.5"),
         (dict(cp=2), NotImplementedError, "context parallelism is not supported yet"),
         (dict(pp=2), NotImplementedError, "pipeline parallelism is not supported yet"),
-        (dict(ep=2, tp=2), LayoutError, "expert parallelism together with tensor parallelism is not supported"),
     ],
 )
 def test_invalid_sizes_are_refused(fields, error, message):

@@ -1,9 +1,10 @@
 """``ParallelConfig``: how a model is laid out over the ranks, checked before anything is built.
 
 The world is split as ``dp_replicate x dp_shard x cp x tp`` (pipeline stages ``pp`` on top).
-Expert parallelism does not add ranks: it folds onto the data-parallel ranks like the reference
-recipes (NeMo AutoModel, torchtitan), giving a second mesh ``(ep_shard, ep)`` over the same
-ranks with ``ep_shard = dp_replicate * dp_shard * cp * tp / ep``.
+Expert parallelism does not add ranks: it folds onto the data- and tensor-parallel ranks like
+the reference recipes (NeMo AutoModel), giving a second mesh ``(ep_shard, ep)`` over the same
+ranks with ``ep_shard = dp_replicate * dp_shard * cp * tp / ep``. (When an ep group spans tp
+peers, they send the experts the same tokens; the expert gradient scale accounts for it.)
 
 Every check raises at the boundary with the offending value and what would be valid, so a bad
 launch fails in the first second instead of deep inside a collective.
@@ -30,7 +31,7 @@ class ParallelConfig:
     dp_replicate: data-parallel replicas (HSDP when combined with dp_shard > 1).
     dp_shard: FSDP2 shards (``fully_shard``); -1 fills the world.
     tp: tensor parallelism (attention heads, MLP width, vocabulary).
-    ep: expert parallelism; folds onto the data-parallel ranks, adds none.
+    ep: expert parallelism; folds onto the dp x tp ranks, adds none.
     cp, pp: context / pipeline parallelism (not supported yet; must be 1).
     param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (compute in bf16, reduce
         gradients in fp32 by default; ``param_dtype=None`` computes in the stored dtype).
@@ -68,11 +69,6 @@ class ParallelConfig:
                     f"ParallelConfig.{name}={getattr(self, name)}: {what} parallelism is not supported yet; "
                     f"use {name}=1 (supported: dp_replicate, dp_shard, tp, ep)"
                 )
-        if self.ep > 1 and self.tp > 1:
-            raise LayoutError(
-                f"ParallelConfig(ep={self.ep}, tp={self.tp}): expert parallelism together with tensor "
-                "parallelism is not supported yet; use ep > 1 with data parallelism, or tp > 1 without ep"
-            )
 
     @property
     def data_parallel(self) -> int:

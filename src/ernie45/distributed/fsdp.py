@@ -2,8 +2,9 @@
 
 Groups (each all-gathered just before it runs and freed after):
   * every decoder block, over the data-parallel mesh;
-  * inside MoE blocks, the routed experts over ``ep_shard`` (they are already split over ``ep``)
-    and the router in its own fp32 group, so ``param_dtype=bf16`` never rounds its weight;
+  * inside MoE blocks, the routed experts over ``ep_shard`` (they are already split over ``ep``;
+    done whenever ep > 1, even without other data parallelism, for the gradient scale) and the
+    router in its own fp32 group, so ``param_dtype=bf16`` never rounds its weight;
   * untied embedding and LM head, each on its own; a tied pair stays in the root group, which
     is gathered for the whole forward (the weight is used at both ends);
   * the root (final norm and whatever is left).
@@ -17,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .mesh import ParallelMeshes
-from .model_parts import decoder_blocks, is_tied, moe_layer
+from .model_parts import decoder_blocks, is_tied, moe_layer, moe_layers
 
 # NOTE: the router computes in fp32 itself; casting its inputs would change the dtype it hands
 # back (routing weights follow the activations' dtype), so inputs pass through untouched.
@@ -25,24 +26,18 @@ ROUTER_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=tor
 
 
 def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
-    """Shard ``model`` in place with ``fully_shard`` (a no-op without data parallelism)."""
+    """Shard ``model`` in place with ``fully_shard`` (a no-op without data or expert parallelism)."""
     parallel, dp = meshes.parallel, meshes.dp
-    if dp is None:
-        return
     policy = MixedPrecisionPolicy(param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype)
     shard = dict(mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
+    if meshes.experts is not None:
+        for mlp in moe_layers(model):
+            fully_shard_experts(mlp.experts, meshes, shard)
+    if dp is None:
+        return
     for block in decoder_blocks(model):
         mlp = moe_layer(block)
         if mlp is not None:
-            if meshes.experts is not None:
-                fully_shard(mlp.experts, mesh=meshes.ep_shard, **shard)
-                # NOTE: each expert's gradient sums the tokens of all its ep peers, so averaging over
-                # the ep_shard ranks alone would be ep times too large: divide by all of them.
-                mlp.experts.set_gradient_divide_factor(float(parallel.ep_shard * parallel.ep))
-                if parallel.ep_shard > 1 and dist.get_backend(meshes.ep_shard.get_group()) != "nccl":
-                    # NOTE: a custom factor means a PREMUL_SUM reduce-scatter, which only NCCL has;
-                    # with one rank there is no reduce-scatter (and forcing sums would divide twice).
-                    mlp.experts.set_force_sum_reduction_for_comms(True)
             fully_shard(mlp.gate, mesh=dp, mp_policy=ROUTER_POLICY, reshard_after_forward=parallel.reshard_after_forward)
         fully_shard(block, mesh=dp, **shard)
     if not is_tied(model):
@@ -51,14 +46,35 @@ def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
     fully_shard(model, mesh=dp, **shard)
 
 
+def fully_shard_experts(experts: nn.Module, meshes: ParallelMeshes, shard: dict) -> None:
+    """FSDP2 over ``ep_shard`` for experts already split over ``ep``, with the right gradient scale.
+
+    Each expert's gradient sums the tokens of all its ep peers (and, under tp, every tp peer sends
+    the same tokens), so averaging over the ep_shard ranks alone would be too large by ep: divide
+    by all the ranks of the experts mesh. This is needed even with one ep_shard rank.
+    """
+    parallel = meshes.parallel
+    fully_shard(experts, mesh=meshes.ep_shard, **shard)
+    experts.set_gradient_divide_factor(float(parallel.ep_shard * parallel.ep))
+    if parallel.ep_shard > 1 and dist.get_backend(meshes.ep_shard.get_group()) != "nccl":
+        # NOTE: a custom factor means a PREMUL_SUM reduce-scatter, which only NCCL has; with one
+        # rank there is no reduce-scatter (and forcing sums would divide twice).
+        experts.set_force_sum_reduction_for_comms(True)
+
+
+def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    # NOTE: every FSDP group, including expert groups that may be roots of their own (ep without dp).
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+
+
 def prepare_for_grad_accumulation(model: nn.Module) -> None:
     """Call before the backward of every micro-batch but the last: gradients stay local and
     unsharded, so no reduce-scatter runs until ``prepare_for_final_backward``."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(False)
+    _set_gradient_sync(model, False)
 
 
 def prepare_for_final_backward(model: nn.Module) -> None:
     """Call before the last micro-batch's backward: it reduce-scatters the accumulated gradients."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(True)
+    _set_gradient_sync(model, True)

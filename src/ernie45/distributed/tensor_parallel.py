@@ -3,8 +3,9 @@
 Per block: q/k/v colwise (each rank holds nH/tp query heads and nKV/tp key/value heads; the
 attention module reads its head count off the projection width), o rowwise; the dense MLP and
 MoE shared experts gate/up colwise, down rowwise. One all-reduce after o_proj and one after
-down_proj, activations between blocks stay plain replicated tensors. The router, routed experts
-and norms are replicated (their gradients are identical on every tp rank).
+down_proj, activations between blocks stay plain replicated tensors. The router and norms are
+replicated (their gradients are identical on every tp rank); routed experts are not split by tp
+(replicated, or split by ep, see expert_parallel.py).
 
 Vocabulary: the embedding is row-parallel (vocab-sharded, masked lookup, all-reduce) and the LM
 head colwise, so a tied weight is the same ``Shard(0)`` DTensor in both. Logits come back as a
