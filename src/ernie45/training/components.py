@@ -30,7 +30,7 @@ from ..models.backend import BackendConfig
 from ..tokenizer import train_tokenizer
 from .config import ConfigError, RecipeConfig
 from .data import record_texts
-from .runtime import Runtime
+from .runtime import Runtime, barrier
 
 MASTER_DTYPE = torch.float32
 
@@ -48,14 +48,16 @@ def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
 
 
 # ----- tokenizer -------------------------------------------------------------------------------
-def build_tokenizer(config: RecipeConfig, train_records: list[dict], saved: Path):
-    """The recipe's tokenizer. A trained one is saved to ``saved`` once and reloaded on resume."""
+def build_tokenizer(config: RecipeConfig, train_records: list[dict], saved: Path, runtime: Runtime):
+    """The recipe's tokenizer. A trained one is trained once, on rank 0, and saved to ``saved``:
+    every rank (and a resumed run) loads that copy, so all agree on the vocabulary."""
     section = config.tokenizer
     if section.target == "ernie45.tokenizer.train_tokenizer":
-        if (saved / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(saved))
-        texts = [text for record in train_records for text in record_texts(record)]
-        return train_tokenizer(texts, section.vocab_size)
+        if runtime.is_main and not (saved / "tokenizer_config.json").is_file():
+            texts = [text for record in train_records for text in record_texts(record)]
+            train_tokenizer(texts, section.vocab_size).save_pretrained(str(saved))
+        barrier(runtime)
+        return AutoTokenizer.from_pretrained(str(saved))
     path = section.pretrained_model_name_or_path or config.model.pretrained_model_name_or_path
     if path is None:
         raise ConfigError("tokenizer: a from_config model needs tokenizer.pretrained_model_name_or_path or train_tokenizer")

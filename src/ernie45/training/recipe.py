@@ -87,9 +87,7 @@ class Trainer:
         torch.manual_seed(seed)
 
         train_records = load_records(config.dataset)
-        self.tokenizer = build_tokenizer(config, train_records, self.output_dir / "tokenizer")
-        if runtime.is_main and config.tokenizer.target == "ernie45.tokenizer.train_tokenizer":
-            self.tokenizer.save_pretrained(str(self.output_dir / "tokenizer"))
+        self.tokenizer = build_tokenizer(config, train_records, self.output_dir / "tokenizer", runtime)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_examples = tokenize_records(config.dataset, train_records, self.tokenizer)
         val = config.validation_dataset
@@ -251,6 +249,7 @@ class Trainer:
             logger.write(f"resumed from {self.checkpoint_dir / f'step_{resumed_from}'}")
         elif resume:
             logger.write(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
+        logger.write(self.describe())
         started = time.perf_counter()
         if state.step == 0:
             state.mc_before = self.multiple_choice_accuracy()
@@ -280,6 +279,16 @@ class Trainer:
             print_summary(summary)
         barrier(runtime)
         return summary
+
+    def describe(self) -> str:
+        """One line on what is about to run."""
+        params = sum(p.numel() for p in self.model.parameters())
+        steps = self.config.step_scheduler
+        return (
+            f"{self.model.config.model_type}: {params / 1e6:.2f}M parameters, {len(self.train_examples)} training "
+            f"examples, {self.total_steps} steps x {steps.global_batch_size} examples on {self.runtime.world_size} "
+            f"process(es) -> {self.output_dir}"
+        )
 
     def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
         val_losses = [e["val_loss"] for e in read_metrics(self.output_dir / "metrics.jsonl") if "val_loss" in e]
