@@ -50,12 +50,13 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype, None)
     if dtype != "auto" and not isinstance(torch_dtype, torch.dtype):
         raise _fail(f"--dtype {dtype!r} is not valid; use {_DTYPE_HELP}")
+    # NOTE: the model first, so a wrong --model gets the checkpoint loader's precise error.
+    model = from_pretrained(model_path, dtype=torch_dtype, device=device)
     tokenizer_path = tokenizer_path or model_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except (OSError, ValueError) as err:
         raise _fail(f"no tokenizer could be loaded from {tokenizer_path} ({err}); pass --tokenizer PATH") from err
-    model = from_pretrained(model_path, dtype=torch_dtype, device=device)
     return model.eval(), tokenizer
 
 
