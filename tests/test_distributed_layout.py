@@ -105,4 +105,5 @@ def test_capabilities_report_the_supported_parallelisms():
     for caps in (dense, moe):
         assert caps.supports_tp and caps.supports_fsdp and caps.supports_activation_checkpointing
         assert not caps.supports_cp and not caps.supports_pp
+        assert caps.supports_kv_cache  # generation.py
     assert moe.supports_ep and not dense.supports_ep

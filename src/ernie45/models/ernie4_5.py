@@ -36,7 +36,10 @@ class Ernie4_5ForCausalLM(Ernie4_5CausalLMBase):
 
     @classmethod
     def get_capabilities(cls, config) -> ModelCapabilities:
-        return ModelCapabilities(is_moe=False, supports_tp=True, supports_fsdp=True, supports_activation_checkpointing=True)
+        return ModelCapabilities(
+            is_moe=False, supports_tp=True, supports_fsdp=True, supports_activation_checkpointing=True,
+            supports_kv_cache=True,
+        )
 
 
 ModelClass = Ernie4_5ForCausalLM
