@@ -42,7 +42,8 @@ def compute_dtype(config: RecipeConfig) -> torch.dtype:
 def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
     """The autocast context for forward passes (none when FSDP2 casts, or when computing in fp32)."""
     dtype = compute_dtype(config)
-    if dtype == MASTER_DTYPE or layout.fsdp:
+    # NOTE: FSDP2 shards (and so casts) exactly when there are several data-parallel ranks.
+    if dtype == MASTER_DTYPE or layout.dp_size > 1:
         return contextlib.nullcontext()
     return torch.autocast(runtime.device.type, dtype=dtype)
 
@@ -70,11 +71,11 @@ def build_tokenizer(config: RecipeConfig, train_records: list[dict], saved: Path
 # ----- model -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """How the model is spread over the ranks: data-parallel size/rank and who reduces gradients."""
+    """How the model is spread over the ranks: data-parallel size and this rank's place among them."""
 
     dp_size: int = 1
     dp_rank: int = 0
-    fsdp: bool = False  # gradients reduced inside backward by FSDP2 (else by average_gradients)
+    sharded: bool = False  # FSDP2 (with EP/TP): gradients are reduced inside backward
 
 
 def model_kwargs(config: RecipeConfig, hf_config) -> dict:
@@ -119,8 +120,6 @@ def parallel_config(config: RecipeConfig, runtime: Runtime):
             "loss_fn FusedLinearCrossEntropy does not support distributed.tp_size > 1 (a vocabulary-sharded "
             "head); use ernie45.training.loss.MaskedCrossEntropy"
         )
-    if section.strategy == "ddp" and (section.tp_size > 1 or section.ep_size > 1):
-        raise ConfigError("distributed.strategy=ddp replicates the whole model: use fsdp2 for tp_size/ep_size > 1")
     steps = config.step_scheduler
     if steps.global_batch_size % (steps.local_batch_size * dp_size):
         raise ConfigError(
@@ -152,7 +151,7 @@ def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
 
 
 def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:
-    """The model in fp32 master weights, laid out over the ranks, in training mode."""
+    """The model in fp32 master weights, laid out over the ranks (FSDP2/EP/TP), in training mode."""
     backend = BackendConfig.from_dict(config.backend_fields())
     section = config.model
     if section.target == "ernie45.from_pretrained":
@@ -161,53 +160,40 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
         hf_config = hf_config_from_recipe(config, tokenizer)
     kwargs = model_kwargs(config, hf_config)
     check_single_process_layout(config, runtime)
-    parallel = parallel_config(config, runtime) if runtime.distributed else None
-    fsdp = parallel is not None and config.distributed.strategy == "fsdp2"
-    if section.target == "ernie45.from_pretrained" and fsdp:
-        model = parallel_from_pretrained(
-            section.pretrained_model_name_or_path, parallel, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs
-        )
-    else:
-        if section.target == "ernie45.from_pretrained":
-            model = from_pretrained(section.pretrained_model_name_or_path, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs)
-        else:
-            torch.manual_seed(section.seed)  # NOTE: the same weights on every rank
-            cls = model_class_for(hf_config)
-            model = cls.from_config(hf_config, backend=backend, dtype=MASTER_DTYPE, device=runtime.device, **kwargs)
-        if fsdp:
-            parallelize_model(model, parallel)
-    layout = Layout(
-        dp_size=runtime.world_size // config.distributed.tp_size if parallel else 1,
-        dp_rank=runtime.rank // config.distributed.tp_size if parallel else 0,
-        fsdp=fsdp,
-    )
-    return model.train(), layout
-
-
-def average_gradients(model: nn.Module, runtime: Runtime) -> None:
-    """Plain data parallelism (strategy ddp): every rank gets the mean gradient, in one all-reduce."""
     if not runtime.distributed:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= runtime.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+        if section.target == "ernie45.from_pretrained":
+            path = section.pretrained_model_name_or_path
+            model = from_pretrained(path, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs)
+        else:
+            model = model_from_config(hf_config, section.seed, backend, runtime, kwargs)
+        return model.train(), Layout()
+    parallel = parallel_config(config, runtime)
+    if section.target == "ernie45.from_pretrained":
+        # NOTE: each rank reads only its own shards from the checkpoint files.
+        path = section.pretrained_model_name_or_path
+        model = parallel_from_pretrained(path, parallel, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs)
+    else:
+        model = model_from_config(hf_config, section.seed, backend, runtime, kwargs)
+        parallelize_model(model, parallel)
+    tp = config.distributed.tp_size
+    return model.train(), Layout(dp_size=runtime.world_size // tp, dp_rank=runtime.rank // tp, sharded=True)
+
+
+def model_from_config(hf_config, seed: int, backend: BackendConfig, runtime: Runtime, kwargs: dict) -> nn.Module:
+    torch.manual_seed(seed)  # NOTE: the same initial weights on every rank
+    return model_class_for(hf_config).from_config(hf_config, backend=backend, dtype=MASTER_DTYPE, device=runtime.device, **kwargs)
 
 
 def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:
     """Under FSDP2, reduce gradients only in the last micro-batch's backward."""
-    if layout.fsdp:
+    if layout.sharded:
         (prepare_for_final_backward if last_micro_batch else prepare_for_grad_accumulation)(model)
 
 
 # ----- export ----------------------------------------------------------------------------------
 def export_hf(model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout) -> None:
     """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective)."""
-    if layout.fsdp:
+    if layout.sharded:
         parallel_save_pretrained(model, path)
     elif runtime.is_main:
         # NOTE: training is over, so the master weights can be cast in place (fp32-only tensors

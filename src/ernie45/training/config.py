@@ -270,7 +270,7 @@ class ClipGradNormConfig(Section):
 class DistributedConfig(Section):
     """Parallel layout (AutoModel's keys). dp_size defaults to whatever fills the world."""
 
-    strategy: Literal["fsdp2", "ddp"] = Field("fsdp2", description="fsdp2: sharded; ddp: replicated weights")
+    strategy: Literal["fsdp2"] = Field("fsdp2", description="FSDP2 (fully_shard) over the data-parallel ranks")
     dp_size: PositiveInt | None = None
     tp_size: PositiveInt = 1
     cp_size: Literal[1] = Field(1, description="context parallelism is not supported")

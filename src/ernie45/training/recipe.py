@@ -30,7 +30,6 @@ from .checkpointing import latest_checkpoint, load_checkpoint, remove_incomplete
 from .components import (
     Layout,
     autocast,
-    average_gradients,
     build_model,
     build_tokenizer,
     export_hf,
@@ -139,8 +138,6 @@ class Trainer:
             loss_sum += token_loss_sum.detach()
             for layer_idx, load in self.expert_loads().items():
                 expert_load[layer_idx] = expert_load.get(layer_idx, 0) + load
-        if not layout.fsdp:
-            average_gradients(self.model, self.runtime)
         grad_norm = clip_grad_norm(list(self.model.parameters()), config.clip_grad_norm.max_norm)
         lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
         set_lr(self.optimizer, lr)
