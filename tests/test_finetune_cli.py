@@ -273,3 +273,21 @@ def test_bf16_compute_keeps_fp32_master_state_and_the_bias_update_is_opt_in(tmp_
             biases[rate] = f.get_tensor("model.layers.1.mlp.moe_statics.e_score_correction_bias")
     assert biases[0.0].dtype == torch.float32 and bool((biases[0.0] == 0).all())
     assert bool((biases[0.05] != 0).any()) and bool((biases[0.05].abs() <= 3 * 0.05 + 1e-6).all())
+
+
+def test_sft_jsonl_with_prompt_completion_and_chat_records(tmp_path, dense_dir):
+    records = [{"prompt": f"Q: what comes after {i}?", "completion": f" A: {i + 1}."} for i in range(6)]
+    records += [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]} for i in range(6)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = {
+        "step_scheduler": {"global_batch_size": 4, "local_batch_size": 2, "max_steps": 3},
+        "model": {"pretrained_model_name_or_path": str(dense_dir), "torch_dtype": "float32"},
+        "dataset": {"_target_": "ernie45.training.data.SFTDataset", "path_or_dataset": "sft.jsonl"},
+        "validation_dataset": {"_target_": "ernie45.training.data.SFTDataset", "path_or_dataset": "sft.jsonl"},
+        "optimizer": {"lr": 1.0e-3},
+        "dist_env": {"cpu_threads": 1},
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    summary = finetune(str(tmp_path / "sft.yaml"), f"--output_dir={tmp_path / 'run'}")
+    assert summary["steps"] == 3 and summary["multiple_choice_after"] is None  # not a multiple-choice set
+    assert summary["val_loss_after"] < summary["val_loss_before"]
