@@ -65,6 +65,7 @@ def _default_with(overrides: dict) -> RecipeConfig:
         ({"optimizer.betas": [0.9, 1.5]}, ["optimizer.betas", "[0, 1)"]),
         ({"distributed.pp_size": 2}, ["distributed.pp_size", "1"]),
         ({"loss_fn.chunk_size": 64}, ["loss_fn", "chunk_size is only for"]),
+        ({"lr_scheduler.min_lr": 1.0}, ["lr_scheduler.min_lr=1.0 must not exceed optimizer.lr=0.003"]),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_valid(overrides, expected):

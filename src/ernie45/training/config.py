@@ -99,6 +99,7 @@ class Section(BaseModel):
 
 
 def _check_target(kind: str):
+    """A validator mapping the section's ``_target_`` to its canonical allowed name (or an error)."""
     return field_validator("target", mode="before")(lambda cls, v: None if v is None else canonical_target(kind, v))
 
 
@@ -339,9 +340,11 @@ class RecipeConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
-    def _one_backend(self):
+    def _consistent_sections(self):
         if self.backend is not None and self.model.backend is not None:
             raise ValueError("give the backend either as a top-level `backend` section or as `model.backend`, not both")
+        if self.lr_scheduler.min_lr > self.optimizer.lr:
+            raise ValueError(f"lr_scheduler.min_lr={self.lr_scheduler.min_lr} must not exceed optimizer.lr={self.optimizer.lr}")
         return self
 
     def backend_fields(self) -> dict[str, Any]:
@@ -362,7 +365,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, _, text = arg[2:].partition("=")
         if not key:
             raise ConfigError(f"cannot read {arg!r}: the key before '=' is empty")
-        overrides[key.replace("-", "_") if "." not in key else key] = yaml.safe_load(text) if text else None
+        overrides[key] = yaml.safe_load(text) if text else None
     return overrides
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation import example_from_record
 from .config import DatasetConfig
 from .synthetic import make_examples
 
@@ -116,13 +117,9 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]], first_with_spec
 
 
 def hellaswag_segments(record: dict, where: str) -> list[tuple[str, bool]]:
-    missing = [key for key in ("ctx", "endings", "label") if key not in record]
-    if missing:
-        raise ValueError(f"{where} lacks HellaSwag field(s) {missing}; it has {sorted(record)}")
-    endings, label = record["endings"], int(record["label"])
-    if not 0 <= label < len(endings):
-        raise ValueError(f"{where}: label={label} must index one of its {len(endings)} endings")
-    return [(record["ctx"], False), (" " + endings[label], True)]
+    """Context, then " " + the gold ending; parsed and cleaned exactly as the HellaSwag scorer does."""
+    example = example_from_record(record, where)
+    return [(example.context, False), (" " + example.endings[example.label], True)]
 
 
 def chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
