@@ -1,0 +1,242 @@
+"""One measurement in a fresh process: ``python benchmarks/measure.py '<json task>'``.
+
+``compare.py`` starts one of these per (implementation, workload, dtype, measurement), so that
+ours and transformers never share allocator state, page-cache warmth of their own code paths or
+peak-memory marks. The task is a JSON object; the last stdout line is a JSON result:
+
+    {"values": [per repetition], "unit": ..., "peak_rss": bytes, "info": {...}}
+    {"unavailable": "why"}        (a piece of ours is not there yet: never a made-up number)
+
+Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an HF checkpoint),
+"train" (forward + loss + backward + AdamW step, tokens/s and peak memory), "forward" (inference
+tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
+new tokens/s). Precision: bf16 training is mixed precision as in our recipe and HF Trainer's
+``bf16=True`` (fp32 weights and AdamW state, forward under ``torch.autocast``); inference and
+loading use the checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS, Workload, ensure_checkpoint, hf_model_class  # noqa: E402
+
+# NOTE: tokens per logits chunk of our fused linear + cross-entropy; 1023 label tokens at 1x1024
+# would otherwise make one [1023, 103424] fp32 chunk, the very tensor the fused loss avoids.
+LOSS_CHUNK = 256
+
+
+class Unavailable(Exception):
+    """A piece of ours that this measurement needs is not in the tree yet."""
+
+
+# ----- clocks and memory ---------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds of one call, with the device queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def repeated(fn, device: torch.device, task: dict) -> list[float]:
+    """Seconds of ``task["warmup"]`` untimed then at least ``task["reps"]`` timed calls, more while
+    they add up to less than ``task["min_seconds"]`` (small models get enough samples for a median)."""
+    for _ in range(task["warmup"]):
+        fn()
+    seconds: list[float] = []
+    while len(seconds) < task["reps"] or sum(seconds) < task.get("min_seconds", 0.0):
+        seconds.append(timed(fn, device))
+    return seconds
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes of this process: resident memory on CPU (VmHWM), allocated memory on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# ----- matmul ceiling --------------------------------------------------------------------------------
+def matmul_ceiling(dtype: torch.dtype, device: torch.device, budget_s: float) -> float:
+    """Best GFLOP/s of square ``F.linear`` and ``torch.mm`` of growing size, ``budget_s`` in all.
+
+    NOTE: the best of both forms, because on CPUs without native bf16 dot products the two take
+    very different kernels (``F.linear`` goes through oneDNN, ``mm`` may not). A size is tried
+    only while the next one (8x the work) still fits the remaining budget.
+    """
+    sizes = (1024, 2048, 4096, 8192) if device.type == "cuda" else (256, 512, 1024, 2048, 4096)
+    best = 0.0
+    for op in (torch.nn.functional.linear, torch.mm):
+        deadline = time.perf_counter() + budget_s / 2
+        for n in sizes:
+            a = torch.randn(n, n, dtype=dtype, device=device)
+            b = torch.randn(n, n, dtype=dtype, device=device)
+            seconds = timed(lambda: op(a, b), device)  # the first call warms up
+            repeats = max(1, min(5, int(0.5 / max(seconds, 1e-6))))
+            seconds = min(timed(lambda: op(a, b), device) for _ in range(repeats))
+            best = max(best, 2 * n**3 / seconds / 1e9)
+            if time.perf_counter() + 8 * 2 * seconds > deadline:
+                break
+    return best
+
+
+# ----- models ----------------------------------------------------------------------------------------
+def load_model(impl: str, workload: Workload, path: str, dtype: torch.dtype, device: torch.device):
+    """Checkpoint directory -> model on ``device`` in ``dtype`` (eval mode, as both libraries return it)."""
+    if impl == "hf":
+        return hf_model_class(workload).from_pretrained(path, dtype=dtype).to(device)
+    import ernie45
+
+    try:
+        return ernie45.from_pretrained(path, dtype=dtype, device=device)
+    except (ImportError, NotImplementedError) as err:
+        raise Unavailable(f"ernie45 cannot load a {workload.kind} model yet: {err}") from None
+
+
+def random_tokens(workload: Workload, length: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """Ids in [3, V): no pad/bos/eos ids, the same for ours and transformers."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, workload.config["vocab_size"], (workload.batch, length), generator=generator)
+    return ids.to(device)
+
+
+def ours_loss_fn(model):
+    """Our training loss (mean over label tokens): the recipe's fused linear + cross-entropy when
+    present, else the model's own shifted cross-entropy."""
+    try:
+        from ernie45.training.loss import FusedLinearCrossEntropy, count_label_tokens
+    except ImportError:
+        return lambda ids: model(ids, labels=ids).loss
+    fused = FusedLinearCrossEntropy(LOSS_CHUNK)
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        batch = {"input_ids": ids, "attention_mask": None, "padding_mask": None, "labels": ids}
+        total, _ = fused(model, batch)
+        return total / count_label_tokens(ids)
+
+    return loss
+
+
+def autocast_for(dtype: torch.dtype, device: torch.device):
+    """Mixed precision for low-precision training; nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----- measurements ----------------------------------------------------------------------------------
+def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """tokens/s of full training steps (forward, loss, backward, fused AdamW step, zero_grad)."""
+    # NOTE: fp32 master weights (mixed precision): the checkpoint is loaded into fp32 parameters.
+    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
+    # NOTE: fused AdamW is HF Trainer's default optimizer on torch >= 2.8; both sides use it.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    compute_loss = ours_loss_fn(model) if task["impl"] == "ours" else (lambda ids: model(ids, labels=ids).loss)
+    ids = random_tokens(workload, workload.seq_len, device)
+
+    def step() -> None:
+        with autocast_for(dtype, device):
+            loss = compute_loss(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
+
+
+@torch.no_grad()
+def measure_forward(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """tokens/s of an inference forward over the whole sequence (all logits, as both default to)."""
+    model = load_model(task["impl"], workload, task["checkpoint"], dtype, device).eval()
+    ids = random_tokens(workload, workload.seq_len, device)
+    seconds = repeated(lambda: model(ids), device, task)
+    return {"values": [workload.tokens / s for s in seconds], "unit": "tokens/s"}
+
+
+def measure_load(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """Seconds from checkpoint directory to a ready model (after a warm-up load in this process,
+    so one-time imports are not counted; the files are in the page cache for both)."""
+
+    def load() -> None:
+        model = load_model(task["impl"], workload, task["checkpoint"], dtype, device)
+        del model
+        gc.collect()
+
+    return {"values": repeated(load, device, task), "unit": "s"}
+
+
+@torch.no_grad()
+def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """New tokens/s of greedy ``generate`` (prefill included), exactly ``new_tokens`` each run."""
+    model = load_model(task["impl"], workload, task["checkpoint"], dtype, device).eval()
+    ids = random_tokens(workload, workload.prompt_len, device)
+    new = workload.new_tokens
+    if task["impl"] == "hf":
+        # NOTE: transformers has no "no end token" switch; min_new_tokens forces the length.
+        run = lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)  # noqa: E731
+    else:
+        if not hasattr(model, "generate"):
+            raise Unavailable("ernie45 models have no generate() yet")
+        run = lambda: model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])  # noqa: E731
+    return {"values": [workload.batch * new / s for s in repeated(run, device, task)], "unit": "tokens/s"}
+
+
+def measure_ceiling(task: dict, device: torch.device) -> dict:
+    info = {name: matmul_ceiling(getattr(torch, name), device, task["budget_s"]) for name in task["dtypes"]}
+    return {"values": [], "unit": "GFLOP/s", "info": info}
+
+
+MEASUREMENTS = {"train": measure_train, "forward": measure_forward, "load": measure_load, "decode": measure_decode}
+
+
+def run_task(task: dict) -> dict:
+    """Dispatch one task (see the module docstring) and add this process's peak memory."""
+    torch.set_num_threads(task["threads"])
+    device = torch.device(task.get("device", "cpu"))
+    if task["kind"] == "ceiling":
+        return measure_ceiling(task, device)
+    workload = WORKLOADS[task["workload"]]
+    if task["kind"] == "checkpoint":
+        path = ensure_checkpoint(workload, task["dtype"], Path(task["cache_dir"]))
+        return {"values": [], "unit": "", "info": {"path": str(path)}}
+    torch.manual_seed(0)
+    try:
+        result = MEASUREMENTS[task["kind"]](task, workload, getattr(torch, task["dtype"]), device)
+    except Unavailable as why:
+        return {"unavailable": str(why)}
+    result["peak_rss"] = peak_memory(device)
+    return result
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    result = run_task(json.loads(sys.argv[1]))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

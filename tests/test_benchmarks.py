@@ -1,0 +1,64 @@
+"""The benchmark harness's pure helpers and its measurement contract, on the tiny workload (one rep).
+
+Speed itself is never asserted here: benchmarks/compare.py is the judge of that.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare  # noqa: E402
+import measure  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+ROW_KEYS = {"name", "metric", "ours", "hf", "ratio", "unit"}
+
+
+def test_ratio_is_ours_over_hf_and_none_when_a_side_is_missing():
+    assert compare.ratio(3.0, 2.0) == 1.5
+    assert compare.ratio(None, 2.0) is None
+    assert compare.ratio(3.0, None) is None
+    assert compare.ratio(3.0, 0.0) is None
+
+
+def test_row_schema_and_note_only_when_given():
+    row = compare.make_row("tiny-fp32", "load_seconds", 1.0, 4.0, "s")
+    assert set(row) == ROW_KEYS and row["ratio"] == 0.25
+    assert compare.make_row("x", "m", None, 1.0, "s", note="ours: missing")["note"] == "ours: missing"
+
+
+def test_mfu_and_auto_dtypes():
+    assert compare.mfu(1000.0, 2e9, 4000.0) == pytest.approx(0.5)
+    assert compare.mfu(None, 2e9, 4000.0) is None
+    assert compare.auto_dtypes({"bfloat16": 900.0, "float32": 200.0}, quick=True) == (["bfloat16"], "")
+    assert compare.auto_dtypes({"bfloat16": 900.0, "float32": 200.0}, quick=False)[0] == ["bfloat16", "float32"]
+    dtypes, note = compare.auto_dtypes({"bfloat16": 3.0, "float32": 100.0}, quick=True)
+    assert dtypes == ["float32"] and "emulated" in note
+
+
+def test_table_shows_na_for_missing_sides():
+    table = compare.format_table([compare.make_row("mini-moe-bf16", "train_tokens_per_s", None, 250.0, "tokens/s")])
+    assert "| mini-moe-bf16 | train_tokens_per_s | n/a | 250 tokens/s | n/a |" in table
+
+
+def test_tiny_train_one_rep_gives_rows_with_ratio(tmp_path):
+    """The worker contract end to end (in process): checkpoint, one timed step each side, rows."""
+    workload = WORKLOADS["tiny"]
+    common = dict(workload="tiny", dtype="float32", threads=2)
+    written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
+    results = {"train": {}}
+    for impl in compare.IMPLS:
+        task = dict(common, kind="train", impl=impl, checkpoint=written["info"]["path"], warmup=0, reps=1)
+        out = measure.run_task(task)
+        assert len(out["values"]) == 1 and out["values"][0] > 0 and out["peak_rss"] > 0
+        results["train"][impl] = {"values": out["values"], "peak_rss": [out["peak_rss"]], "unavailable": None}
+    flops = compare.flops_per_token(workload, workload.seq_len)
+    rows = compare.workload_rows(workload, "float32", results, 50.0, flops)
+    assert [r["metric"] for r in rows] == ["train_tokens_per_s", "peak_rss", "train_mfu"]
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["name"] == "tiny-fp32"
+        assert row["ratio"] == pytest.approx(row["ours"] / row["hf"])
