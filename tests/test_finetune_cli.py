@@ -162,6 +162,9 @@ def test_four_steps_then_resume_to_eight_reproduces_the_losses_exactly(tmp_path,
     resumed = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, "--lr_scheduler.lr_decay_steps=8", "--resume"))
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 8
     assert train_losses(out) == straight_run
+    again = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, "--lr_scheduler.lr_decay_steps=8", "--resume"))
+    assert again["resumed_from_step"] == 8 and again["last_loss"] == straight_run[-1]  # nothing left to do
+    assert train_losses(out) == straight_run and again["val_loss_before"] == resumed["val_loss_before"]
 
 
 def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_path, dense_dir, straight_run):

@@ -212,6 +212,7 @@ class Trainer:
             "global_batch_size": self.config.step_scheduler.global_batch_size,
             "seed": self.config.rng.seed,
             "first_loss": state.first_loss,
+            "last_loss": state.last_loss,
             "mc_before": state.mc_before,
         }
         save_checkpoint(
@@ -227,13 +228,11 @@ class Trainer:
         if path is None:
             return None
         saved = load_checkpoint(path, self.model, self.optimizer, self.runtime)
-        for key in ("global_batch_size", "seed"):
-            current = self.config.step_scheduler.global_batch_size if key == "global_batch_size" else self.config.rng.seed
-            if saved[key] != current:
-                raise ConfigError(
-                    f"{path} was written with {key}={saved[key]}; resuming with {current} would change the data order"
-                )
-        return RunState(step=saved["step"], first_loss=saved["first_loss"], mc_before=saved["mc_before"])
+        current = {"global_batch_size": self.config.step_scheduler.global_batch_size, "seed": self.config.rng.seed}
+        for key, value in current.items():
+            if saved[key] != value:
+                raise ConfigError(f"{path} was written with {key}={saved[key]}; resuming with {value} would change the data order")
+        return RunState(saved["step"], saved["first_loss"], saved["last_loss"], saved["mc_before"])
 
     # ----- the run --------------------------------------------------------------------------
     def train(self, resume: bool) -> dict:
@@ -288,7 +287,7 @@ class Trainer:
         )
 
     def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
-        val_losses = [e["val_loss"] for e in read_metrics(self.output_dir / "metrics.jsonl") if "val_loss" in e]
+        validation = [(e["step"], e["val_loss"]) for e in read_metrics(self.output_dir / "metrics.jsonl") if "val_loss" in e]
         return {
             "output_dir": str(self.output_dir),
             "steps": state.step,
@@ -297,8 +296,8 @@ class Trainer:
             "wall_time_s": round(seconds, 2),
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
-            "val_loss_before": val_losses[0] if val_losses and resumed_from is None else None,
-            "val_loss_after": val_losses[-1] if val_losses else None,
+            "val_loss_before": next((loss for step, loss in validation if step == 0), None),
+            "val_loss_after": validation[-1][1] if validation else None,
             "multiple_choice_before": state.mc_before,
             "multiple_choice_after": mc_after,
             "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated else None,
