@@ -203,6 +203,8 @@ def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_pa
           "--dataset.num_examples=null", "--dataset.seed=null"], ["/nowhere/x.jsonl does not exist"]),
         (["no_such_recipe.yaml"], ["recipe file no_such_recipe.yaml does not exist"]),
         (["--step_scheduler.max_steps"], ["--section.key=value"]),
+        (["--nproc-per-node=2", "--step_scheduler.local_batch_size=16"],
+         ["global_batch_size=16 must be a multiple of local_batch_size=16 x 2 data-parallel ranks"]),
     ],
 )
 def test_bad_configs_are_reported_by_key_without_a_traceback(tmp_path, args, expected):

@@ -101,11 +101,11 @@ def test_layout_checks_against_the_number_of_ranks():
 
     two_ranks = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"global_batch_size=16 must be a multiple of local_batch_size=16 x 2 data-parallel ranks"):
-        parallel_config(_default_with({}), two_ranks)
+        parallel_config(_default_with({"step_scheduler.local_batch_size": 16}), two_ranks)
     with pytest.raises(ConfigError, match=r"distributed.dp_size=4 does not fit 2 ranks"):
-        parallel_config(_default_with({"step_scheduler.local_batch_size": 8, "distributed.dp_size": 4}), two_ranks)
-    fused_tp = {"step_scheduler.local_batch_size": 8, "distributed.tp_size": 2, "loss_fn._target_": "ernie45.training.loss.FusedLinearCrossEntropy"}
+        parallel_config(_default_with({"distributed.dp_size": 4}), two_ranks)
+    fused_tp = {"distributed.tp_size": 2, "loss_fn._target_": "ernie45.training.loss.FusedLinearCrossEntropy"}
     with pytest.raises(ConfigError, match="FusedLinearCrossEntropy does not support distributed.tp_size > 1"):
         parallel_config(_default_with(fused_tp), two_ranks)
-    layout = parallel_config(_default_with({"step_scheduler.local_batch_size": 8, "distributed.ep_size": 2}), two_ranks)
+    layout = parallel_config(_default_with({"distributed.ep_size": 2}), two_ranks)
     assert (layout.ep, layout.tp, layout.param_dtype) == (2, 1, None)  # fp32 compute: no FSDP2 cast

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from .config import ConfigError, load_recipe, parse_overrides
-from .runtime import launched_by_torchrun
+from .config import ConfigError, RecipeConfig, load_recipe, parse_overrides
+from .runtime import Runtime, launched_by_torchrun
 
 
 def fail(message: str) -> None:
@@ -44,6 +44,7 @@ def finetune(config_path: str | None, extra_args: list[str], output_dir: str | N
     except ConfigError as err:
         fail(str(err))
     if nproc_per_node > 1 and not launched_by_torchrun():
+        check_layout(config, nproc_per_node)
         launch_ranks(config_path, extra_args, config.output_dir or default_output_dir(), resume, nproc_per_node)
         return
     from .recipe import run
@@ -53,6 +54,18 @@ def finetune(config_path: str | None, extra_args: list[str], output_dir: str | N
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         # NOTE: bad input found while building (a missing dataset file, a layout the model cannot
         # take, ...) is reported like a config error, without a stack trace.
+        fail(str(err))
+
+
+def check_layout(config: RecipeConfig, nproc: int) -> None:
+    """Refuse a layout that cannot fit ``nproc`` ranks here, once, before starting any of them."""
+    import torch
+
+    from .components import parallel_config
+
+    try:
+        parallel_config(config, Runtime(rank=0, world_size=nproc, local_rank=0, device=torch.device("cpu")))
+    except ConfigError as err:
         fail(str(err))
 
 
