@@ -1,0 +1,16 @@
+"""Fine-tuning: ``ernie45 finetune`` and its pieces, one concern per module.
+
+config.py   the YAML recipe: typed sections (NeMo AutoModel names), overrides, the _target_ allowlist
+data.py     HellaSwag / SFT / chat records -> token ids + labels -> padded micro-batches, layout-free order
+synthetic.py  the seeded multiple-choice task of the embedded default (recipes/default.yaml)
+loss.py     masked cross-entropy sums, and the chunked fused linear + cross-entropy
+optim.py    AdamW/Adam, warm-up + cosine/linear/constant schedule, gradient clipping
+components.py  tokenizer, model (laid out by ernie45.distributed), mixed precision, HF export
+checkpointing.py  resumable DCP checkpoints, atomic, keep_last_n
+metrics.py  progress bar, metrics.jsonl, TensorBoard, loss.png
+runtime.py  rank / world / device, process group, small collectives
+recipe.py   the training loop (``run``)
+launch.py   the command: validate, then train here or start N ranks
+
+Kept import-light on purpose: ``from ernie45.training.recipe import run`` pulls in torch and the model.
+"""

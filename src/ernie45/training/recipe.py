@@ -28,7 +28,6 @@ from ..evaluation import evaluate_hellaswag
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
 from .components import (
-    Layout,
     autocast,
     build_model,
     build_tokenizer,
