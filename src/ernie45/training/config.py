@@ -213,7 +213,7 @@ class ValidationDataLoaderConfig(DataLoaderConfig):
     """How validation examples are batched."""
 
     batch_size: PositiveInt = Field(8, description="examples per validation forward")
-    shuffle: bool = Field(False, description="validation keeps file order")
+    shuffle: Literal[False] = Field(False, description="validation keeps file order")
 
 
 class OptimizerConfig(Section):

@@ -105,8 +105,8 @@ class Trainer:
         self.moe = getattr(self.model, "moe_config", None)
 
     # ----- one optimizer step ---------------------------------------------------------------
-    def batch(self, indices: list[int], examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        tensors = collate([examples[i] for i in indices], self.pad_id, self.config.dataloader.pad_to_multiple_of)
+    def batch(self, indices: list[int], examples: list[TokenizedExample], pad_to_multiple_of: int) -> dict[str, torch.Tensor]:
+        tensors = collate([examples[i] for i in indices], self.pad_id, pad_to_multiple_of)
         return {key: value.to(self.runtime.device) for key, value in tensors.items()}
 
     def train_step(self, step: int) -> dict:
@@ -122,7 +122,7 @@ class Trainer:
         tokens = 0
         started = time.perf_counter()
         for i, indices in enumerate(micro_batches):
-            batch = self.batch(indices, self.train_examples)
+            batch = self.batch(indices, self.train_examples, config.dataloader.pad_to_multiple_of)
             tokens += int(batch["attention_mask"].sum())
             set_grad_sync(self.model, layout, last_micro_batch=i == len(micro_batches) - 1)
             with autocast(config, self.runtime, layout):
@@ -181,7 +181,8 @@ class Trainer:
         # a rank without a batch of its own repeats batch 0 and discards the result.
         for i in range(-(-len(batches) // dp_size)):
             j = i * dp_size + dp_rank
-            batch = self.batch(batches[j if j < len(batches) else 0], self.val_examples)
+            indices = batches[j if j < len(batches) else 0]
+            batch = self.batch(indices, self.val_examples, self.config.validation_dataloader.pad_to_multiple_of)
             with autocast(self.config, self.runtime, self.layout):
                 loss_sum, _ = self.loss_fn(self.model, batch)
             if j < len(batches):
