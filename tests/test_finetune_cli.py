@@ -202,6 +202,8 @@ def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_pa
         (["--dataset._target_=ernie45.training.data.HellaSwag", "--dataset.path_or_dataset=/nowhere/x.jsonl",
           "--dataset.num_examples=null", "--dataset.seed=null"], ["/nowhere/x.jsonl does not exist"]),
         (["no_such_recipe.yaml"], ["recipe file no_such_recipe.yaml does not exist"]),
+        ([str(EXAMPLES / "ernie4_5_0p3b_hellaswag_cpu.yaml")],
+         ["model.pretrained_model_name_or_path='tiny-ernie4_5' is not a directory", "--local-dir"]),
         (["--step_scheduler.max_steps"], ["--section.key=value"]),
         (["--nproc-per-node=2", "--step_scheduler.local_batch_size=16"],
          ["global_batch_size=16 must be a multiple of local_batch_size=16 x 2 data-parallel ranks"]),

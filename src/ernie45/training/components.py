@@ -48,6 +48,16 @@ def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
     return torch.autocast(runtime.device.type, dtype=dtype)
 
 
+def check_model_path(config: RecipeConfig) -> None:
+    """from_pretrained reads a local HF checkpoint directory; say so before anything tries the hub."""
+    path = config.model.pretrained_model_name_or_path
+    if config.model.target == "ernie45.from_pretrained" and not Path(path).is_dir():
+        raise ConfigError(
+            f"model.pretrained_model_name_or_path={path!r} is not a directory: ernie45 loads local HF checkpoint "
+            "directories (e.g. `huggingface-cli download baidu/ERNIE-4.5-0.3B-PT --local-dir DIR`, then pass DIR)"
+        )
+
+
 # ----- tokenizer -------------------------------------------------------------------------------
 def build_tokenizer(config: RecipeConfig, train_records: list[dict], saved: Path, runtime: Runtime):
     """The recipe's tokenizer. A trained one is trained once, on rank 0, and saved to ``saved``:

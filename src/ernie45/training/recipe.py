@@ -31,6 +31,7 @@ from .components import (
     autocast,
     build_model,
     build_tokenizer,
+    check_model_path,
     export_hf,
     set_grad_sync,
 )
@@ -84,6 +85,7 @@ class Trainer:
         random.seed(seed)
         torch.manual_seed(seed)
 
+        check_model_path(config)
         train_records = load_records(config.dataset)
         self.tokenizer = build_tokenizer(config, train_records, self.output_dir / "tokenizer", runtime)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
