@@ -227,10 +227,17 @@ def test_help_documents_every_section():
 
 
 # ----- two gloo ranks follow one process -------------------------------------------------------
-def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run):
-    """dp=2 (FSDP2 over 2 gloo ranks, fused linear + cross-entropy), started by an outside torchrun."""
+@pytest.mark.parametrize(
+    "layout",
+    [[], ["--distributed.tp_size=2", "--step_scheduler.local_batch_size=8",
+          "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"]],
+    ids=["dp2", "tp2"],
+)
+def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run, layout):
+    """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy) or tensor parallelism (tp=2),
+    started by an outside torchrun."""
     out = tmp_path / "run"
-    args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out)
+    args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *layout)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ernie45.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([*torchrun, "finetune", *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

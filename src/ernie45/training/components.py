@@ -85,6 +85,7 @@ class Layout:
 
     dp_size: int = 1
     dp_rank: int = 0
+    tp_size: int = 1  # ranks that see the same data (tensor-parallel peers)
     sharded: bool = False  # FSDP2 (with EP/TP): gradients are reduced inside backward
 
 
@@ -186,7 +187,7 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
         model = model_from_config(hf_config, section.seed, backend, runtime, kwargs)
         parallelize_model(model, parallel)
     tp = config.distributed.tp_size
-    return model.train(), Layout(dp_size=runtime.world_size // tp, dp_rank=runtime.rank // tp, sharded=True)
+    return model.train(), Layout(dp_size=runtime.world_size // tp, dp_rank=runtime.rank // tp, tp_size=tp, sharded=True)
 
 
 def model_from_config(hf_config, seed: int, backend: BackendConfig, runtime: Runtime, kwargs: dict) -> nn.Module:

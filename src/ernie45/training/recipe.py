@@ -145,7 +145,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        totals = all_reduce_sum(torch.stack([loss_sum, aux_sum, torch.tensor(float(tokens), device=loss_sum.device)]), self.runtime)
+        totals = self.sum_over_data(torch.stack([loss_sum, aux_sum, torch.tensor(float(tokens), device=loss_sum.device)]))
         entry = {
             "step": step + 1,
             "epoch": self.sampler.epoch_of(step),
@@ -156,13 +156,21 @@ class Trainer:
             "label_tokens": label_tokens,
         }
         if expert_load:
-            loads = all_reduce_sum(torch.stack([expert_load[i] for i in sorted(expert_load)]), self.runtime)  # [L_moe,E]
+            loads = self.sum_over_data(torch.stack([expert_load[i] for i in sorted(expert_load)]))  # [L_moe,E]
             if self.moe.gate_bias_update_factor > 0:
                 update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
             entry.update(load_balance(loads))
             if self.moe.aux_loss_coeff > 0:
                 entry["aux_loss"] = float(totals[1]) / num_micro
         return entry
+
+    def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of per-rank statistics over the data each rank saw.
+
+        NOTE: tensor-parallel peers process the same micro-batches, so a sum over all ranks counts
+        every batch tp_size times.
+        """
+        return all_reduce_sum(value, self.runtime) / self.layout.tp_size
 
     def expert_loads(self) -> dict[int, torch.Tensor]:
         """{MoE layer: [E] tokens per expert} of the last forward (empty for dense models)."""
@@ -190,7 +198,7 @@ class Trainer:
             if j < len(batches):
                 totals += torch.stack([loss_sum.float(), torch.tensor(float(count_label_tokens(batch["labels"])))])
         self.model.train()
-        totals = all_reduce_sum(totals, self.runtime)
+        totals = self.sum_over_data(totals)
         return float(totals[0] / totals[1])
 
     def multiple_choice_accuracy(self) -> dict | None:
