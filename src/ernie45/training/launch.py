@@ -90,5 +90,6 @@ def launch_ranks(config_path: str | None, extra_args: list[str], output_dir: str
     try:
         elastic_launch(launch, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:
-        typer.echo(f"error: a rank failed ({', '.join(str(f.exitcode) for f in err.failures.values())} exit code(s))", err=True)
+        codes = ", ".join(f"rank {rank}: {failure.exitcode}" for rank, failure in sorted(err.failures.items()))
+        typer.echo(f"error: {len(err.failures)} rank(s) failed (exit codes {codes}); their messages are above", err=True)
         raise typer.Exit(1) from None
