@@ -1,6 +1,6 @@
 """``ernie45 finetune`` end to end: the embedded default, the CPU twins of the HellaSwag examples
 with tiny random HF checkpoints and the real HellaSwag file, exact resume, a kill while
-checkpointing, bad configs, and two gloo ranks (dp=2, ep=2) against one process."""
+checkpointing, bad configs, SFT data, and two gloo ranks (dp=2, tp=2, ep=2) against one process."""
 
 from __future__ import annotations
 
