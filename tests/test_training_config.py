@@ -28,12 +28,21 @@ def test_embedded_default_and_every_example_validate():
         assert config.dataset.target == "ernie45.training.data.HellaSwag", path
 
 
-def test_reference_recipe_names_map_to_ours():
+def test_reference_recipe_names_map_to_ours_and_fit_eight_gpus():
+    import torch
+
+    from ernie45.training.components import parallel_config
+    from ernie45.training.runtime import Runtime
+
     config = load_recipe(next(p for p in EXAMPLES if p.name == "ernie4_5_21b_a3b_hellaswag.yaml"))
     assert config.model.target == "ernie45.from_pretrained"
     assert config.loss_fn.target == "ernie45.training.loss.MaskedCrossEntropy"
     assert config.distributed.ep_size == 8
     assert config.backend_fields()["experts"] == "torch_mm"
+    eight = Runtime(rank=0, world_size=8, local_rank=0, device=torch.device("cuda"))
+    for name in ("ernie4_5_0p3b_hellaswag.yaml", "ernie4_5_21b_a3b_hellaswag.yaml"):
+        layout = parallel_config(load_recipe(EXAMPLES / name), eight)
+        assert layout.resolve(8).data_parallel == 8 and layout.param_dtype == torch.bfloat16, name
 
 
 def test_overrides_are_parsed_as_yaml_and_nest():
