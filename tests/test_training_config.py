@@ -41,7 +41,7 @@ def test_reference_recipe_names_map_to_ours_and_fit_eight_gpus():
     assert config.backend_fields()["experts"] == "torch_mm"
     eight = Runtime(rank=0, world_size=8, local_rank=0, device=torch.device("cuda"))
     for name in ("ernie4_5_0p3b_hellaswag.yaml", "ernie4_5_21b_a3b_hellaswag.yaml"):
-        layout = parallel_config(load_recipe(EXAMPLES / name), eight)
+        layout = parallel_config(load_recipe(EXAMPLES[0].parent / name), eight)
         assert layout.resolve(8).data_parallel == 8 and layout.param_dtype == torch.bfloat16, name
 
 
