@@ -20,6 +20,7 @@ from ernie45.evaluation import (
     example_from_record,
     load_hellaswag,
     loglikelihoods,
+    truncate_left,
 )
 from ernie45.tokenizer import train_tokenizer
 
@@ -130,6 +131,25 @@ def test_batched_left_padded_scores_equal_one_sequence_at_a_time(tiny_lm_dir):
             logprobs = model(full[:, :-1]).logits.float().log_softmax(-1)[0, -len(cont) :]  # [C,V]
             expected = logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item()
             assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_truncate_left_keeps_the_last_tokens_context_first():
+    assert truncate_left([1, 2, 3], [4, 5], max_len=10) == ([1, 2, 3], [4, 5])
+    assert truncate_left([1, 2, 3], [4, 5], max_len=3) == ([2, 3], [4, 5])  # 4 tokens = max_len + 1
+    assert truncate_left([1, 2, 3], [4, 5, 6, 7, 8], max_len=3) == ([], [5, 6, 7, 8])
+
+
+def test_sequences_longer_than_the_model_window_are_scored_on_what_fits(tiny_lm_dir):
+    model = ernie45.from_pretrained(tiny_lm_dir)
+    window = model.config.max_position_embeddings
+    vocab = model.config.vocab_size
+    context, long_continuation = [5, 6, 7], [(11 * i) % (vocab - 3) + 3 for i in range(window + 9)]
+    got = loglikelihoods(model, [(context, long_continuation)], progress=False)[0]
+    kept = long_continuation[-(window + 1) :]  # the first kept token has no context left to predict it
+    with torch.no_grad():
+        logprobs = model(torch.tensor([kept[:-1]])).logits.float().log_softmax(-1)[0]  # [window,V]
+    expected = logprobs.gather(-1, torch.tensor(kept[1:])[:, None]).sum().item()
+    assert got == pytest.approx(expected, abs=1e-3)
 
 
 def test_evaluate_on_real_examples_reports_fractions_and_restores_train_mode(tiny_lm_dir):

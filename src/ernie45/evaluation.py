@@ -92,6 +92,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:context_len], whole[context_len:]
 
 
+def truncate_left(context: list[int], continuation: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """lm-eval's rule: keep the last ``max_len + 1`` tokens of context + continuation, cutting the
+    context first and the continuation's start only when it alone is too long."""
+    cut = max(0, len(context) + len(continuation) - 1 - max_len)
+    return context[cut:], continuation[max(0, cut - len(context)) :]
+
+
 def _left_pad(rows: Sequence[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B,width], mask [B,width]) with each row right-aligned; pad id 0 is never attended to."""
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -108,9 +115,11 @@ def _batch_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]]) -
     """Sum of log p(continuation | context) for each (context ids, continuation ids) pair, one forward."""
     device = model.device
     inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]  # position t predicts token t+1
-    keep = max(len(cont) for _, cont in pairs)  # K: the continuations sit in the last K positions
+    # NOTE: with an empty (fully truncated) context the first continuation token has no predictor.
+    scored = [cont[len(cont) - min(len(cont), len(inp)) :] for inp, (_, cont) in zip(inputs, pairs)]
+    keep = max(map(len, scored))  # K: the scored tokens sit in the last K positions
     ids, mask = _left_pad(inputs, max(map(len, inputs)), device)
-    targets, target_mask = _left_pad([cont for _, cont in pairs], keep, device)  # [B,K]
+    targets, target_mask = _left_pad(scored, keep, device)  # [B,K]
     logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=keep).logits
     logits = logits.float()  # [B,K,V]
     logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B,K]
@@ -125,8 +134,7 @@ def loglikelihoods(
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len is not None:
-        # NOTE: like lm-eval, an over-long sequence loses tokens from the left of its context.
-        pairs = [(ctx[max(0, len(ctx) + len(cont) - 1 - max_len) :], cont) for ctx, cont in pairs]
+        pairs = [truncate_left(ctx, cont, max_len) for ctx, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     results = [0.0] * len(pairs)
     with tqdm(total=len(pairs), desc=desc, unit="seq", disable=not progress) as bar:
