@@ -7,6 +7,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` that keeps only its two inputs for backward.
+
+    NOTE: plain autograd also keeps ``silu(gate)``, a third [tokens, intermediate] tensor per layer;
+    recomputing it in backward is one cheap elementwise pass. Forward and gradients use the very
+    kernels autograd would (``silu``, ``mul``, ``silu_backward``), so results are bitwise the same.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad * F.silu(gate)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with lean activation memory (see ``_SwiGLU``)."""
+    return _SwiGLU.apply(gate, up)
+
+
 class Ernie4_5MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
@@ -15,4 +40,4 @@ class Ernie4_5MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

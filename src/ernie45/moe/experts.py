@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.mlp import swiglu
+
 EXPERT_BACKENDS = ("torch", "torch_mm")
 
 
@@ -34,7 +36,7 @@ def experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, cou
             continue
         rows = x[start : start + n]
         gate, up = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, down[expert]))
+        outputs.append(F.linear(swiglu(gate, up), down[expert]))
         start += n
     if not outputs:
         return x.new_zeros(0, down.shape[1])
@@ -61,7 +63,7 @@ def experts_grouped_mm(
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     h = _ContiguousGrad.apply(torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs))  # [N,2I]
     gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # [N,H]
+    y = torch._grouped_mm(swiglu(gate, up), down.transpose(-2, -1), offs=offs)  # [N,H]
     return _ContiguousGrad.apply(y)
 
 
