@@ -28,12 +28,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import DTYPES, WORKLOADS, Workload, hf_config  # noqa: E402
+from workloads import DEFAULT_CACHE, DTYPES, WORKLOADS, Workload, hf_config  # noqa: E402
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
 IMPLS = ("ours", "hf")
@@ -251,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per measurement process")
     parser.add_argument(
-        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "ernie45-bench", help="checkpoints are kept here"
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="the checkpoints are kept here"
     )
     args = parser.parse_args(argv)
     args.workload_list = [WORKLOADS[name] for name in args.workloads.split(",")]

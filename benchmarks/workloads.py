@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float32")
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ernie45-bench"
 
 
 @dataclass(frozen=True)
