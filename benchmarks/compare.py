@@ -91,6 +91,19 @@ def mfu(tokens_per_s: float | None, flops_per_token: float | None, ceiling_gflop
     return tokens_per_s * flops_per_token / (ceiling_gflops * 1e9)
 
 
+# Nominal dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by device-name fragment.
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
+                        "L40S": 362.0, "L4": 121.0, "A10G": 70.0}  # fmt: skip
+
+
+def gpu_bf16_peak_gflops(device_name: str) -> float | None:
+    """The nominal bf16 peak of a GPU from its name (first matching fragment), None if unknown."""
+    for fragment, tflops in GPU_BF16_PEAK_TFLOPS.items():
+        if fragment in device_name:
+            return tflops * 1e3
+    return None
+
+
 def auto_dtypes(ceilings: dict[str, float], quick: bool) -> tuple[list[str], str]:
     """(dtypes to run, a note): bf16 only where the CPU multiplies it at least as fast as fp32."""
     native_bf16 = ceilings.get("bfloat16", 0.0) >= ceilings.get("float32", float("inf"))
@@ -173,8 +186,8 @@ def flops_per_token(workload: Workload, seq_len: int) -> float | None:
 
 
 def measure_workload(args, plan: Plan, workload: Workload, dtype: str, checkpoint: str) -> dict:
-    """{kind: {impl: {"values": [...], "peak_rss": [...], "unavailable": why or None}}}."""
-    empty = lambda: {"values": [], "peak_rss": [], "unavailable": None}  # noqa: E731
+    """{kind: {impl: {"values": [...], "peak_rss": [...], "peak_device_memory": [...], "unavailable": why}}}."""
+    empty = lambda: {"values": [], "peak_rss": [], "peak_device_memory": [], "unavailable": None}  # noqa: E731
     results = {kind: {impl: empty() for impl in IMPLS} for kind in args.kinds}
     for kind in args.kinds:
         for round_index in range(plan.rounds):
@@ -196,17 +209,27 @@ def measure_workload(args, plan: Plan, workload: Workload, dtype: str, checkpoin
                     log(f"{workload.name} {dtype} {kind} {impl}: n/a ({result['unavailable']}) [{took:.0f} s]")
                     continue
                 slot["values"] += result["values"]
-                slot["peak_rss"].append(result["peak_rss"])
+                for memory in ("peak_rss", "peak_device_memory"):
+                    if memory in result:
+                        slot[memory].append(result[memory])
                 shown = ", ".join(f"{v:.4g}" for v in result["values"])
                 log(f"{workload.name} {dtype} {kind} {impl}: {shown} {result['unit']} [{took:.0f} s]")
     return results
 
 
 def workload_rows(
-    workload: Workload, dtype: str, results: dict, ceiling: float | None, flops: float | None
+    workload: Workload,
+    dtype: str,
+    results: dict,
+    ceiling: float | None,
+    flops: float | None,
+    device: str = "cpu",
+    gpu_peak_gflops: float | None = None,
 ) -> list[dict]:
-    """The result rows of one (workload, dtype) from the raw measurements."""
+    """The result rows of one (workload, dtype) from the raw measurements (MFU against the measured
+    ceiling; on a GPU also against its nominal dense bf16 peak, when known)."""
     name = f"{workload.name}-{SHORT_DTYPE[dtype]}"
+    on_gpu = device.startswith("cuda")
 
     def side(kind: str, impl: str, pick) -> tuple[float | None, str]:
         slot = results.get(kind, {}).get(impl)
@@ -222,9 +245,11 @@ def workload_rows(
         return make_row(name, metric, ours, hf, unit, "; ".join(w for w in (why_ours, why_hf) if w))
 
     values = lambda slot: median_or_none(slot["values"])  # noqa: E731
+    largest = lambda key: lambda slot: max(slot[key]) if slot[key] else None  # noqa: E731
     rows = [
         row("train", "train_tokens_per_s", "tokens/s", values),
-        row("train", "peak_rss", "bytes", lambda slot: max(slot["peak_rss"]) if slot["peak_rss"] else None),
+        row("train", "peak_rss", "bytes", largest("peak_rss")),
+        row("train", "peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
         row("forward", "forward_tokens_per_s", "tokens/s", values),
         row("load", "load_seconds", "s", values),
         row("decode", "decode_tokens_per_s", "tokens/s", values),
@@ -234,6 +259,9 @@ def workload_rows(
         note = "" if flops else "no FLOP accounting for this model"
         ours, hf = (mfu(train[impl], flops, ceiling) for impl in IMPLS)
         rows.append(make_row(name, "train_mfu", ours, hf, "fraction", note))
+        if gpu_peak_gflops:
+            ours, hf = (mfu(train[impl], flops, gpu_peak_gflops) for impl in IMPLS)
+            rows.append(make_row(name, "train_mfu_vs_gpu_bf16_peak", ours, hf, "fraction", note))
     return [r for r in rows if r is not None]
 
 
@@ -270,12 +298,18 @@ def check_device(device: str) -> None:
         raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA device here")
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
 def machine_description(args) -> str:
     import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     load_text = f", load average {load[0]:.2f}" if load else ""
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
+    device = device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
     return f"{device}, {args.threads} threads, torch {torch.__version__}{load_text}"
 
 
@@ -307,9 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     for dtype, gflops in measure_ceilings(args, plan, list(DTYPES)).items():
         ceilings[dtype] = max(gflops, ceilings.get(dtype, 0.0))
     rows = []
+    gpu_peak = gpu_bf16_peak_gflops(device_name(args.device)) if args.device.startswith("cuda") else None
     for workload, dtype, results in measured:
         flops = flops_per_token(workload, workload.seq_len)
-        rows += workload_rows(workload, dtype, results, ceilings.get(dtype), flops)
+        rows += workload_rows(workload, dtype, results, ceilings.get(dtype), flops, args.device, gpu_peak)
     rows += [
         make_row("machine", f"matmul_ceiling_{SHORT_DTYPE[d]}", ceilings.get(d), None, "GFLOP/s", "measured ceiling")
         for d in DTYPES

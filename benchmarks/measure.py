@@ -5,6 +5,7 @@ ours and transformers never share allocator state, page-cache warmth of their ow
 peak-memory marks. The task is a JSON object; the last stdout line is a JSON result:
 
     {"values": [per repetition], "unit": ..., "peak_rss": bytes, "info": {...}}
+    (+ "peak_device_memory": bytes allocated on the GPU, for CUDA runs)
     {"unavailable": "why"}        (a piece of ours is not there yet: never a made-up number)
 
 Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an HF checkpoint),
@@ -68,10 +69,8 @@ def repeated(fn, device: torch.device, task: dict) -> list[float]:
     return seconds
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes of this process: resident memory on CPU (VmHWM), allocated memory on CUDA."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes (VmHWM; ru_maxrss where /proc is absent)."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
@@ -108,7 +107,8 @@ def matmul_ceiling(dtype: torch.dtype, device: torch.device, budget_s: float) ->
 def load_model(impl: str, workload: Workload, path: str, dtype: torch.dtype, device: torch.device):
     """Checkpoint directory -> model on ``device`` in ``dtype`` (eval mode, as both libraries return it)."""
     if impl == "hf":
-        return hf_model_class(workload).from_pretrained(path, dtype=dtype).to(device)
+        placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight to the GPU
+        return hf_model_class(workload).from_pretrained(path, dtype=dtype, **placement)
     import ernie45
 
     try:
@@ -223,7 +223,9 @@ def run_task(task: dict) -> dict:
         result = MEASUREMENTS[task["kind"]](task, workload, getattr(torch, task["dtype"]), device)
     except Unavailable as why:
         return {"unavailable": str(why)}
-    result["peak_rss"] = peak_memory(device)
+    result["peak_rss"] = peak_rss()
+    if device.type == "cuda":
+        result["peak_device_memory"] = int(torch.cuda.max_memory_allocated(device))
     return result
 
 

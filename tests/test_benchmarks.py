@@ -62,3 +62,9 @@ def test_tiny_train_one_rep_gives_rows_with_ratio(tmp_path):
     for row in rows:
         assert ROW_KEYS <= set(row) and row["name"] == "tiny-fp32"
         assert row["ratio"] == pytest.approx(row["ours"] / row["hf"])
+
+
+def test_gpu_peak_by_name_prefers_the_specific_variant():
+    assert compare.gpu_bf16_peak_gflops("NVIDIA H100 PCIe") == 756e3
+    assert compare.gpu_bf16_peak_gflops("NVIDIA H100 80GB HBM3") == 989e3
+    assert compare.gpu_bf16_peak_gflops("Tesla T4") is None
