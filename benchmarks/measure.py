@@ -32,11 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, Workload, ensure_checkpoint, hf_model_class  # noqa: E402
 
-# NOTE: tokens per logits chunk of our fused linear + cross-entropy; 1023 label tokens at 1x1024
-# would otherwise make one [1023, 103424] fp32 chunk, the very tensor the fused loss avoids.
-LOSS_CHUNK = 256
-
-
 class Unavailable(Exception):
     """A piece of ours that this measurement needs is not in the tree yet."""
 
@@ -125,13 +120,13 @@ def random_tokens(workload: Workload, length: int, device: torch.device, seed: i
 
 
 def ours_loss_fn(model):
-    """Our training loss (mean over label tokens): the recipe's fused linear + cross-entropy when
-    present, else the model's own shifted cross-entropy."""
+    """Our training loss (mean over label tokens): the recipe's fused linear + cross-entropy with
+    its default chunk size when present, else the model's own shifted cross-entropy."""
     try:
         from ernie45.training.loss import FusedLinearCrossEntropy, count_label_tokens
     except ImportError:
         return lambda ids: model(ids, labels=ids).loss
-    fused = FusedLinearCrossEntropy(LOSS_CHUNK)
+    fused = FusedLinearCrossEntropy()
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": ids, "attention_mask": None, "padding_mask": None, "labels": ids}
