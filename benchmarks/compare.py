@@ -157,6 +157,11 @@ def run_measurement(task: dict, timeout_s: float) -> dict:
     return json.loads(lines[-1])
 
 
+def summary(values: list[float]) -> str:
+    """'median (min..max, n=...)' for the progress log."""
+    return f"{statistics.median(values):.4g} ({min(values):.4g}..{max(values):.4g}, n={len(values)})"
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -212,8 +217,7 @@ def measure_workload(args, plan: Plan, workload: Workload, dtype: str, checkpoin
                 for memory in ("peak_rss", "peak_device_memory"):
                     if memory in result:
                         slot[memory].append(result[memory])
-                shown = ", ".join(f"{v:.4g}" for v in result["values"])
-                log(f"{workload.name} {dtype} {kind} {impl}: {shown} {result['unit']} [{took:.0f} s]")
+                log(f"{workload.name} {dtype} {kind} {impl}: {summary(result['values'])} {result['unit']} [{took:.0f} s]")
     return results
 
 
