@@ -217,7 +217,8 @@ def measure_workload(args, plan: Plan, workload: Workload, dtype: str, checkpoin
                 for memory in ("peak_rss", "peak_device_memory"):
                     if memory in result:
                         slot[memory].append(result[memory])
-                log(f"{workload.name} {dtype} {kind} {impl}: {summary(result['values'])} {result['unit']} [{took:.0f} s]")
+                shown = f"{summary(result['values'])} {result['unit']}"
+                log(f"{workload.name} {dtype} {kind} {impl}: {shown} [{took:.0f} s]")
     return results
 
 
