@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, Workload, ensure_checkpoint, hf_model_class  # noqa: E402
 
+
 class Unavailable(Exception):
     """A piece of ours that this measurement needs is not in the tree yet."""
 
