@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_dense_config
 
 from ernie45 import Ernie4_5ForCausalLM
@@ -19,7 +20,12 @@ from ernie45.training.data import (
     record_texts,
     tokenize_records,
 )
-from ernie45.training.loss import FusedLinearCrossEntropy, MaskedCrossEntropy, count_label_tokens
+from ernie45.training.loss import (
+    FusedLinearCrossEntropy,
+    MaskedCrossEntropy,
+    chunked_linear_cross_entropy,
+    count_label_tokens,
+)
 from ernie45.training.optim import lr_at
 from ernie45.training.synthetic import make_examples
 
@@ -134,6 +140,44 @@ def test_fused_linear_cross_entropy_matches_masked_cross_entropy(tied):
     assert masked_grads.keys() == fused_grads.keys()
     for name in masked_grads:
         torch.testing.assert_close(fused_grads[name], masked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_chunked_linear_cross_entropy_matches_autograd_with_bias_and_a_scaled_loss(chunk_size):
+    """The fused kernel against F.linear + F.cross_entropy, for any chunking, with a bias and an
+    upstream gradient other than one (the recipe divides the sum by the global label tokens)."""
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(23, 16), torch.randn(50, 16), torch.randn(50)
+    targets = torch.randint(0, 50, (23,))
+    reference_inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    fused_inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    h, w, b = reference_inputs
+    reference = F.cross_entropy(F.linear(h, w, b), targets, reduction="sum")
+    (reference / 3).backward()
+    fused = chunked_linear_cross_entropy(*fused_inputs, targets, chunk_size)
+    (fused / 3).backward()
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-5)
+    for ours, theirs, name in zip(fused_inputs, reference_inputs, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_linear_cross_entropy_under_bf16_autocast_and_a_second_backward():
+    """bf16 autocast (fp32 master weights): matmuls in bf16, gradients returned in the inputs'
+    dtypes and close to the fp32 ones; a second backward through the same graph is refused."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 32, requires_grad=True), torch.randn(64, 32, requires_grad=True)
+    targets = torch.randint(0, 64, (40,))
+    exact = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+    exact_grads = torch.autograd.grad(exact, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_linear_cross_entropy(hidden, weight, None, targets, 16)
+    grads = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(loss, exact, rtol=2e-2, atol=0)
+    for ours, theirs in zip(grads, exact_grads):
+        assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        torch.autograd.grad(loss, (hidden, weight))
 
 
 def test_micro_batches_normalised_by_global_tokens_equal_one_big_batch():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Partial
 
 from .data import IGNORE_INDEX
@@ -47,38 +48,60 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W.T + b, target_i), computing gradients chunk by chunk in forward.
 
     NOTE: computing the gradient during forward (as Liger-Kernel does) is what keeps memory at one
-    chunk of logits: nothing of size [N,V] is saved for backward. The result must be used as a
-    scalar loss (backward scales the saved gradients by the incoming scalar gradient).
+    chunk of logits: nothing of size [N,V] is saved for backward. Each chunk's logits buffer is
+    turned into its gradient in place (softmax from the logsumexp, minus one-hot) and the weight
+    gradient is accumulated with ``addmm_``, so no other [chunk,V] or [V,H] temporary is made.
+    The result must be used as a scalar loss, once (backward scales the gradients in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size]
-            y = targets[start : start + chunk_size]
-            logits = F.linear(h, weight, bias).float()  # [c,V]
-            lse = torch.logsumexp(logits, dim=-1)
+            rows = slice(start, start + chunk_size)
+            h, y = hidden[rows], targets[rows]
+            logits = F.linear(h, weight, bias)  # [c,V] in the compute dtype (autocast's, if on)
+            compute_dtype = logits.dtype
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            d_logits = torch.softmax(logits, dim=-1)  # dCE/dlogits = softmax - onehot
+            d_logits = logits.sub_(lse[:, None]).exp_()  # dCE/dlogits = softmax - onehot
             d_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-            d_logits = d_logits.to(h.dtype)
-            grad_hidden[start : start + chunk_size] = d_logits @ weight.to(h.dtype)
-            grad_weight += (d_logits.T @ h).float()
             if grad_bias is not None:
-                grad_bias += d_logits.float().sum(0)
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
-        ctx.grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+                grad_bias += d_logits.sum(0)
+            d_logits = d_logits.to(compute_dtype)
+            _store_grad_hidden(grad_hidden[rows], d_logits, weight)
+            _accumulate_grad_weight(grad_weight, d_logits, h)
+        ctx.grads = (grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype) if bias is not None else None)
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_bias = ctx.grad_bias * grad_output if ctx.grad_bias is not None else None
-        return grad_hidden * grad_output, grad_weight * grad_output, grad_bias, None, None
+        if ctx.grads is None:
+            raise RuntimeError("the fused cross-entropy can be backpropagated once only (no retain_graph)")
+        grads, ctx.grads = ctx.grads, None
+        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in grads)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _store_grad_hidden(out: torch.Tensor, d_logits: torch.Tensor, weight: torch.Tensor) -> None:
+    """out [c,H] = d_logits [c,V] @ weight [V,H], written in place when the dtypes allow it."""
+    if d_logits.dtype == weight.dtype == out.dtype:
+        torch.mm(d_logits, weight, out=out)
+    else:
+        out.copy_(d_logits @ weight.to(d_logits.dtype))
+
+
+def _accumulate_grad_weight(grad_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight [V,H] (fp32) += d_logits.T [V,c] @ h [c,H], without a [V,H] temporary in fp32."""
+    if d_logits.dtype == h.dtype == grad_weight.dtype:
+        grad_weight.addmm_(d_logits.T, h)
+    else:
+        grad_weight += (d_logits.T @ h.to(d_logits.dtype)).float()
 
 
 def chunked_linear_cross_entropy(
