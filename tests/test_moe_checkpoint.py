@@ -15,7 +15,7 @@ from transformers import Ernie4_5_MoeForCausalLM as HFMoe
 import ernie45
 from ernie45 import Ernie4_5_MoeForCausalLM
 from ernie45.checkpoint import CheckpointError, CheckpointFiles
-from ernie45.checkpoint.hf_adapter import read_native
+from ernie45.checkpoint.hf_adapter import read_native, read_native_into
 from ernie45.checkpoint.hf_checkpoint import native_tensors
 
 from test_moe import random_hf_moe, tiny_moe_config
@@ -77,6 +77,21 @@ def test_expert_slices_read_only_those_experts(tmp_path):
     gate = files.get("model.layers.2.mlp.experts.3.gate_proj.weight")
     up = files.get("model.layers.2.mlp.experts.3.up_proj.weight")
     assert torch.equal(full[3], torch.cat([gate, up]))  # gate rows first, then up
+
+
+def test_expert_slice_across_gate_and_up_is_cut_and_cast(tmp_path):
+    """An index that straddles the gate/up boundary and narrows columns (as TP may), read cast."""
+    random_hf_moe(tiny_moe_config()).save_pretrained(tmp_path)
+    files = CheckpointFiles(tmp_path)
+    key, shape = "model.layers.2.mlp.experts.gate_up_proj", (8, 32, 32)
+    index = (slice(1, 4), slice(8, 24), slice(4, 20))
+    gate_up = [[files.get(f"model.layers.2.mlp.experts.{e}.{n}_proj.weight") for n in ("gate", "up")] for e in range(8)]
+    expected = torch.stack([torch.cat(pair) for pair in gate_up])[index]
+    read = read_native(files, key, shape, index, dtype=torch.bfloat16)
+    assert read.dtype == torch.bfloat16 and torch.equal(read, expected.to(torch.bfloat16))
+    out = torch.full((3, 16, 16), float("nan"))
+    read_native_into(files, key, shape, out, index)
+    assert torch.equal(out, expected)
 
 
 def _rewrite(directory, edit) -> None:

@@ -15,6 +15,7 @@ has to be in host memory at once, and a rank that owns experts [e0, e1) reads on
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -50,7 +51,10 @@ def hf_keys(native_key: str, native_shape: tuple[int, ...]) -> list[str]:
     ]
 
 
-def _check_shape(files: CheckpointFiles, key: str, expected: tuple[int, ...], what: str) -> None:
+def _check(files: CheckpointFiles, key: str, expected: tuple[int, ...], what: str) -> None:
+    """Raise a CheckpointError naming ``key`` if it is missing or not of shape ``expected``."""
+    if key not in files:
+        raise CheckpointError(f"{what}: tensor {key} is missing from the checkpoint in {files.directory}")
     found = files.shape(key)
     if found != tuple(expected):
         raise CheckpointError(
@@ -59,9 +63,11 @@ def _check_shape(files: CheckpointFiles, key: str, expected: tuple[int, ...], wh
         )
 
 
-def _require(files: CheckpointFiles, key: str, what: str) -> None:
-    if key not in files:
-        raise CheckpointError(f"{what}: tensor {key} is missing from the checkpoint in {files.directory}")
+def _full_index(native_shape: tuple[int, ...], index: tuple[slice, ...] | None) -> tuple[slice, ...]:
+    """``index`` (step-1 slices, None = whole) as one ``slice(start, stop)`` per dim of the tensor."""
+    index = tuple(index or ())
+    index += (slice(None),) * (len(native_shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, native_shape))
 
 
 def read_native(
@@ -69,32 +75,24 @@ def read_native(
     native_key: str,
     native_shape: tuple[int, ...],
     index: tuple[slice, ...] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Read ``native[index]`` (index: slices per dim; None = whole) straight from the files."""
-    index = tuple(index or ())
+    """``native[index]`` (index: slices per dim; None = whole) as ``dtype`` (None: as stored) on ``device``.
+
+    A plain tensor stays a view of the memory-mapped file where dtype and device allow; grouped
+    experts are allocated once and each expert is copied (and cast) from the map into its place.
+    """
     match = _EXPERTS.match(native_key)
     if not match:
-        _require(files, native_key, "the model")
-        _check_shape(files, native_key, native_shape, "the model")
-        return files.get_slice(native_key, index) if index else files.get(native_key)
-    experts = range(native_shape[0])[index[0] if index else slice(None)]
-    rest = index[1:]
-    per_expert = []
-    for expert in experts:
-        parts = [files.get(key) for key in _expert_parts(files, match, native_shape, expert)]
-        per_expert.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
-    stacked = torch.stack(per_expert) if per_expert else torch.empty(0, *native_shape[1:])
-    return stacked[(slice(None), *rest)] if rest else stacked
-
-
-def _expert_parts(files: CheckpointFiles, match: re.Match, native_shape: tuple[int, ...], expert: int) -> list[str]:
-    """The checked HF keys whose rows, stacked, make ``native[expert]``."""
-    keys = hf_expert_keys(match["prefix"], match["kind"], expert)
-    layer = match["prefix"].split(".")[2]
-    for key in keys:
-        _require(files, key, f"layer {layer} expert {expert}")
-        _check_shape(files, key, (native_shape[1] // len(keys), native_shape[2]), f"layer {layer} expert {expert}")
-    return keys
+        _check(files, native_key, native_shape, "the model")
+        tensor = files.get_slice(native_key, index) if index else files.get(native_key)
+        return tensor.to(device=device, dtype=dtype)
+    full = _full_index(native_shape, index)
+    dtype = dtype or files.dtype(_expert_parts(files, match, native_shape, 0)[0])
+    out = torch.empty([max(0, s.stop - s.start) for s in full], dtype=dtype, device=device)
+    _read_experts_into(files, match, native_shape, out, full, _copy_mapped)
+    return out
 
 
 def read_native_into(
@@ -104,26 +102,64 @@ def read_native_into(
     out: torch.Tensor,
     index: tuple[slice, ...] | None = None,
 ) -> None:
-    """``out.copy_(read_native(files, native_key, native_shape, index))`` without temporaries when
-    ``index`` narrows only the first dim (how FSDP2 and expert parallelism shard): the rows are
-    read from the files straight into ``out``."""
-    index = tuple(index or ())
-    full_rest = all(s == slice(0, n) for s, n in zip(index[1:], native_shape[1:]))
-    if not full_rest:
-        out.copy_(read_native(files, native_key, native_shape, index))
-        return
-    rows = range(native_shape[0])[index[0] if index else slice(None)]
+    """``out[:] = native[index]`` cast to ``out``'s dtype, each byte copied once: rows are read
+    straight from disk (no memory map) where ``index`` keeps whole rows, which is how FSDP2 and
+    expert parallelism shard, so a rank's memory holds only its shard."""
+    full = _full_index(native_shape, index)
     match = _EXPERTS.match(native_key)
-    if not match:
-        _require(files, native_key, "the model")
-        _check_shape(files, native_key, native_shape, "the model")
-        files.read_rows_into(native_key, out, rows.start if len(rows) else 0)
+    if match:
+        _read_experts_into(files, match, native_shape, out, full, _copy_read)
         return
-    for local, expert in enumerate(rows):
+    _check(files, native_key, native_shape, "the model")
+    _copy_read(files, native_key, out, full)
+
+
+def _expert_parts(files: CheckpointFiles, match: re.Match, native_shape: tuple[int, ...], expert: int) -> list[str]:
+    """The checked HF keys whose rows, stacked, make ``native[expert]``."""
+    keys = hf_expert_keys(match["prefix"], match["kind"], expert)
+    layer = match["prefix"].split(".")[2]
+    for key in keys:
+        _check(files, key, (native_shape[1] // len(keys), native_shape[2]), f"layer {layer} expert {expert}")
+    return keys
+
+
+Copy = Callable[[CheckpointFiles, str, torch.Tensor, tuple[slice, ...]], None]
+
+
+def _read_experts_into(
+    files: CheckpointFiles,
+    match: re.Match,
+    native_shape: tuple[int, ...],
+    out: torch.Tensor,
+    index: tuple[slice, ...],
+    copy: Copy,
+) -> None:
+    """Fill ``out`` with ``native[index]`` expert by expert: each HF part (gate rows then up rows, or
+    down) that ``index`` reaches is copied once, into its rows of ``out`` (no cat/stack temporaries)."""
+    experts, rows, columns = index
+    for local, expert in enumerate(range(experts.start, experts.stop)):
         keys = _expert_parts(files, match, native_shape, expert)
         height = native_shape[1] // len(keys)
         for part, key in enumerate(keys):
-            files.read_rows_into(key, out[local, part * height : (part + 1) * height])
+            first, stop = max(rows.start, part * height), min(rows.stop, (part + 1) * height)
+            if first < stop:
+                source = (slice(first - part * height, stop - part * height), columns)
+                copy(files, key, out[local, first - rows.start : stop - rows.start], source)
+
+
+def _copy_mapped(files: CheckpointFiles, key: str, out: torch.Tensor, index: tuple[slice, ...]) -> None:
+    """``out[:] = files[key][index]`` from the memory map: while the file is in the page cache this
+    is one plain (casting) ``copy_``, faster than a read syscall per tensor."""
+    out.copy_(files.get_slice(key, index))
+
+
+def _copy_read(files: CheckpointFiles, key: str, out: torch.Tensor, index: tuple[slice, ...]) -> None:
+    """``out[:] = files[key][index]``, read from disk without a memory map when ``index`` is a range
+    of whole rows (else from the map)."""
+    if all(s == slice(0, n) for s, n in zip(index[1:], files.shape(key)[1:])):
+        files.read_rows_into(key, out, index[0].start)
+    else:
+        _copy_mapped(files, key, out, index)
 
 
 def to_hf(native_key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -100,8 +100,8 @@ def load_hf_weights(model: nn.Module, files: CheckpointFiles, device: torch.devi
     expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(name, tuple(t.shape))}
     _check_key_sets(files, expected, tied)
     for name, target in targets.items():
-        value = hf_adapter.read_native(files, name, tuple(target.shape))
-        set_tensor(model, name, value.to(device=device, dtype=target.dtype))
+        value = hf_adapter.read_native(files, name, tuple(target.shape), dtype=target.dtype, device=device)
+        set_tensor(model, name, value)
     files.close()
 
 
