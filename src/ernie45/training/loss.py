@@ -56,7 +56,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
