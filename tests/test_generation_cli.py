@@ -80,12 +80,32 @@ def test_seeded_sampling_from_the_cli_is_reproducible(tiny_lm_dir):
         (("--prompt", "x", "--temperature", "0.5", "--top-p", "2"), r"top_p=2.0 must be in (0, 1]"),
         (("--prompt", "x", "--temperature", "-1"), "--temperature -1.0 must be >= 0"),
         (("--prompt", "x", "--dtype", "float33"), "--dtype 'float33' is not valid"),
+        (("--prompt", "x", "--dtype", "int8"), "--dtype 'int8' is not valid"),
     ],
 )
 def test_bad_options_exit_with_a_clear_message(tiny_lm_dir, args, message):
     result = _run("--model", str(tiny_lm_dir), *args)
     assert result.exit_code == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("foo", "--device 'foo' is not valid; use cpu, cuda"),
+        ("mps", "--device 'mps' is not supported"),
+        pytest.param(
+            "cuda", "--device 'cuda': torch sees no CUDA GPU here; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+    ],
+)
+def test_bad_device_is_one_line_not_a_traceback(tiny_lm_dir, device, message):
+    args = ["generate", "--model", str(tiny_lm_dir), "--prompt", "x", "--device", device]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_missing_tokenizer_is_named(tiny_lm_dir, tmp_path):

@@ -38,6 +38,28 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_device(device: str) -> str:
+    """--device resolved and checked up front: a typo or a missing GPU is one line, not a traceback mid-load."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise _fail(f"--device {device!r} is not valid; use {_DEVICE_HELP}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise _fail(f"--device {device!r} is not supported; use {_DEVICE_HELP}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise _fail(f"--device {device!r}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise _fail(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible; pick a lower N")
+    return device
+
+
 def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, device: str, dtype: str):
     """The model (any ERNIE 4.5 checkpoint directory) in eval mode and its tokenizer (default: same directory)."""
     import torch
@@ -45,11 +67,10 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
 
     from .auto import from_pretrained
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype, None)
-    if dtype != "auto" and not isinstance(torch_dtype, torch.dtype):
+    device = _check_device(device)
+    if dtype not in _DTYPES:
         raise _fail(f"--dtype {dtype!r} is not valid; use {_DTYPE_HELP}")
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     # NOTE: the model first, so a wrong --model gets the checkpoint loader's precise error.
     model = from_pretrained(model_path, dtype=torch_dtype, device=device)
     tokenizer_path = tokenizer_path or model_path
