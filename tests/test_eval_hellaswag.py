@@ -74,6 +74,21 @@ def test_bad_records_name_the_line(tmp_path, line, message):
         load_hellaswag(path)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("# not json\n", r"bad.jsonl:1 is not valid JSON"),
+        ('[{"ctx": "a"}]\n', "bad.jsonl:1 is a JSON list, not an object"),
+        ("\n", "bad.jsonl holds no HellaSwag examples"),
+    ],
+)
+def test_a_file_that_is_not_hellaswag_jsonl_is_named(tmp_path, text, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_hellaswag(path)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
         load_hellaswag(tmp_path / "nope.jsonl")

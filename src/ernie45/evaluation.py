@@ -73,8 +73,22 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwag
             if limit is not None and len(examples) >= limit:
                 break
             if line.strip():
-                examples.append(example_from_record(json.loads(line), where=f"{path}:{number}"))
+                where = f"{path}:{number}"
+                examples.append(example_from_record(_json_object(line, where), where=where))
+    if not examples:
+        raise ValueError(f"{path} holds no HellaSwag examples; pass a JSONL file with one example per line")
     return examples
+
+
+def _json_object(line: str, where: str) -> dict:
+    """One JSONL line as a dict; a non-JSON file (e.g. a .json array or a CSV) is named, not a bare decoder error."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err}); pass a JSONL file with one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object; pass one JSON object per line")
+    return record
 
 
 # ----- scoring -------------------------------------------------------------------------------------
