@@ -115,6 +115,15 @@ def test_token_id_out_of_range_is_a_clear_error(tmp_path):
         ours(torch.tensor([[-1, 2]]))
 
 
+def test_wrong_input_shapes_are_clear_errors(tmp_path):
+    _, ours = _load_pair(tmp_path, {})
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\], got shape \[2\]; .* use ids\[None\]"):
+        ours(torch.tensor([1, 2]))
+    # An all-ones mask of the wrong length used to pass silently (no padding means no mask is built).
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[1, 3\], expected .* = \[1, 2\]"):
+        ours(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
 def test_embedding_accessors_and_tying():
     config = tiny_dense_config(tie_word_embeddings=False)
     model = ernie45.Ernie4_5ForCausalLM.from_config(config)

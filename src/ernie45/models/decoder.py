@@ -28,6 +28,10 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a ValueError naming the bad id, instead of an index error deep inside embedding."""
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}; for one sequence use ids[None]"
+        )
     if input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())
@@ -121,10 +125,16 @@ class DecoderModel(nn.Module):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         batch, seq = input_ids.shape
+        past = kv_caches[0].length if kv_caches else 0
+        # NOTE: an all-ones mask of the wrong length would otherwise pass silently (no padding -> no mask).
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, cached + new tokens] "
+                f"= {[batch, past + seq]}"
+            )
         key_keep, padding_mask = key_padding(attention_mask, padding_mask, seq)
         mask = build_attention_mask(key_keep, seq)
         if position_ids is None:
-            past = kv_caches[0].length if kv_caches else 0
             position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, -1)
         position_embeddings = self.rotary_emb(position_ids)
 
