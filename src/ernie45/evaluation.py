@@ -85,7 +85,7 @@ def _json_object(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON ({err}); pass a JSONL file with one JSON object per line") from None
+        raise ValueError(f"{where} is not valid JSON ({err}); pass a JSONL file, one JSON object per line") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object; pass one JSON object per line")
     return record
