@@ -115,6 +115,15 @@ def test_token_id_out_of_range_is_a_clear_error(tmp_path):
         ours(torch.tensor([[-1, 2]]))
 
 
+def test_dtype_may_be_a_name_and_must_be_floating_point(tmp_path):
+    _load_pair(tmp_path, {})
+    assert ernie45.from_pretrained(tmp_path, dtype="bfloat16").dtype == torch.bfloat16  # transformers' spelling
+    assert ernie45.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32  # the checkpoint's
+    for bad in ("int8", torch.int64, "bf16"):
+        with pytest.raises(ValueError, match=f"dtype={bad!r} is not a floating-point dtype"):
+            ernie45.from_pretrained(tmp_path, dtype=bad)
+
+
 def test_wrong_input_shapes_are_clear_errors(tmp_path):
     _, ours = _load_pair(tmp_path, {})
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\], got shape \[2\]; .* use ids\[None\]"):

@@ -38,6 +38,16 @@ def _config_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a floating torch.dtype (None = default); takes transformers' names too ("bfloat16", "auto")."""
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point dtype; use torch.float32, bfloat16 or float16")
+    return resolved
+
+
 @contextlib.contextmanager
 def _building(dtype: torch.dtype, device: torch.device | str | None):
     """Create modules with ``dtype`` as the default float dtype on ``device``."""
@@ -153,13 +163,13 @@ class Ernie4_5CausalLMBase(nn.Module):
         cls,
         config,
         backend: BackendConfig | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         **kwargs,
     ) -> "Ernie4_5CausalLMBase":
         """A randomly initialised model (HF's init: normal(0, initializer_range), norms 1, biases 0)."""
         cls._check_config(config)
-        with _building(dtype or _config_dtype(config), device):
+        with _building(_float_dtype(dtype) or _config_dtype(config), device):
             model = cls(config, backend=backend, **kwargs)
         model.init_weights()
         return model
@@ -168,7 +178,7 @@ class Ernie4_5CausalLMBase(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         backend: BackendConfig | None = None,
         device: torch.device | str | None = None,
         **kwargs,
@@ -177,7 +187,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         config = load_config(path)
         cls._check_config(config)
         files = CheckpointFiles(path)
-        dtype = dtype or checkpoint_dtype(files)
+        dtype = _float_dtype(dtype) or checkpoint_dtype(files)
         with _building(dtype, "meta"):
             model = cls(config, backend=backend, **kwargs)
         load_hf_weights(model, files, device=device or "cpu")
