@@ -200,3 +200,16 @@ def test_cli_names_a_missing_data_file(tiny_lm_dir, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "none.jsonl does not exist" in result.stderr
+
+
+def test_cli_checks_the_output_path_before_evaluating(tiny_lm_dir, tmp_path):
+    args = ["eval", "hellaswag", "--model", str(tiny_lm_dir), "--data", str(HELLASWAG), "--limit", "1"]
+    result = CliRunner().invoke(app, [*args, "--output", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert f"--output {tmp_path} is a directory; give a file path" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, [*args, "--output", str(blocker / "res.json"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert f"cannot create the folder of --output {blocker / 'res.json'}" in result.stderr
+    assert "hellaswag:" not in result.stderr  # failed before the evaluation started

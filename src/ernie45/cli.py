@@ -154,6 +154,13 @@ def hellaswag_command(
 
     if limit is not None and limit < 1:
         raise _fail(f"--limit {limit} must be >= 1")
+    # NOTE: --output is checked before the (long) evaluation, so a bad path cannot waste the run.
+    if Path(output).is_dir():
+        raise _fail(f"--output {output} is a directory; give a file path such as {Path(output) / 'hellaswag.json'}")
+    try:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _fail(f"cannot create the folder of --output {output}: {err.strerror}") from None
     try:
         examples = load_hellaswag(data, limit)
         lm, tok = _load_model_and_tokenizer(model, tokenizer, device, dtype)
@@ -161,7 +168,6 @@ def hellaswag_command(
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
     result.update(model=model, data=data, batch_size=batch_size)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(
         f"hellaswag: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
