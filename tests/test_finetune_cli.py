@@ -205,6 +205,8 @@ def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_pa
         ([str(EXAMPLES / "ernie4_5_0p3b_hellaswag_cpu.yaml")],
          ["model.pretrained_model_name_or_path='tiny-ernie4_5' is not a directory", "--local-dir"]),
         (["--step_scheduler.max_steps"], ["--section.key=value"]),
+        ([str(EXAMPLES / "ernie4_5_0p3b_hellaswag_cpu.yaml"), "--nproc-per-node=2"],
+         ["model.pretrained_model_name_or_path='tiny-ernie4_5' is not a directory"]),  # before the ranks start
         (["--nproc-per-node=2", "--step_scheduler.local_batch_size=16"],
          ["global_batch_size=16 must be a multiple of local_batch_size=16 x 2 data-parallel ranks"]),
     ],
@@ -214,6 +216,27 @@ def test_bad_configs_are_reported_by_key_without_a_traceback(tmp_path, args, exp
     assert result.exit_code == 2, result.output
     for text in expected:
         assert text in result.output
+    assert "Traceback" not in result.output
+
+
+def test_output_dir_that_is_a_file_and_resume_without_output_dir_are_refused(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["finetune", f"--output_dir={blocker}"])
+    assert result.exit_code == 2
+    assert f"output_dir {blocker} is a file, not a folder" in result.output
+    # Without --output_dir a run gets a fresh runs/<timestamp>: --resume used to start over there silently.
+    result = CliRunner().invoke(app, ["finetune", "--resume"])
+    assert result.exit_code == 2
+    assert "--resume continues an earlier run: pass its --output_dir" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nccl works here")
+def test_nccl_without_a_gpu_is_refused_before_the_ranks_start(tmp_path):
+    result = CliRunner().invoke(app, ["finetune", "--dist_env.backend=nccl", "--nproc-per-node=2", f"--output_dir={tmp_path}"])
+    assert result.exit_code == 2
+    assert "dist_env.backend=nccl needs CUDA GPUs and torch sees none here: pass --dist_env.backend=auto" in result.output
     assert "Traceback" not in result.output
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, RecipeConfig, load_recipe, parse_overrides
-from .runtime import Runtime, launched_by_torchrun
+from .runtime import Runtime, check_backend, launched_by_torchrun
 
 
 def fail(message: str) -> None:
@@ -43,6 +43,7 @@ def finetune(config_path: str | None, extra_args: list[str], output_dir: str | N
         config = load_recipe(Path(config_path) if config_path else None, overrides)
     except ConfigError as err:
         fail(str(err))
+    check_output_dir(config.output_dir, resume)
     if nproc_per_node > 1 and not launched_by_torchrun():
         check_layout(config, nproc_per_node)
         launch_ranks(config_path, extra_args, config.output_dir or default_output_dir(), resume, nproc_per_node)
@@ -57,14 +58,27 @@ def finetune(config_path: str | None, extra_args: list[str], output_dir: str | N
         fail(str(err))
 
 
+def check_output_dir(output_dir: str | None, resume: bool) -> None:
+    """Refuse, before anything is built, an OUTPUT_DIR that is a file and a --resume with no run to continue."""
+    if output_dir is None:
+        if resume:
+            fail("--resume continues an earlier run: pass its --output_dir (else each run gets a new runs/<timestamp>)")
+        return
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        fail(f"output_dir {output_dir} is a file, not a folder; pass another --output_dir")
+
+
 def check_layout(config: RecipeConfig, nproc: int) -> None:
-    """Refuse a layout that cannot fit ``nproc`` ranks here, once, before starting any of them."""
+    """Refuse a layout that cannot fit ``nproc`` ranks here, a backend or a model path that cannot work, once,
+    before starting any of them (each rank would report it with its own stack trace)."""
     import torch
 
-    from .components import parallel_config
+    from .components import check_model_path, parallel_config
 
     try:
         parallel_config(config, Runtime(rank=0, world_size=nproc, local_rank=0, device=torch.device("cpu")))
+        check_backend(config.dist_env)
+        check_model_path(config)
     except ConfigError as err:
         fail(str(err))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import DistEnvConfig
+from .config import ConfigError, DistEnvConfig
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ def set_cpu_threads(config: DistEnvConfig) -> None:
     torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
 
 
+def check_backend(config: DistEnvConfig) -> None:
+    """nccl without a GPU would fail inside init_process_group, once per rank, with a stack trace."""
+    if config.backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ConfigError(
+            "dist_env.backend=nccl needs CUDA GPUs and torch sees none here: pass --dist_env.backend=auto "
+            "(gloo on CPU) or run on GPUs"
+        )
+
+
 def init_runtime(config: DistEnvConfig) -> Runtime:
     """Start the process group when launched by torchrun; pick this rank's device."""
     use_cuda = torch.cuda.is_available() and config.backend != "gloo"
@@ -54,6 +63,7 @@ def init_runtime(config: DistEnvConfig) -> Runtime:
         set_cpu_threads(config)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Runtime(0, 1, 0, torch.device("cuda") if use_cuda else torch.device("cpu"))
+    check_backend(config)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
