@@ -92,6 +92,8 @@ def test_a_file_that_is_not_hellaswag_jsonl_is_named(tmp_path, text, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
         load_hellaswag(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=f"HellaSwag file {tmp_path} is a directory"):
+        load_hellaswag(tmp_path)
 
 
 # ----- scoring --------------------------------------------------------------------------------------

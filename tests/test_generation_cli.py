@@ -114,3 +114,10 @@ def test_missing_tokenizer_is_named(tiny_lm_dir, tmp_path):
     result = _run("--model", str(path), "--prompt", "x")
     assert result.exit_code == 2
     assert f"no tokenizer could be loaded from {path}" in result.stderr
+
+
+def test_missing_tokenizer_directory_is_named_without_hub_jargon(tiny_lm_dir, tmp_path):
+    result = _run("--model", str(tiny_lm_dir), "--prompt", "x", "--tokenizer", str(tmp_path / "nope"))
+    assert result.exit_code == 2
+    assert f"tokenizer directory {tmp_path / 'nope'} does not exist; pass --tokenizer PATH" in result.stderr
+    assert "repo" not in result.stderr.lower()

@@ -62,6 +62,8 @@ def _check_device(device: str) -> str:
 
 def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, device: str, dtype: str):
     """The model (any ERNIE 4.5 checkpoint directory) in eval mode and its tokenizer (default: same directory)."""
+    from pathlib import Path
+
     import torch
     from transformers import AutoTokenizer
 
@@ -74,6 +76,8 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
     # NOTE: the model first, so a wrong --model gets the checkpoint loader's precise error.
     model = from_pretrained(model_path, dtype=torch_dtype, device=device)
     tokenizer_path = tokenizer_path or model_path
+    if not Path(tokenizer_path).is_dir():  # NOTE: else transformers reads it as a hub repo id and says so
+        raise _fail(f"tokenizer directory {tokenizer_path} does not exist; pass --tokenizer PATH")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except (OSError, ValueError) as err:

@@ -64,7 +64,7 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwag
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"HellaSwag file {path} does not exist; pass a JSONL file with ctx/endings/label per line "
+            f"HellaSwag file {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass a JSONL file with ctx/endings/label per line "
             "(or the original ctx_a/ctx_b/activity_label fields)"
         )
     examples = []
