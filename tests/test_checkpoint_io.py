@@ -129,6 +129,9 @@ def test_multi_token_prediction_tensors_are_skipped(dense_checkpoint):
 def test_directory_errors(tmp_path, dense_checkpoint):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ernie45.from_pretrained(tmp_path / "nowhere")
+    directory, _ = dense_checkpoint
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory; pass the directory"):
+        ernie45.from_pretrained(directory / "config.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json in"):
         ernie45.from_pretrained(tmp_path / "empty")
@@ -136,7 +139,6 @@ def test_directory_errors(tmp_path, dense_checkpoint):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama'.*ERNIE 4.5"):
         ernie45.from_pretrained(tmp_path / "llama")
-    directory, _ = dense_checkpoint
     (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors.*\.bin checkpoints are not supported"):
         ernie45.from_pretrained(directory)

@@ -27,6 +27,10 @@ SUPPORTED_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
 def load_config(path: str | Path):
     """The transformers config of an ERNIE 4.5 checkpoint directory, with clear errors."""
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{path} is a file, not a checkpoint directory; pass the directory that holds it ({path.parent})"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config_file = path / "config.json"
