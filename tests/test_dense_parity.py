@@ -115,6 +115,20 @@ def test_token_id_out_of_range_is_a_clear_error(tmp_path):
         ours(torch.tensor([[-1, 2]]))
 
 
+def test_labels_out_of_range_or_misshaped_are_clear_errors(tmp_path):
+    hf, ours = _load_pair(tmp_path, {})
+    vocab = hf.config.vocab_size
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=f"label {vocab} is out of range for vocab_size={vocab}.*-100 to ignore"):
+        ours(ids, labels=torch.tensor([[1, vocab, 3]]))
+    with pytest.raises(ValueError, match="label -5 is out of range"):
+        ours(ids, labels=torch.tensor([[1, -5, 3]]))
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \[1, 3\]"):
+        ours(ids, labels=torch.tensor([[1, 2]]))
+    ignored_first = torch.tensor([[-100, -100, 3]])  # -100 anywhere is fine, as in transformers
+    torch.testing.assert_close(ours(ids, labels=ignored_first).loss, hf(ids, labels=ignored_first).loss)
+
+
 def test_dtype_may_be_a_name_and_must_be_floating_point(tmp_path):
     _load_pair(tmp_path, {})
     assert ernie45.from_pretrained(tmp_path, dtype="bfloat16").dtype == torch.bfloat16  # transformers' spelling

@@ -62,9 +62,28 @@ def _building(dtype: torch.dtype, device: torch.device | str | None):
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """HF's causal LM loss: predict token t+1 from position t, mean over labels != -100, in fp32."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have the shape of input_ids {list(logits.shape[:-1])} (and logits_to_keep=0), "
+            f"got {list(labels.shape)}"
+        )
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
+    _check_labels(shift_labels, logits.shape[-1])
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """A ValueError naming the bad label, instead of torch's IndexError inside cross_entropy."""
+    kept = labels[labels != -100]
+    if kept.numel() == 0:
+        return
+    low, high = int(kept.min()), int(kept.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"label {bad} is out of range for vocab_size={vocab_size} (valid: 0..{vocab_size - 1}, or -100 to ignore)"
+        )
 
 
 def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
