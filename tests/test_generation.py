@@ -170,6 +170,7 @@ def test_top_k_then_top_p_renormalises_in_between():
         (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "input_ids is empty"),
         (dict(input_ids=torch.tensor([[5, 200]])), "token id 200 is out of range for vocab_size=160"),
         (dict(input_ids=torch.tensor([5, 6])), r"must be an integer tensor \[batch, seq\]"),
+        (dict(input_ids=[[5, 6]]), r"must be an integer tensor \[batch, seq\], got a list; e.g. torch.tensor"),
         (dict(attention_mask=torch.tensor([[1, 1, 0]])), r"row\(s\) \[0\] end in padding: pad prompts on the left"),
         (dict(input_ids=torch.tensor([[5, 6, 0]])), r"row\(s\) \[0\] end in padding"),  # mask inferred from pad id 0
         (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"row\(s\) \[0\] have no real token"),

@@ -206,6 +206,11 @@ def stream_tokens(
     seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(
+            f"input_ids must be an integer tensor [batch, seq], got a {type(input_ids).__name__}; "
+            "e.g. torch.tensor([ids])"
+        )
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if generator is not None and seed is not None:
