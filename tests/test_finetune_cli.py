@@ -24,7 +24,8 @@ import ernie45
 from ernie45.cli import app
 from ernie45.tokenizer import train_tokenizer
 from ernie45.training.checkpointing import latest_checkpoint
-from ernie45.training.data import read_jsonl, record_texts
+from ernie45.jsonl import read_jsonl
+from ernie45.training.data import record_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

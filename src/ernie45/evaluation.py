@@ -13,18 +13,19 @@ batch is one forward that computes logits only for the last K positions (K = lon
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .generation import positions_from_mask
+from .jsonl import iter_jsonl
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -67,28 +68,10 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwag
             f"HellaSwag file {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass a JSONL file with ctx/endings/label per line "
             "(or the original ctx_a/ctx_b/activity_label fields)"
         )
-    examples = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if line.strip():
-                where = f"{path}:{number}"
-                examples.append(example_from_record(_json_object(line, where), where=where))
+    examples = [example_from_record(record, where=where) for where, record in islice(iter_jsonl(path), limit)]
     if not examples:
         raise ValueError(f"{path} holds no HellaSwag examples; pass a JSONL file with one example per line")
     return examples
-
-
-def _json_object(line: str, where: str) -> dict:
-    """One JSONL line as a dict; a non-JSON file (e.g. a .json array or a CSV) is named, not a bare decoder error."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON ({err}); pass a JSONL file, one JSON object per line") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object; pass one JSON object per line")
-    return record
 
 
 # ----- scoring -------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ the loss curve does not depend on the parallel layout, and resuming at step N ne
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation import example_from_record
+from ..jsonl import read_jsonl
 from .config import DatasetConfig
 from .synthetic import make_examples
 
@@ -44,24 +44,6 @@ class TokenizedExample:
 
 
 # ----- reading records -------------------------------------------------------------------------
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number} must be a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
 def read_hub(name: str, split: str, limit: int | None) -> list[dict]:
     try:
         import datasets
