@@ -64,8 +64,9 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwag
     """The first ``limit`` examples (all when None) of a HellaSwag JSONL file."""
     path = Path(path)
     if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(
-            f"HellaSwag file {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass a JSONL file with ctx/endings/label per line "
+            f"HellaSwag file {path} {problem}; pass a JSONL file with ctx/endings/label per line "
             "(or the original ctx_a/ctx_b/activity_label fields)"
         )
     examples = [example_from_record(record, where=where) for where, record in islice(iter_jsonl(path), limit)]

@@ -26,7 +26,7 @@ from ..checkpoint.hf_checkpoint import (
 )
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
-from .decoder import head_dim_of
+from .decoder import head_dim_of, out_of_range_id
 from .rope import RotaryEmbedding
 
 
@@ -75,12 +75,8 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
     """A ValueError naming the bad label, instead of torch's IndexError inside cross_entropy."""
-    kept = labels[labels != -100]
-    if kept.numel() == 0:
-        return
-    low, high = int(kept.min()), int(kept.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
+    bad = out_of_range_id(labels[labels != -100], vocab_size)
+    if bad is not None:
         raise ValueError(
             f"label {bad} is out of range for vocab_size={vocab_size} (valid: 0..{vocab_size - 1}, or -100 to ignore)"
         )

@@ -32,12 +32,19 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(
             f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}; for one sequence use ids[None]"
         )
-    if input_ids.numel() == 0:
-        return
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
+    bad = out_of_range_id(input_ids, vocab_size)
+    if bad is not None:
         raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size} (valid ids: 0..{vocab_size - 1})")
+
+
+def out_of_range_id(ids: torch.Tensor, vocab_size: int) -> int | None:
+    """The lowest id if it is negative, else the highest if it is >= vocab_size, else None."""
+    if ids.numel() == 0:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        return low
+    return high if high >= vocab_size else None
 
 
 def key_padding(
@@ -45,10 +52,6 @@ def key_padding(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(key_keep [B,Sk] True = real token, or None; padding_mask [B,Sq] True = pad, or None)."""
     if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                f"attention_mask must be [batch, seq] with 1 = keep (HF convention), got shape {list(attention_mask.shape)}"
-            )
         key_keep = attention_mask.bool()
         if padding_mask is None:
             padding_mask = ~key_keep[:, -q_len:]
@@ -130,7 +133,7 @@ class DecoderModel(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
             raise ValueError(
                 f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, cached + new tokens] "
-                f"= {[batch, past + seq]}"
+                f"= {[batch, past + seq]} with 1 = keep (HF convention)"
             )
         key_keep, padding_mask = key_padding(attention_mask, padding_mask, seq)
         mask = build_attention_mask(key_keep, seq)
