@@ -50,7 +50,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     NOTE: computing the gradient during forward (as Liger-Kernel does) is what keeps memory at one
     chunk of logits: nothing of size [N,V] is saved for backward. Each chunk's logits buffer is
     turned into its gradient in place (softmax from the logsumexp, minus one-hot) and the weight
-    gradient is accumulated with ``addmm_``, so no other [chunk,V] or [V,H] temporary is made.
+    gradient is accumulated with ``addmm_``, so in fp32 no other [chunk,V] or [V,H] temporary is
+    made (in a low-precision compute dtype the casts and the weight-gradient product still are).
     The result must be used as a scalar loss, once (backward scales the gradients in place).
     """
 
