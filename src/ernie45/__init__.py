@@ -11,7 +11,6 @@ from .models import (
     Ernie4_5_MoeModel,
     Ernie4_5MoeBlock,
     ModelCapabilities,
-    _config_dtype,
 )
 from .moe import MoEConfig
 
@@ -28,7 +27,6 @@ __all__ = [
     "Ernie4_5_MoeModel",
     "MoEConfig",
     "ModelCapabilities",
-    "_config_dtype",
     "from_pretrained",
     "model_class_for",
 ]

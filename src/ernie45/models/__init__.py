@@ -2,7 +2,7 @@
 
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
-from .ernie4_5 import Ernie4_5Attention, Ernie4_5Block, Ernie4_5ForCausalLM, Ernie4_5Model, _config_dtype
+from .ernie4_5 import Ernie4_5Attention, Ernie4_5Block, Ernie4_5ForCausalLM, Ernie4_5Model
 from .ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel, Ernie4_5MoeBlock
 
 __all__ = [
@@ -15,5 +15,4 @@ __all__ = [
     "Ernie4_5_MoeForCausalLM",
     "Ernie4_5_MoeModel",
     "ModelCapabilities",
-    "_config_dtype",
 ]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..dtypes import as_dtype
+
 # What each field accepts, and what this project implements of it.
 _IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "attn": ("sdpa", "eager", "flex"),
@@ -37,16 +39,6 @@ def _why_unavailable(value: str) -> str:
             "" if found else " and transformer_engine is not installed"
         )
     return f"'{value}' needs a library or GPU kernel that ernie45 does not integrate"
-
-
-def _parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = value.removeprefix("torch.")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"BackendConfig.gate_precision={value!r} is not a torch dtype (e.g. 'float32')")
-    return dtype
 
 
 @dataclass(kw_only=True)
@@ -88,7 +80,7 @@ class BackendConfig:
             raise ValueError("BackendConfig.rope_fusion=True needs Transformer Engine; set rope_fusion=False")
         if not 0.0 <= self.fake_gate_noise <= 1.0:
             raise ValueError(f"BackendConfig.fake_gate_noise={self.fake_gate_noise} must be in [0, 1]")
-        self.gate_precision = _parse_dtype(self.gate_precision)
+        self.gate_precision = as_dtype(self.gate_precision, "BackendConfig.gate_precision")
 
     @classmethod
     def from_dict(cls, values: dict) -> "BackendConfig":

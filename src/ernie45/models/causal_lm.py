@@ -12,7 +12,6 @@ import contextlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -26,26 +25,10 @@ from ..checkpoint.hf_checkpoint import (
 )
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
-from .decoder import head_dim_of, out_of_range_id
+from ..dtypes import as_dtype, config_dtype
+from .decoder import head_dim_of
+from .loss import shifted_cross_entropy
 from .rope import RotaryEmbedding
-
-
-def _config_dtype(config) -> torch.dtype:
-    """The dtype a config asks for (``dtype``/``torch_dtype``), float32 when it names none."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``dtype`` as a floating torch.dtype (None = default); takes transformers' names too ("bfloat16", "auto")."""
-    if dtype is None or dtype == "auto":
-        return None
-    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a floating-point dtype; use torch.float32, bfloat16 or float16")
-    return resolved
 
 
 @contextlib.contextmanager
@@ -58,28 +41,6 @@ def _building(dtype: torch.dtype, device: torch.device | str | None):
             yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF's causal LM loss: predict token t+1 from position t, mean over labels != -100, in fp32."""
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels must have the shape of input_ids {list(logits.shape[:-1])} (and logits_to_keep=0), "
-            f"got {list(labels.shape)}"
-        )
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    _check_labels(shift_labels, logits.shape[-1])
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-
-def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
-    """A ValueError naming the bad label, instead of torch's IndexError inside cross_entropy."""
-    bad = out_of_range_id(labels[labels != -100], vocab_size)
-    if bad is not None:
-        raise ValueError(
-            f"label {bad} is out of range for vocab_size={vocab_size} (valid: 0..{vocab_size - 1}, or -100 to ignore)"
-        )
 
 
 def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -184,7 +145,7 @@ class Ernie4_5CausalLMBase(nn.Module):
     ) -> "Ernie4_5CausalLMBase":
         """A randomly initialised model (HF's init: normal(0, initializer_range), norms 1, biases 0)."""
         cls._check_config(config)
-        with _building(_float_dtype(dtype) or _config_dtype(config), device):
+        with _building(as_dtype(dtype) or config_dtype(config), device):
             model = cls(config, backend=backend, **kwargs)
         model.init_weights()
         return model
@@ -202,7 +163,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         config = load_config(path)
         cls._check_config(config)
         files = CheckpointFiles(path)
-        dtype = _float_dtype(dtype) or checkpoint_dtype(files)
+        dtype = as_dtype(dtype) or checkpoint_dtype(files)
         with _building(dtype, "meta"):
             model = cls(config, backend=backend, **kwargs)
         load_hf_weights(model, files, device=device or "cpu")

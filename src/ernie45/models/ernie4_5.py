@@ -9,7 +9,8 @@ from __future__ import annotations
 from .attention import Ernie4_5Attention
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
-from .causal_lm import Ernie4_5CausalLMBase, _config_dtype
+from ..dtypes import config_dtype as _config_dtype  # AutoModel's ernie4_5 module exposes this name
+from .causal_lm import Ernie4_5CausalLMBase
 from .decoder import DecoderModel, Ernie4_5Block
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..dtypes import as_dtype
+
 SCORE_FUNCS = ("softmax",)
 
 
@@ -68,11 +70,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.score_func={self.score_func!r} is not supported; choose one of {SCORE_FUNCS}")
         if self.aux_loss_coeff < 0 or self.gate_bias_update_factor < 0:
             raise ValueError("MoEConfig.aux_loss_coeff and gate_bias_update_factor must be >= 0")
-        if isinstance(self.dtype, str):
-            dtype = getattr(torch, self.dtype.removeprefix("torch."), None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"MoEConfig.dtype={self.dtype!r} is not a torch dtype (e.g. 'bfloat16')")
-            self.dtype = dtype
+        self.dtype = as_dtype(self.dtype, "MoEConfig.dtype")
 
     @property
     def shared_inter_dim(self) -> int:

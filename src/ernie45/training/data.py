@@ -24,10 +24,10 @@ import torch
 
 from ..evaluation import example_from_record
 from ..jsonl import read_jsonl
+from ..models.loss import IGNORE_INDEX
 from .config import DatasetConfig
 from .synthetic import make_examples
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Partial
 
-from .data import IGNORE_INDEX
+from ..models.loss import IGNORE_INDEX, shifted_cross_entropy
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -36,11 +36,7 @@ class MaskedCrossEntropy:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """-> (loss sum, the model's output)."""
         output = _forward(model, batch)
-        logits = output.logits[:, :-1]  # [B,S-1,V]: position t predicts token t+1
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        loss = shifted_cross_entropy(output.logits, batch["labels"], reduction="sum")
         return loss, output
 
 

@@ -1,0 +1,28 @@
+"""One parser for dtypes given by name or object, as transformers and recipes write them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_dtype(value: torch.dtype | str | None, what: str = "dtype") -> torch.dtype | None:
+    """``value`` as a floating-point ``torch.dtype``; None and "auto" give None (the caller's default).
+
+    Accepts ``torch.bfloat16``, "bfloat16", "torch.bfloat16" (what config.json and YAML hold).
+    ``what`` names the setting in the error, e.g. "BackendConfig.gate_precision".
+    """
+    if value is None or value == "auto":
+        return None
+    resolved = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"{what}={value!r} is not a floating-point dtype; use float32, bfloat16 or float16")
+    return resolved
+
+
+def config_dtype(config) -> torch.dtype:
+    """The dtype a transformers config asks for (``dtype``/``torch_dtype``), float32 when it names none."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    try:
+        return as_dtype(named) or torch.float32
+    except ValueError:
+        return torch.float32

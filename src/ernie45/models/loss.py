@@ -1,0 +1,41 @@
+"""The causal-LM cross-entropy: position t predicts token t+1, labels of -100 are ignored, fp32 math.
+
+One function for both users: the model's ``labels=`` loss (mean, as transformers) and the training
+recipe's ``MaskedCrossEntropy`` (sum, normalised later over the global batch).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import out_of_range_id
+
+IGNORE_INDEX = -100  # transformers' and PyTorch's "no label here"
+
+
+def shifted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """logits [B,S,V], labels [B,S] -> CE of logits[:, :-1] against labels[:, 1:] in fp32."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have the shape of input_ids {list(logits.shape[:-1])} (and logits_to_keep=0), "
+            f"got {list(labels.shape)}"
+        )
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    check_labels(shift_labels, logits.shape[-1])
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """A ValueError naming the bad label, instead of torch's IndexError inside cross_entropy."""
+    bad = out_of_range_id(labels[labels != IGNORE_INDEX], vocab_size)
+    if bad is not None:
+        raise ValueError(
+            f"label {bad} is out of range for vocab_size={vocab_size} "
+            f"(valid: 0..{vocab_size - 1}, or {IGNORE_INDEX} to ignore)"
+        )
