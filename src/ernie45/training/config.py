@@ -12,11 +12,13 @@ as aliases of ours), anything else is an error listing the allowed names.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from pydantic import field_validator, model_validator
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
@@ -24,6 +26,15 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.y
 
 class ConfigError(ValueError):
     """A recipe that cannot run; the message names the key(s) and what is valid."""
+
+
+# NOTE: strict numbers: YAML `true`, `"8"` or `2.5` where a count belongs is a mistake to report,
+# not 1, 8 or an error deep in the run. Floats take ints; nan and inf are refused (Section).
+PositiveInt = Annotated[int, Strict(), Gt(0)]
+NonNegativeInt = Annotated[int, Strict(), Ge(0)]
+NonNegativeFloat = Annotated[float, Strict(), Ge(0)]
+Seed = Annotated[int, Strict(), Ge(0), Lt(2**63)]  # NOTE: torch.manual_seed overflows past 2**64
+MAX_THREADS_PER_CORE = 4  # dist_env.cpu_threads above this many x the cores is refused (100000 crashed torch)
 
 
 # ----- the _target_ allowlist ------------------------------------------------------------------
@@ -95,7 +106,7 @@ def _target_field(kind: str, default: str | None = None):
 class Section(BaseModel):
     """A YAML section: unknown keys are errors, values are checked against the field types."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False)
 
 
 def _check_target(kind: str):
@@ -133,9 +144,16 @@ class ModelConfig(Section):
     torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="compute dtype; weights and optimizer state stay float32 (mixed precision)"
     )
-    seed: int = Field(0, description="initialisation seed for from_config")
+    seed: Seed = Field(0, description="initialisation seed for from_config")
     backend: dict[str, Any] | None = Field(None, description="AutoModel's place for the backend section")
     _check = _check_target("model")
+
+    @field_validator("config")
+    @classmethod
+    def _config_values(cls, fields: dict[str, Any] | None):
+        if fields is not None and "model_type" in fields:
+            check_model_fields(fields)
+        return fields
 
     @model_validator(mode="after")
     def _source_given(self):
@@ -154,7 +172,9 @@ class TokenizerConfig(Section):
 
     target: str = _target_field("tokenizer", "transformers.AutoTokenizer.from_pretrained")
     pretrained_model_name_or_path: str | None = Field(None, description="tokenizer directory (default: the model's)")
-    vocab_size: PositiveInt | None = Field(None, description="vocabulary of a trained tokenizer (train_tokenizer)")
+    vocab_size: Annotated[PositiveInt, Le(2**20)] | None = Field(
+        None, description="vocabulary of a trained tokenizer (train_tokenizer), at most 2**20"
+    )
     _check = _check_target("tokenizer")
 
     @model_validator(mode="after")
@@ -178,8 +198,10 @@ class DatasetConfig(Section):
     sample_offset: NonNegativeInt = Field(0, description="skip the first N records (e.g. to hold out part of a file)")
     num_samples_limit: PositiveInt | None = Field(None, description="use only N examples (after the offset)")
     seq_length: PositiveInt | None = Field(None, description="truncate sequences to N tokens")
-    num_examples: PositiveInt | None = Field(None, description="synthetic: examples to generate")
-    seed: int | None = Field(None, description="synthetic: generator seed")
+    num_examples: Annotated[PositiveInt, Le(1_000_000)] | None = Field(
+        None, description="synthetic: examples to generate (at most 1,000,000)"
+    )
+    seed: Seed | None = Field(None, description="synthetic: generator seed")
     _check = _check_target("dataset")
 
     @model_validator(mode="after")
@@ -200,7 +222,9 @@ class DataLoaderConfig(Section):
     target: str | None = _target_field("dataloader")
     collate_fn: str | None = Field(None, description=f"one of {sorted(set(ALLOWED_TARGETS['collate_fn'].values()))}")
     shuffle: bool = Field(True, description="a new seeded order every epoch")
-    pad_to_multiple_of: PositiveInt = Field(8, description="pad each micro-batch's length to a multiple of N")
+    pad_to_multiple_of: Annotated[PositiveInt, Le(1024)] = Field(
+        8, description="pad each micro-batch's length to a multiple of N (at most 1024)"
+    )
     _check = _check_target("dataloader")
 
     @field_validator("collate_fn", mode="before")
@@ -285,15 +309,26 @@ class DistEnvConfig(Section):
     """Process group and CPU threads."""
 
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
-    timeout_minutes: PositiveInt = 30
+    timeout_minutes: Annotated[PositiveInt, Le(7 * 24 * 60)] = Field(30, description="collective timeout (at most a week)")
     cpu_threads: PositiveInt | None = Field(
         None, description="torch threads per process on CPU (default: the cores, shared by the local ranks)"
     )
 
+    @field_validator("cpu_threads")
+    @classmethod
+    def _threads_fit_the_machine(cls, threads: int | None):
+        cores = os.cpu_count() or 1
+        if threads is not None and threads > MAX_THREADS_PER_CORE * cores:
+            raise ValueError(
+                f"{threads} is more than {MAX_THREADS_PER_CORE} x the {cores} CPU cores of this machine; "
+                f"use 1..{MAX_THREADS_PER_CORE * cores}, or leave it out to use the cores"
+            )
+        return threads
+
 
 class RNGConfig(Section):
     target: str | None = _target_field("rng")
-    seed: int = 42
+    seed: Seed = 42
     ranked: bool = Field(False, description="offset the seed by the rank")
     _check = _check_target("rng")
 
@@ -355,7 +390,82 @@ class RecipeConfig(Section):
         return values
 
 
+def check_model_fields(fields: dict[str, Any]) -> None:
+    """``model.config``'s values: those given, then the whole config with transformers' defaults filled in."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from ..checkpoint.hf_checkpoint import SUPPORTED_MODEL_TYPES
+    from ..models.validation import check_model_config
+
+    model_type = fields["model_type"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} must be one of {list(SUPPORTED_MODEL_TYPES)}")
+    check_model_config(fields)
+    try:
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if k != "model_type"})
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise ValueError(" ".join(str(err).split())) from None
+    check_model_config(config)
+
+
 # ----- loading, overrides, errors --------------------------------------------------------------
+# NOTE: real recipes have a few hundred YAML nodes; nested aliases (a "billion laughs" bomb) expand
+# to billions while the file stays tiny, so the size is counted with aliases expanded.
+MAX_YAML_NODES = 100_000
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int] | None = None, open_nodes: set[int] | None = None) -> int:
+    """Nodes under ``node`` with every alias expanded, counted without expanding (memoised per node)."""
+    sizes = {} if sizes is None else sizes
+    open_nodes = set() if open_nodes is None else open_nodes
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ValueError("an alias refers to a node that contains it")
+    open_nodes.add(id(node))
+    total = 1 + sum(expanded_size(child, sizes, open_nodes) for child in _yaml_children(node))
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with one-line errors naming ``source``, refusing alias bombs and self-references."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = expanded_size(node)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source} expands to {size:,} YAML nodes through its aliases (&anchor / *alias); "
+                f"at most {MAX_YAML_NODES:,} are read: write the values out"
+            )
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # a self-referencing alias
+        raise ConfigError(f"{source}: {err}; write the values out") from None
+    except RecursionError:
+        raise ConfigError(f"{source} nests its YAML too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--a.b=1", "--c=x"]`` -> ``{"a.b": 1, "c": "x"}`` (values parsed as YAML)."""
     overrides = {}
@@ -365,7 +475,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, _, text = arg[2:].partition("=")
         if not key:
             raise ConfigError(f"cannot read {arg!r}: the key before '=' is empty")
-        overrides[key] = yaml.safe_load(text) if text else None
+        overrides[key] = load_yaml(text, f"--{key}") if text else None
     return overrides
 
 
@@ -392,9 +502,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    raw = load_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
