@@ -19,15 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-from .safetensors_io import CheckpointFiles
+from .safetensors_io import CheckpointError, CheckpointFiles
 
 _EXPERTS = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 # Release checkpoints carry multi-token-prediction weights that these models do not use.
 SKIPPED_PREFIXES = ("model.mtp_",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: names the key, the file and what was expected."""
 
 
 def is_skipped(hf_key: str) -> bool:

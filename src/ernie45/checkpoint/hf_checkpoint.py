@@ -3,21 +3,27 @@
 Loading builds nothing itself: the caller builds the model on the meta device, then tensors are
 streamed in one at a time (read, cast to the parameter's dtype, placed), so the checkpoint is never
 in memory twice. Every mismatch is reported with the key, the file and what was expected.
+Saving streams tensors into shard files the same way; a parallelised model's tensors are gathered
+onto rank 0 one at a time first, so one ``save_pretrained`` serves both.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, GenerationConfig
 
 from . import hf_adapter
-from .hf_adapter import CheckpointError
-from .safetensors_io import AtomicDirectory, CheckpointFiles, write_safetensors
+from .gather import failure_from_rank0, gather_on_rank0, is_parallel
+from .safetensors_io import CheckpointError, CheckpointFiles, json_object, write_safetensors_stream
+from .staging import CONFIG_FILE, GENERATION_CONFIG_FILE, StagedSave
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +39,24 @@ def load_config(path: str | Path):
         )
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config_file = path / "config.json"
+    config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(
             f"no config.json in {path}: expected an HF checkpoint directory "
             "(config.json + model.safetensors or model.safetensors.index.json)"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = json_object(config_file.read_bytes(), config_file).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{config_file} has model_type={model_type!r}; ernie45 loads ERNIE 4.5 checkpoints "
             f"({' or '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
+        # NOTE: transformers checks each field's type ("Validation error for field 'hidden_size':
+        # ... expected int, got str"); its message names the key, on two lines: made one here.
+        raise CheckpointError(f"{config_file} is not a valid {model_type} config: {' '.join(str(err).split())}") from None
 
 
 def checkpoint_dtype(files: CheckpointFiles) -> torch.dtype:
@@ -109,16 +120,69 @@ def load_hf_weights(model: nn.Module, files: CheckpointFiles, device: torch.devi
     files.close()
 
 
-def hf_state_items(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(HF key, tensor) pairs in HF layout for the whole model (views, no copies)."""
-    return [pair for name, t in native_tensors(model).items() for pair in hf_adapter.to_hf(name, t.detach())]
+def hf_sizes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """(HF key, bytes) of every tensor the checkpoint will hold, from global shapes (no data)."""
+    sizes = []
+    for name, tensor in tensors.items():
+        meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        sizes += [(key, part.numel() * part.element_size()) for key, part in hf_adapter.to_hf(name, meta)]
+    return sizes
+
+
+def hf_items(tensors: dict[str, torch.Tensor], gather: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, whole tensor) in checkpoint order. With ``gather`` it is collective: each tensor is
+    gathered onto rank 0 when its turn comes, the other ranks get nothing, and all must exhaust it."""
+    for name, tensor in tensors.items():
+        whole = gather_on_rank0(tensor) if gather else tensor.detach()
+        if whole is None:
+            continue
+        gathered = isinstance(tensor, DTensor)
+        for key, part in hf_adapter.to_hf(name, whole.cpu() if gathered else whole):
+            # NOTE: a gathered tensor is a temporary: a view of one expert would keep the whole
+            # layer alive until its shard file is written; a copy of just the part lets it go now.
+            yield key, part.clone() if gathered and part.untyped_storage().nbytes() != part.nbytes else part
 
 
 def save_hf_checkpoint(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json (+ generation_config.json) and safetensors in the HF layout, atomically."""
+    """Write config.json, generation_config.json and the weights of ``model`` into ``path`` as
+    transformers lays them out, replacing only those files: a tokenizer or README there stays.
+
+    Collective for a parallelised model (one holding DTensors): every rank calls it, rank 0 writes
+    the files a single-process save writes, and an error there (disk full) is raised on every rank.
+    """
+    tensors = native_tensors(model)
+    if not is_parallel(tensors):
+        _write_checkpoint(model, Path(path), hf_sizes(tensors), hf_items(tensors, gather=False), max_shard_size)
+        return
+    items = hf_items(tensors, gather=True)
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            _write_checkpoint(model, Path(path), hf_sizes(tensors), items, max_shard_size)
+        except Exception as err:
+            failure = err
+    for _ in items:  # every rank takes part in each gather; on rank 0, in those a failure left
+        pass
+    failure = failure_from_rank0(failure)
+    if failure is not None:
+        raise failure
+
+
+def _write_checkpoint(
+    model: nn.Module,
+    path: Path,
+    sizes: list[tuple[str, int]],
+    items: Iterator[tuple[str, torch.Tensor]],
+    max_shard_size: int | str,
+) -> None:
+    """The configs, then the weights, staged beside ``path``'s files and put in place (``StagedSave``)."""
     config = model.config
     config.dtype = model.get_input_embeddings().weight.dtype
-    with AtomicDirectory(path) as tmp:
-        config.save_pretrained(str(tmp))
-        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        write_safetensors(tmp, hf_state_items(model), max_shard_size)
+    with StagedSave(path) as staged:
+        # NOTE: the configs are staged first: transformers validates them as it writes, and a
+        # config it refuses should fail the save before the weights are written, not after.
+        with staged.file(CONFIG_FILE) as file:
+            config.save_pretrained(str(file.parent))
+        with staged.file(GENERATION_CONFIG_FILE) as file:
+            GenerationConfig.from_model_config(config).save_pretrained(str(file.parent))
+        write_safetensors_stream(staged, sizes, items, max_shard_size)

@@ -1,33 +1,59 @@
 """Reading and writing HF-format safetensors checkpoints, one tensor at a time.
 
 Reading never holds more than the tensor being loaded: files are opened lazily with
-``safe_open`` and tensors (or slices of them) are read on demand. Writing goes to a temporary
-directory beside the target, which is renamed into place only when every file is complete, so an
-interrupted save never leaves a half-written checkpoint behind.
+``safe_open`` and tensors (or slices of them) are read on demand. Every file's header is checked
+against the file's size when the checkpoint is opened, so a truncated or corrupt file is one
+``CheckpointError`` naming it, not an error from deep inside safetensors. Writing streams tensors
+into shard files (``write_safetensors_stream``) that ``staging.StagedSave`` puts in place.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from .staging import StagedSave
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # NOTE: safetensors' own limit, checked before the header is read
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not match the model: names the file, the key and what was expected."""
+
+
+def json_object(data: bytes, source: str | os.PathLike) -> dict:
+    """``data`` parsed as a JSON object, else a CheckpointError naming ``source`` and what is wrong."""
+    if not data.strip():
+        raise CheckpointError(f"{source} is empty")
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as err:  # NOTE: JSONDecodeError and bad UTF-8 are ValueErrors
+        raise CheckpointError(f"{source} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source} holds {_JSON_TYPES.get(type(value), type(value).__name__)}, not a JSON object")
+    return value
 
 
 class CheckpointFiles:
@@ -38,13 +64,12 @@ class CheckpointFiles:
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {key: self.directory / name for key, name in weight_map.items()}
+            self._file_of = {key: _shard_path(index, key, name) for key, name in _weight_map(index).items()}
             for path in set(self._file_of.values()):
                 if not path.is_file():
                     raise FileNotFoundError(f"{index} names shard {path.name}, which is missing from {self.directory}")
         elif single.is_file():
-            self._file_of = {key: single for key in _header_keys(single)}
+            self._file_of = dict.fromkeys(_read_header(single), single)
         else:
             found = sorted(p.name for p in self.directory.iterdir()) if self.directory.is_dir() else []
             hint = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" if any(
@@ -53,8 +78,13 @@ class CheckpointFiles:
             raise FileNotFoundError(
                 f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory}{hint}; found: {found[:10]}"
             )
+        # NOTE: every header is read and checked now (a few KB each), so a damaged shard is named
+        # before any weight is loaded rather than halfway through (or by safetensors' own error).
+        self._headers = {path: _read_header(path) for path in set(self._file_of.values())}
+        for key, path in self._file_of.items():
+            if key not in self._headers[path]:
+                raise CheckpointError(f"{index} places {key} in {path.name}, but that file does not hold it")
         self._handles: dict[Path, object] = {}
-        self._headers: dict[Path, dict] = {}
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -66,10 +96,7 @@ class CheckpointFiles:
         return self._file_of[key]
 
     def _header(self, key: str) -> dict:
-        path = self._file_of[key]
-        if path not in self._headers:
-            self._headers[path] = _read_header(path)
-        return self._headers[path][key]
+        return self._headers[self._file_of[key]][key]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._header(key)["shape"])
@@ -80,7 +107,10 @@ class CheckpointFiles:
     def _handle(self, key: str):
         path = self._file_of[key]
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except SafetensorError as err:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
         return self._handles[path]
 
     def get(self, key: str) -> torch.Tensor:
@@ -111,11 +141,36 @@ class CheckpointFiles:
             while view.nbytes:
                 read = f.readinto(view)
                 if not read:
-                    raise EOFError(f"{path} ends inside tensor {key}")
+                    raise CheckpointError(f"{path} ends inside tensor {key} (was it truncated after it was opened?)")
                 view = view[read:]
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> shard file name), checked."""
+    weight_map = json_object(index.read_bytes(), index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f'{index} has no "weight_map" (an object mapping each tensor name to its shard file)')
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index} maps {key} to {name!r}, which is not a file name")
+    return weight_map
+
+
+def _shard_path(index: Path, key: str, name: str) -> Path:
+    """The shard ``name`` inside the index's directory; a name that leaves it is refused.
+
+    NOTE: checked on the name, not on the resolved path: the hub cache links shards to blobs
+    elsewhere, and those links are fine; ``../x`` or ``/etc/x`` written in an index is not.
+    """
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == os.curdir or normal.split(os.sep)[0] == os.pardir:
+        raise CheckpointError(
+            f"{index} maps {key} to {name!r}, which is not a file inside {index.parent}; refusing to read it"
+        )
+    return index.parent / normal
 
 
 def _data_start(path: Path) -> int:
@@ -125,15 +180,44 @@ def _data_start(path: Path) -> int:
 
 
 def _read_header(path: Path) -> dict:
+    """The tensor entries of a safetensors file's header, each checked against the file's size."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims {length} bytes "
+                f"but the file has {size} (and safetensors allows at most {MAX_HEADER_BYTES})"
+            )
+        header = json_object(f.read(length), f"the header of {path}")
     header.pop("__metadata__", None)
+    for key, entry in header.items():
+        _check_entry(path, key, entry, size - 8 - length)
     return header
 
 
-def _header_keys(path: Path) -> list[str]:
-    return list(_read_header(path))
+def _check_entry(path: Path, key: str, entry, data_bytes: int) -> None:
+    """One header entry: a known dtype, a shape, and data offsets that match it and lie inside the file."""
+    try:
+        dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        ints = [*shape, begin, end]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{path}: the header entry of {key} is malformed ({str(entry)[:120]}); "
+            "expected a known dtype, a shape and two data_offsets"
+        ) from None
+    if not all(type(n) is int and n >= 0 for n in ints):
+        raise CheckpointError(f"{path}: {key} has a shape {shape} or data_offsets {[begin, end]} that are not sizes")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: {key} of shape {shape} ({entry['dtype']}) needs {nbytes} bytes, its data_offsets give {end - begin}"
+        )
+    if end > data_bytes:
+        raise CheckpointError(
+            f"{path}: the data of {key} (bytes {begin}..{end}) runs past the end of the file "
+            f"({data_bytes} data bytes); the file is truncated"
+        )
 
 
 def parse_size(size: int | str) -> int:
@@ -162,6 +246,21 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
+def fresh_directory(parent: Path, prefix: str) -> Path:
+    """A new empty directory ``parent/prefix<random>``, created with the process umask.
+
+    NOTE: not ``tempfile.mkdtemp``, which creates it 0700: a checkpoint renamed from there would
+    stay unreadable to everyone else, unlike the 0755-style folders transformers writes.
+    """
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 class AtomicDirectory:
     """``with AtomicDirectory(path) as tmp:`` write into tmp; on success tmp replaces path."""
 
@@ -170,7 +269,7 @@ class AtomicDirectory:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = fresh_directory(self.target.parent, f".{self.target.name}.tmp-")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -190,44 +289,41 @@ class AtomicDirectory:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def write_safetensors(
-    directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int | str
-) -> None:
-    """Write (key, tensor) pairs as HF does: one file, or numbered shards plus an index."""
-    named = [(key, tensor.detach()) for key, tensor in tensors]
-    sizes = [(key, t.numel() * t.element_size()) for key, t in named]
-    write_safetensors_stream(directory, sizes, named, max_shard_size)
+def shard_names(count: int) -> list[str]:
+    """The file names of a checkpoint in ``count`` shards, as transformers names them."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
 
 
 def write_safetensors_stream(
-    directory: Path,
+    staged: StagedSave,
     sizes: list[tuple[str, int]],
     tensors: Iterable[tuple[str, torch.Tensor]],
     max_shard_size: int | str,
 ) -> None:
-    """``write_safetensors`` for tensors that arrive one at a time (e.g. gathered from other ranks)
-    in the order of ``sizes`` ((key, nbytes), known up front): holds at most one shard in memory."""
+    """Write (key, tensor) pairs as HF does (one file, or numbered shards plus an index) into
+    ``staged``. They may arrive one at a time (e.g. gathered from other ranks) in the order of
+    ``sizes`` ((key, nbytes), known up front): at most one shard is held in memory."""
     shards = plan_shards(sizes, parse_size(max_shard_size))
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors" for number in range(1, len(shards) + 1)]
     stream = iter(tensors)
     weight_map = {}
-    for name, keys in zip(names, shards):
+    for name, keys in zip(shard_names(len(shards)), shards):
         shard = {}
         for key in keys:
             arrived, tensor = next(stream)
             if arrived != key:
                 raise ValueError(f"tensor {arrived!r} arrived where the shard plan expects {key!r}")
             shard[key] = tensor.detach()
-        _save(directory / name, shard)
+        with staged.file(name) as path:
+            _save(path, shard)
         weight_map.update({key: name for key in keys})
     if len(shards) == 1:
         return
     total = sum(nbytes for _, nbytes in sizes)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    with staged.file(INDEX_FILE) as path:
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -242,7 +338,3 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         seen.add(ptr)
     save_file(ready, str(path), metadata={"format": "pt"})
 
-
-def iter_tensors(files: CheckpointFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in files.keys():
-        yield key, files.get(key)

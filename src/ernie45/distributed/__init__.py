@@ -1,5 +1,5 @@
 """Scale-out on torch.distributed: device meshes, FSDP2, tensor and expert parallelism,
-activation checkpointing, and HF checkpoints loaded into / saved from sharded models.
+activation checkpointing, and HF checkpoints loaded straight into sharded models.
 
 Typical use (under ``torchrun``)::
 
@@ -7,7 +7,7 @@ Typical use (under ``torchrun``)::
     from ernie45.distributed import ParallelConfig
     model = from_pretrained(path, dtype=torch.bfloat16, parallel=ParallelConfig(ep=8))
     ...
-    model.save_pretrained(out_dir)   # gathers onto rank 0: the files a single-process save writes
+    model.save_pretrained(out_dir)   # collective: gathers onto rank 0, the files a single-process save writes
 
 Or wrap a model you built yourself with ``parallelize_model(model, ParallelConfig(...))``.
 Model code never imports this package: everything here wraps models from outside.
@@ -20,7 +20,6 @@ from .fsdp import apply_fsdp, prepare_for_final_backward, prepare_for_grad_accum
 from .loading import from_pretrained, load_hf_shards
 from .mesh import ParallelMeshes, build_meshes, ensure_process_group
 from .parallelize import parallelize_model
-from .saving import save_pretrained
 from .tensor_parallel import apply_tensor_parallel
 
 __all__ = [
@@ -40,5 +39,4 @@ __all__ = [
     "parallelize_model",
     "prepare_for_final_backward",
     "prepare_for_grad_accumulation",
-    "save_pretrained",
 ]

@@ -4,12 +4,9 @@ TP first (it replaces weights by DTensors on the ``tp`` mesh), then EP (experts 
 ``Shard(0)`` DTensors on ``ep`` and the all-to-all dispatcher is installed), then activation
 checkpointing (hooks on each block), then FSDP2 last, since it shards whatever the others left.
 Works on a model built on the meta device too (that is how ``from_pretrained`` uses it).
-The model's ``save_pretrained`` is replaced by the sharded one (``saving.save_pretrained``).
 """
 
 from __future__ import annotations
-
-from types import MethodType
 
 from torch import nn
 
@@ -18,7 +15,6 @@ from .config import ParallelConfig, check_model_fits
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp
 from .mesh import ParallelMeshes, build_meshes
-from .saving import save_pretrained
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -34,6 +30,4 @@ def parallelize_model(model: nn.Module, parallel: ParallelConfig | ParallelMeshe
     if layout.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, meshes)
-    # NOTE: the model's own save_pretrained cannot read sharded tensors; this one gathers them.
-    model.save_pretrained = MethodType(save_pretrained, model)
     return meshes

@@ -25,7 +25,6 @@ from ..distributed import (
     prepare_for_grad_accumulation,
 )
 from ..distributed import from_pretrained as parallel_from_pretrained
-from ..distributed import save_pretrained as parallel_save_pretrained
 from ..models.backend import BackendConfig
 from ..tokenizer import train_tokenizer
 from .config import ConfigError, RecipeConfig
@@ -205,7 +204,7 @@ def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> N
 def export_hf(model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout) -> None:
     """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective)."""
     if layout.sharded:
-        parallel_save_pretrained(model, path)
+        model.save_pretrained(path)  # collective: every rank takes part, rank 0 writes
     elif runtime.is_main:
         # NOTE: training is over, so the master weights can be cast in place (fp32-only tensors
         # such as the router weight and RoPE frequencies are protected by the model code).
