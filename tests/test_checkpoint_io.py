@@ -15,7 +15,7 @@ import ernie45
 from ernie45.checkpoint import CheckpointError, CheckpointFiles
 from ernie45.checkpoint import safetensors_io
 
-from conftest import random_hf_model, tiny_dense_config
+from builders import random_hf_model, tiny_dense_config
 
 
 def _all_tensors(directory) -> dict[str, torch.Tensor]:

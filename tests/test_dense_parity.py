@@ -9,7 +9,7 @@ from transformers import Ernie4_5ForCausalLM as HFErnie
 import ernie45
 from ernie45 import BackendConfig
 
-from conftest import random_hf_model, tiny_dense_config
+from builders import random_hf_model, tiny_dense_config
 
 CONFIGS = {
     "gqa": {},

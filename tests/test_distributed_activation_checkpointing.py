@@ -7,7 +7,8 @@ import copy
 
 import torch
 
-from dist_models import assert_grads_close, moe_model, token_batch
+from builders import moe_model, token_batch
+from dist_checks import assert_grads_close
 from ernie45.distributed import apply_activation_checkpointing
 
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ernie45
-from conftest import random_hf_model, tiny_dense_config
+from builders import make_routing_matter, random_hf_model, tiny_dense_config, tiny_moe_config, token_batch
+from dist_checks import assert_close
 from dist_harness import run_ranks
-from dist_models import assert_close, make_routing_matter, tiny_moe_config, token_batch
 from ernie45.checkpoint.hf_checkpoint import native_tensors
 from ernie45.checkpoint.safetensors_io import CheckpointFiles
 from ernie45.distributed import ParallelConfig

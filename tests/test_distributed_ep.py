@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from builders import moe_model, token_batch
+from dist_checks import assert_close, assert_grads_close
 from dist_harness import run_ranks
-from dist_models import assert_close, assert_grads_close, moe_model, token_batch
 from ernie45.distributed import AllToAllDispatcher, ParallelConfig, parallelize_model
 from ernie45.moe import GroupedExperts, LocalDispatcher
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from builders import dense_model, moe_model, token_batch
+from dist_checks import assert_close, assert_grads_close, assert_params_close, full
 from dist_harness import run_ranks
-from dist_models import assert_close, assert_grads_close, assert_params_close, dense_model, full, moe_model, token_batch
 from ernie45.distributed import (
     ParallelConfig,
     parallelize_model,

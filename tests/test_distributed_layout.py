@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import ernie45
-from conftest import tiny_dense_config
+from builders import tiny_dense_config, tiny_moe_config
 from dist_harness import run_ranks
-from dist_models import tiny_moe_config
 from ernie45 import Ernie4_5ForCausalLM
 from ernie45.distributed import LayoutError, ParallelConfig, check_model_fits
 from ernie45.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM

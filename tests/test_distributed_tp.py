@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
+from builders import dense_model, token_batch
+from dist_checks import assert_close, assert_grads_close
 from dist_harness import run_ranks
-from dist_models import assert_close, assert_grads_close, dense_model, token_batch
 from ernie45.distributed import ParallelConfig, parallelize_model
 
 

@@ -24,12 +24,7 @@ from ernie45.evaluation import (
 )
 from ernie45.tokenizer import train_tokenizer
 
-from tiny_lm import HELLASWAG, hellaswag_records, load_tokenizer, save_tiny_lm, training_texts
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+from builders import HELLASWAG, hellaswag_records, load_tokenizer, training_texts
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """``ernie45 finetune`` end to end: the embedded default, the CPU twins of the HellaSwag examples
-with tiny random HF checkpoints and the real HellaSwag file, exact resume, a kill while
+with tiny random HF checkpoints and real HellaSwag examples (tests/assets), exact resume, a kill while
 checkpointing, bad configs, SFT data, and two gloo ranks (dp=2, tp=2, ep=2) against one process."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_hf_model, tiny_dense_config
-from transformers import AutoModelForCausalLM, AutoTokenizer, Ernie4_5_MoeConfig
+from builders import HELLASWAG, random_hf_model, tiny_dense_config, tiny_moe_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import Ernie4_5_MoeForCausalLM as HFMoeForCausalLM
 from transformers import Ernie4_5ForCausalLM as HFForCausalLM
 from typer.testing import CliRunner
@@ -29,7 +29,9 @@ from ernie45.training.data import record_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
+# NOTE: the twins hold out examples 5000-5007 of the full file for validation; the 300-example
+# fixture holds out 200-207 (training reads the first 96 either way).
+VALIDATION_OFFSET = 200
 
 
 # ----- helpers ---------------------------------------------------------------------------------
@@ -56,12 +58,13 @@ def train_losses(output_dir: Path) -> list[float]:
 
 
 def twin(name: str, checkpoint: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Arguments running a CPU twin example on ``checkpoint`` and the real HellaSwag file."""
+    """Arguments running a CPU twin example on ``checkpoint`` and the HellaSwag fixture."""
     return [
         str(EXAMPLES / name),
         f"--model.pretrained_model_name_or_path={checkpoint}",
         f"--dataset.path_or_dataset={HELLASWAG}",
         f"--validation_dataset.path_or_dataset={HELLASWAG}",
+        f"--validation_dataset.sample_offset={VALIDATION_OFFSET}",
         f"--output_dir={output_dir}",
         *extra,
     ]
@@ -92,22 +95,15 @@ def dense_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory, tokenizer) -> Path:
-    config = Ernie4_5_MoeConfig(
+    config = tiny_moe_config(
         **_special_ids(tokenizer),
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=512,
         moe_num_experts=4,
-        moe_k=2,
         moe_intermediate_size=32,
-        moe_num_shared_experts=1,
-        moe_layer_start_index=1,
-        moe_layer_end_index=-1,
-        tie_word_embeddings=True,
     )
     return _save(random_hf_model(HFMoeForCausalLM, config), tokenizer, tmp_path_factory.mktemp("moe"))
 

@@ -11,11 +11,9 @@ import ernie45
 from ernie45 import BackendConfig
 from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask, token_chooser
 
-from conftest import random_hf_model, tiny_dense_config
+from builders import VARIED, random_hf_model, tiny_dense_config
 
 NEW_TOKENS = 24
-# NOTE: a large init spread makes tiny random models produce varied text instead of one repeated token.
-VARIED = dict(initializer_range=0.3, tie_word_embeddings=False)
 
 
 def _dense_pair(tmp_path, backend=None):

@@ -10,14 +10,9 @@ import ernie45
 from ernie45.chat import chat_end_ids, stream_text
 from ernie45.cli import app
 
-from tiny_lm import load_tokenizer, save_tiny_lm
+from builders import load_tokenizer
 
 PROMPT = "A man is sitting on a roof. he"
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 def _run(*args: str, stdin: str | None = None):

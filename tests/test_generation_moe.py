@@ -7,8 +7,8 @@ import pytest
 import ernie45
 from ernie45 import BackendConfig
 
-from test_generation import VARIED, assert_cached_steps_match_uncached, assert_greedy_parity
-from test_moe import random_hf_moe, tiny_moe_config
+from builders import VARIED, random_hf_moe, tiny_moe_config
+from test_generation import assert_cached_steps_match_uncached, assert_greedy_parity
 
 
 def _moe_pair(tmp_path, experts: str = "torch_mm"):

@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import Ernie4_5_MoeConfig
 from transformers import Ernie4_5_MoeForCausalLM as HFMoe
 
 import ernie45
@@ -23,51 +22,9 @@ from ernie45.moe import (
     update_correction_bias,
 )
 
-from conftest import perturb_norms_and_biases
+from builders import random_hf_moe, tiny_moe_config
 
 BACKENDS = ["torch", "torch_mm"]
-
-
-def tiny_moe_config(**overrides) -> Ernie4_5_MoeConfig:
-    values = dict(
-        vocab_size=160,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        moe_intermediate_size=16,
-        moe_num_experts=8,
-        moe_k=2,
-        moe_num_shared_experts=1,
-        moe_layer_start_index=1,
-        moe_layer_end_index=-1,
-        moe_layer_interval=1,
-        tie_word_embeddings=True,
-        use_bias=False,
-        experts_implementation="eager",  # transformers' readable loop is the reference
-    )
-    values.update(overrides)
-    return Ernie4_5_MoeConfig(**values)
-
-
-def random_hf_moe(config, seed: int = 0, bias_scale: float = 0.01) -> HFMoe:
-    """A transformers MoE model whose routing depends on the input (router std 0.3) and whose
-    correction bias is small but non-zero (``bias_scale``); norms and biases moved off 1/0."""
-    torch.manual_seed(seed)
-    model = HFMoe(config).eval()
-    perturb_norms_and_biases(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.3)
-            elif name.endswith("e_score_correction_bias"):
-                param.normal_(0.0, bias_scale)
-            elif "experts" in name:
-                param.normal_(0.0, 0.1)
-    return model
 
 
 def load_pair(tmp_path, config, backend=None, **hf_kwargs):
@@ -154,7 +111,7 @@ def test_left_padding_matches_transformers_and_skips_experts(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_correction_bias_changes_selection_and_matches(tmp_path, backend):
-    hf, ours = load_pair(tmp_path, tiny_moe_config(), BackendConfig(experts=backend), bias_scale=0.3)
+    hf, ours = load_pair(tmp_path, tiny_moe_config(), BackendConfig(experts=backend), bias_std=0.3)
     ids = torch.randint(0, 160, (2, 11), generator=torch.Generator().manual_seed(3))
     layer = ours.moe_layers()[0]
     x = torch.randn(22, 32, generator=torch.Generator().manual_seed(4))

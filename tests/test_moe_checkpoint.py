@@ -18,7 +18,7 @@ from ernie45.checkpoint import CheckpointError, CheckpointFiles
 from ernie45.checkpoint.hf_adapter import read_native, read_native_into
 from ernie45.checkpoint.hf_checkpoint import native_tensors
 
-from test_moe import random_hf_moe, tiny_moe_config
+from builders import random_hf_moe, tiny_moe_config
 
 
 def read_all(directory) -> dict[str, torch.Tensor]:
@@ -29,7 +29,7 @@ def read_all(directory) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("overrides", [{}, dict(use_bias=True, tie_word_embeddings=False, moe_num_shared_experts=0)])
 def test_save_matches_transformers_and_reloads_bit_exact(tmp_path, dtype, overrides):
-    random_hf_moe(tiny_moe_config(**overrides), bias_scale=0.3).save_pretrained(tmp_path / "seed")
+    random_hf_moe(tiny_moe_config(**overrides), bias_std=0.3).save_pretrained(tmp_path / "seed")
     hf = HFMoe.from_pretrained(tmp_path / "seed", dtype=dtype)
     hf.save_pretrained(tmp_path / "hf")
     ours = ernie45.from_pretrained(tmp_path / "hf")
@@ -191,7 +191,7 @@ def test_flops_per_token_formula():
 def test_dense_accounting_matches_transformers():
     from transformers import Ernie4_5ForCausalLM as HFDense
 
-    from conftest import tiny_dense_config
+    from builders import tiny_dense_config
 
     for overrides in ({}, dict(use_bias=True, tie_word_embeddings=False)):
         config = tiny_dense_config(**overrides)

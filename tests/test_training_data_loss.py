@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_dense_config
+from builders import tiny_dense_config
 
 from ernie45 import Ernie4_5ForCausalLM
 from ernie45.tokenizer import train_tokenizer
