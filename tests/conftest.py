@@ -12,6 +12,15 @@ from builders import random_hf_model, save_tiny_lm, tiny_dense_config
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def keep_the_thread_count():
+    """Undo a test's torch.set_num_threads (benchmarks/measure.py sets 2): two threads on a busy
+    2-core machine made each later greedy-generation test take about 6 s instead of 0.3 s."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def dense_checkpoint(tmp_path):
     """(directory, transformers model) for a tiny dense model saved by transformers."""
