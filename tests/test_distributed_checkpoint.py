@@ -109,6 +109,7 @@ def checkpoints(tmp_path_factory):
     ],
     ids=["dense-fsdp2", "dense-tp2", "dense-tp2xfsdp2", "moe-ep2", "moe-ep2xfsdp2", "moe-tp2", "moe-tp2xfsdp2-ep2"],
 )
+@pytest.mark.multiprocess
 def test_load_into_layout_and_save_back(checkpoints, tmp_path, kind, world, layout):
     source, hf_model = checkpoints[kind]
     target = tmp_path / "saved"

@@ -17,6 +17,9 @@ from dist_harness import run_ranks
 from ernie45.distributed import AllToAllDispatcher, ParallelConfig, parallelize_model
 from ernie45.moe import GroupedExperts, LocalDispatcher
 
+# NOTE: every test here forks gloo ranks.
+pytestmark = pytest.mark.multiprocess
+
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 8, 8, 2
 
 

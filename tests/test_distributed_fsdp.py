@@ -19,6 +19,9 @@ from ernie45.distributed import (
     prepare_for_grad_accumulation,
 )
 
+# NOTE: every test here forks gloo ranks.
+pytestmark = pytest.mark.multiprocess
+
 FP32 = dict(param_dtype=torch.float32)
 
 

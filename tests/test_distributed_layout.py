@@ -83,6 +83,7 @@ def _bad_layouts_on_two_ranks(rank: int, world: int, path: str) -> None:
         ernie45.from_pretrained(path, parallel=ParallelConfig(dp_shard=4))
 
 
+@pytest.mark.multiprocess
 def test_bad_layouts_fail_on_every_rank_before_loading(dense_checkpoint):
     run_ranks(_bad_layouts_on_two_ranks, 2, str(dense_checkpoint[0]))
 
@@ -94,6 +95,7 @@ def _load_under_torchrun_environment(rank: int, world: int, path: str) -> None:
     assert model.model.layers[0].self_attn.q_proj.weight.device_mesh.mesh_dim_names == ("dp_shard",)
 
 
+@pytest.mark.multiprocess
 def test_parallel_load_starts_the_process_group_from_torchrun_environment(dense_checkpoint):
     run_ranks(_load_under_torchrun_environment, 2, str(dense_checkpoint[0]), init=False)
 

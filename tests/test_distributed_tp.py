@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from builders import dense_model, token_batch
 from dist_checks import assert_close, assert_grads_close
 from dist_harness import run_ranks
 from ernie45.distributed import ParallelConfig, parallelize_model
+
+# NOTE: every test here forks gloo ranks.
+pytestmark = pytest.mark.multiprocess
 
 
 def _tp_forward_backward(rank: int, world: int, overrides: dict) -> None:

@@ -109,6 +109,7 @@ def moe_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 # ----- the embedded default --------------------------------------------------------------------
+@pytest.mark.slow
 def test_default_run_learns_and_exports_an_hf_model_transformers_loads(tmp_path):
     out = tmp_path / "run"
     summary = finetune(f"--output_dir={out}")  # the README's first command, with an output folder
@@ -164,6 +165,7 @@ def test_four_steps_then_resume_to_eight_reproduces_the_losses_exactly(tmp_path,
     assert train_losses(out) == straight_run and again["val_loss_before"] == resumed["val_loss_before"]
 
 
+@pytest.mark.slow
 def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_path, dense_dir, straight_run):
     out = tmp_path / "run"
     # Kill the process (SIGKILL, no clean-up) right after the step-8 checkpoint's tensors are written,
@@ -253,6 +255,8 @@ def test_help_documents_every_section():
           "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"]],
     ids=["dp2", "tp2"],
 )
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run, layout):
     """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy) or tensor parallelism (tp=2),
     started by an outside torchrun."""
@@ -275,6 +279,8 @@ def single_process_moe(tmp_path_factory, moe_dir) -> list[float]:
     return train_losses(out)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_expert_parallel_over_two_ranks_follows_the_single_process_curve_across_a_resume(tmp_path, moe_dir, single_process_moe):
     """ep=2 (experts split over 2 gloo ranks, FSDP2 for the rest) via --nproc-per-node; 4 steps, then --resume to 8."""
     out = tmp_path / "run"
