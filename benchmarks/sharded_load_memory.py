@@ -67,7 +67,7 @@ def load(directory: Path, layout: dict | None) -> None:
     import ernie45
     from ernie45.checkpoint.hf_checkpoint import native_tensors
     from ernie45.distributed import ParallelConfig, ensure_process_group
-    from ernie45.distributed.loading import local_part
+    from ernie45.sharding import local_part
 
     if layout is not None:
         ensure_process_group()

@@ -19,12 +19,12 @@ def test_recompute_replays_routing_even_if_the_router_state_changed():
     batch = token_batch(reference.config.vocab_size, 2, 12)
     reference(batch, labels=batch).loss.backward()
     loss = model(batch, labels=batch).loss
-    load = [layer.last_tokens_per_expert.clone() for layer in model.moe_layers()]
+    load = [layer.last_record.tokens_per_expert.clone() for layer in model.moe_layers()]
     with torch.no_grad():  # a recompute that re-ran top-k would now send every token to expert 3
         for layer in model.moe_layers():
             layer.moe_statics.e_score_correction_bias[0, 3] += 100.0
     loss.backward()
     assert_grads_close(model, reference, "grads after a replayed recompute")
     for layer, before in zip(model.moe_layers(), load):
-        assert torch.equal(layer.last_tokens_per_expert, before)  # not overwritten by the recompute
+        assert torch.equal(layer.last_record.tokens_per_expert, before)  # not overwritten by the recompute
         assert before[3] < batch.numel()

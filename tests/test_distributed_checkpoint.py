@@ -21,7 +21,7 @@ from dist_harness import run_ranks
 from ernie45.checkpoint.hf_checkpoint import native_tensors
 from ernie45.checkpoint.safetensors_io import CheckpointFiles
 from ernie45.distributed import ParallelConfig
-from ernie45.distributed.loading import local_part
+from ernie45.sharding import local_part
 
 SHARD_SIZE = "40KB"  # small enough that every checkpoint here spans several files
 

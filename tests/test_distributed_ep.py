@@ -114,7 +114,7 @@ def _moe_parity(rank: int, world: int, layout: dict, favourite_experts: tuple[in
     labels = batch.masked_fill(mask == 0, -100)
     rows = slice(*(rank // resolved.tp * 2 + offset for offset in (0, 2)))  # tp peers share rows
     expected = reference(batch, attention_mask=mask, labels=labels)
-    expected_load = [layer.last_tokens_per_expert.clone() for layer in reference.moe_layers()]
+    expected_load = [layer.last_record.tokens_per_expert.clone() for layer in reference.moe_layers()]
     out = model(batch[rows], attention_mask=mask[rows], labels=labels[rows])
     logits = assert_close(out.logits, expected.logits[rows], "logits")
 
@@ -124,7 +124,7 @@ def _moe_parity(rank: int, world: int, layout: dict, favourite_experts: tuple[in
     runs = 2 if resolved.activation_checkpointing else 1  # forward, and the recompute in backward
     assert len(dense_calls) == len(moe_calls) == runs
     for layer, load in zip(model.moe_layers(), expected_load):  # no double counting on recompute
-        total = layer.last_tokens_per_expert.clone()
+        total = layer.last_record.tokens_per_expert.clone()
         dist.all_reduce(total)
         assert torch.equal(total // resolved.tp, load)
     if favourite_experts:

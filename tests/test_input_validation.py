@@ -13,11 +13,15 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
+from builders import HELLASWAG, load_tokenizer
 from pydantic import BaseModel
 from transformers import Ernie4_5Config, Ernie4_5_MoeConfig
 from typer.testing import CliRunner
 
+import ernie45
 from ernie45.cli import app
+from ernie45.evaluation import load_hellaswag
 from ernie45.models.validation import check_model_config
 from ernie45.training.config import (
     DEFAULT_RECIPE,
@@ -210,6 +214,7 @@ ACCEPTED = {
     ("optimizer.lr", 1e30),  # finite; a diverging run is the training-run checks' business
     ("optimizer.eps", 1e30),  # finite; updates become ~0 (torch accepts it too)
     ("clip_grad_norm.max_norm", 1e30),  # = no clipping
+    ("step_scheduler.skip_nonfinite_steps", 0),  # = stop at the first non-finite step
     ("moe.aux_loss_coef", 0), ("moe.aux_loss_coef", 1e30), ("moe.bias_update_rate", 0), ("moe.bias_update_rate", 1e30),
     ("model.config.moe_num_shared_experts", 0), ("model.config.moe_layer_start_index", 0),
     ("model.config.moe_layer_end_index", 0), ("model.config.moe_layer_end_index", -1),
@@ -249,3 +254,138 @@ def test_every_numeric_key_takes_only_meaningful_values(recipe):
             if _outcome(raw, key, value) is None:
                 accepted.add((key, value))
     assert accepted <= ACCEPTED, sorted(accepted - ACCEPTED)
+
+
+# ----- dataset records -------------------------------------------------------------------------
+HELLASWAG_LINE = '{"ctx": "A man is on a roof. he", "endings": ["a", "b", "c", "d"], "label": 3}\n'
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 1.5}', "label=1.5 must index one of its 4 endings (an integer 0..3)"),
+        ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}', "label=4 must index one of its 4 endings (an integer 0..3)"),
+        ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": true}', "label=True must index one of its 4 endings"),
+        ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": ""}', "label='' must index one of its 4 endings"),  # the hub's test split
+        ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": NaN}', "label=nan must index one of its 4 endings"),
+        ('{"ctx": null, "endings": ["a", "b"], "label": 0}', "ctx must be a string, got null"),
+        ('{"ctx": "x", "endings": "abcd", "label": 0}', "endings must be a non-empty list of strings, got a string"),
+        ('{"ctx": "x", "endings": ["a", 2], "label": 0}', "endings must be a non-empty list of strings, got a list"),
+        ('{"activity_label": "Roof", "ctx_a": "x", "ctx_b": 7, "endings": ["a"], "label": 0}', "ctx_b must be a string, got a number"),
+    ],
+)
+def test_bad_hellaswag_fields_name_file_line_and_field(tmp_path, line, message):
+    data = tmp_path / "hs.jsonl"
+    data.write_text(HELLASWAG_LINE + "\n" + line + "\n")  # the blank line still counts: the bad record is line 3
+    with pytest.raises(ValueError) as info:
+        load_hellaswag(data)
+    assert str(info.value) == f"{data}:3: {message}" + str(info.value).split(message, 1)[1]
+
+
+def test_hellaswag_labels_may_be_digit_strings_as_in_the_hub_copy(tmp_path):
+    data = tmp_path / "hs.jsonl"
+    data.write_text(HELLASWAG_LINE.replace('"label": 3', '"label": "2"'))
+    assert load_hellaswag(data)[0].label == 2
+
+
+def test_a_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path, tiny_lm_dir):
+    data = tmp_path / "hs.jsonl"
+    data.write_bytes(HELLASWAG_LINE.encode() + HELLASWAG_LINE.replace("roof", "caf\u00e9").encode("latin-1"))
+    result = _cli("eval", "hellaswag", "--model", str(tiny_lm_dir), "--data", str(data), "--output", str(tmp_path / "r.json"))
+    assert result.exit_code == 2
+    column = HELLASWAG_LINE.index("roof") + 4  # 1-based, after "caf"
+    assert result.stderr == f"error: {data}:2 is not UTF-8 text (byte 0xe9 at column {column}); save the file as UTF-8\n"
+
+
+# ----- generate / chat ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--temperature", "nan"), "--temperature nan must be >= 0 and finite (0 = greedy)"),
+        (("--temperature", "inf"), "--temperature inf must be >= 0 and finite (0 = greedy)"),
+        (("--temperature", "-0.5"), "--temperature -0.5 must be >= 0 and finite (0 = greedy)"),
+        (("--temperature", "0.7", "--top-p", "0"), "top_p=0.0 must be in (0, 1]"),
+        (("--temperature", "0.7", "--top-p", "nan"), "top_p=nan must be in (0, 1]"),
+        (("--top-p", "1.5"), "top_p=1.5 must be in (0, 1]"),  # greedy still checks it
+        (("--top-k", "0"), "top_k=0 must be an integer >= 1"),
+        (("--max-new-tokens", "0"), "--max-new-tokens 0 must be >= 1"),
+        (("--seed", str(2**70)), f"--seed {2**70} is out of range; use an integer between -2**63 and 2**63 - 1"),
+    ],
+)
+def test_bad_sampling_options_are_refused_before_the_model_loads(tmp_path, args, message):
+    # NOTE: --model does not exist: the option is refused first, so nothing was loaded.
+    result = _cli("generate", "--model", str(tmp_path / "absent"), "--prompt", "x", *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {message}") and len(result.stderr.splitlines()) == 1
+
+
+def test_a_kv_cache_beyond_all_memory_is_refused_not_a_failed_allocation(tiny_lm_dir):
+    for mode in (["--prompt", "x"], ["--chat"]):
+        result = _cli("generate", "--model", str(tiny_lm_dir), *mode, "--max-new-tokens", str(10**13), "--device", "cpu")
+        assert result.exit_code == 2, result.output
+        assert f"--max-new-tokens {10**13} needs a " in result.stderr and "GiB of host memory here" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and result.exception.__class__ is SystemExit
+
+
+def _greedy(model_dir: Path, text: str, max_new_tokens: int) -> str:
+    model, tokenizer = ernie45.from_pretrained(model_dir), load_tokenizer(model_dir)
+    ids = tokenizer.encode(text)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_a_prompt_that_is_not_utf8_is_decoded_with_replacement_and_a_warning(tiny_lm_dir):
+    run = _python("generate", "--model", str(tiny_lm_dir), "--prompt", b"caf\xe9 au lait", "--max-new-tokens", "6", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    # NOTE: only the first line: libraries may log their own notices after it
+    assert run.stderr.decode().splitlines()[0] == (
+        "warning: --prompt is not valid UTF-8; its undecodable bytes were replaced with U+FFFD"
+    )
+    assert run.stdout.decode() == _greedy(tiny_lm_dir, "caf\ufffd au lait", 6) + "\n"
+
+
+def test_chat_input_that_is_not_utf8_is_replaced_with_a_warning(tiny_lm_dir):
+    args = ("generate", "--model", str(tiny_lm_dir), "--chat", "--max-new-tokens", "6", "--device", "cpu")
+    bad = _cli(*args, stdin=b"hello \xff there\n\n")
+    assert bad.exit_code == 0, bad.output
+    assert bad.stderr == "warning: this line of input is not valid UTF-8; its undecodable bytes were replaced with U+FFFD\n"
+    clean = _cli(*args, stdin="hello \ufffd there\n\n".encode())
+    assert clean.exit_code == 0 and clean.stderr == ""
+    assert bad.stdout == clean.stdout and bad.stdout.startswith("User: Assistant: ")
+
+
+def test_running_past_max_position_embeddings_warns_once_with_the_fix(tiny_lm_dir):
+    limit = 256  # the tiny model's max_position_embeddings
+    result = _cli("generate", "--model", str(tiny_lm_dir), "--prompt", "A man is", "--max-new-tokens", "300", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    prompt_len = len(load_tokenizer(tiny_lm_dir).encode("A man is"))
+    assert result.stderr == (
+        f"warning: the prompt ({prompt_len} tokens) + --max-new-tokens 300 = {prompt_len + 300} positions pass the model's "
+        f"max_position_embeddings={limit}; the output may degrade beyond it: pass --max-new-tokens {limit - prompt_len} or less\n"
+    )
+    chat = _cli("generate", "--model", str(tiny_lm_dir), "--chat", "--max-new-tokens", "250", "--device", "cpu",
+                stdin="hello there\nhow are you?\nand then?\n\n")  # fmt: skip
+    assert chat.exit_code == 0, chat.output
+    assert chat.stderr.count("warning: ") == 1 and "max_position_embeddings=256" in chat.stderr
+    short = _cli("generate", "--model", str(tiny_lm_dir), "--prompt", "A man is", "--max-new-tokens", "4", "--device", "cpu")
+    assert short.exit_code == 0 and short.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [(["generate"], ["--prompt", "x"]), (["eval", "hellaswag"], ["--limit", "1", "--data", str(HELLASWAG)])],
+)
+def test_a_model_without_tokenizer_files_says_so_and_how_to_pass_one(tiny_lm_dir, tmp_path, command, options):
+    bare = tmp_path / "model_only"
+    ernie45.from_pretrained(tiny_lm_dir).save_pretrained(bare)
+    options = [*options, "--device", "cpu"] + (["--output", str(tmp_path / "r.json")] if command[0] == "eval" else [])
+    result = _cli(*command, "--model", str(bare), *options)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: no tokenizer could be loaded from {bare}: it holds none of the tokenizer files ['tokenizer.json', "
+        "'tokenizer_config.json', 'tokenizer.model', 'vocab.json']; pass --tokenizer DIR, the directory of the tokenizer "
+        "the model was trained with\n"
+    )
+    assert "sentencepiece" not in result.output
+    fixed = _cli(*command, "--model", str(bare), "--tokenizer", str(tiny_lm_dir), *options)
+    assert fixed.exit_code == 0, fixed.output

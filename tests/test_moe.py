@@ -143,7 +143,9 @@ def test_aux_loss_matches_transformers_and_is_not_added(tmp_path, backend):
     assert len(got.router_logits) == len(ours.moe_layers())
     got.aux_loss.backward()
     assert ours.moe_layers()[0].gate.weight.grad.abs().sum() > 0
-    assert all(layer.last_aux_stats is None for layer in ours.moe_layers())  # graph not kept alive
+    # What a layer keeps of its last forward is its record: expert loads [E] and router scores [T,E].
+    records = [layer.last_record for layer in ours.moe_layers()]
+    assert all(r.router_probs.shape == (ids.numel(), hf.config.moe_num_experts) for r in records)
 
 
 def test_aux_loss_on_by_coefficient():
@@ -230,7 +232,7 @@ def test_all_tokens_on_one_expert_and_empty_experts(backend):
         layer.moe_statics.e_score_correction_bias[0, 5] = 10.0  # everything goes to expert 5
     x = torch.randn(9, 32, requires_grad=True)
     out = layer(x)
-    assert layer.last_tokens_per_expert.tolist() == [0, 0, 0, 0, 0, 9, 0, 0]
+    assert layer.last_record.tokens_per_expert.tolist() == [0, 0, 0, 0, 0, 9, 0, 0]
     torch.testing.assert_close(out, naive_moe(layer, x), rtol=1e-5, atol=1e-6)
     out.sum().backward()  # an expanded gradient: _grouped_mm's backward needs it contiguous
     grad = layer.experts.gate_up_proj.grad
@@ -243,7 +245,7 @@ def test_all_padding_gives_shared_only(backend):
     x = torch.randn(2, 3, 32)
     out = layer(x, padding_mask=torch.ones(2, 3, dtype=torch.bool))
     torch.testing.assert_close(out, layer.shared_experts(x))
-    assert layer.last_tokens_per_expert.sum() == 0
+    assert layer.last_record.tokens_per_expert.sum() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -293,7 +295,7 @@ def test_fake_balanced_gate_is_round_robin():
     layer = make_layer("torch_mm", fake_balanced_gate=True)
     out = layer(torch.randn(16, 32))
     assert out.shape == (16, 32)
-    assert layer.last_tokens_per_expert.tolist() == [4] * 8  # 16 tokens * 2 / 8 experts
+    assert layer.last_record.tokens_per_expert.tolist() == [4] * 8  # 16 tokens * 2 / 8 experts
     noisy = fake_balanced_routing(16, 8, 3, torch.float32, torch.device("cpu"), noise=1.0)
     assert all(len(set(row)) == 3 for row in noisy.topk_idx.tolist())  # still K distinct experts
     torch.testing.assert_close(noisy.topk_weight, torch.full((16, 3), 1 / 3))

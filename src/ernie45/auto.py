@@ -1,4 +1,4 @@
-"""``ernie45.from_pretrained``: read config.json, pick the dense or MoE class, load."""
+"""``ernie45.from_pretrained`` / ``ernie45.from_config``: pick the dense or MoE class from the config."""
 
 from __future__ import annotations
 
@@ -8,26 +8,12 @@ import torch
 
 from .checkpoint.hf_checkpoint import load_config
 from .models.backend import BackendConfig
-
-
-def model_class_for(config):
-    """The model class for a transformers config (dense ``ernie4_5`` or MoE ``ernie4_5_moe``)."""
-    from .models.ernie4_5 import Ernie4_5ForCausalLM
-
-    if config.model_type == "ernie4_5":
-        return Ernie4_5ForCausalLM
-    if config.model_type == "ernie4_5_moe":
-        try:
-            from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
-        except ImportError as err:
-            raise NotImplementedError("ERNIE 4.5 MoE checkpoints are not supported yet") from err
-        return Ernie4_5_MoeForCausalLM
-    raise ValueError(f"model_type={config.model_type!r} is not an ERNIE 4.5 model")
+from .models.registry import model_class_for
 
 
 def from_pretrained(
     path: str | Path,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     backend: BackendConfig | None = None,
     device: torch.device | str | None = None,
     parallel=None,
@@ -39,8 +25,20 @@ def from_pretrained(
     into that layout (under torchrun); None loads the whole model here.
     """
     if parallel is not None:
+        # NOTE: imported here so that `import ernie45` does not pull in torch.distributed's wrappers.
         from .distributed.loading import from_pretrained as from_pretrained_parallel
 
         return from_pretrained_parallel(path, parallel, dtype=dtype, backend=backend, device=device, **kwargs)
-    config = load_config(path)
-    return model_class_for(config).from_pretrained(path, dtype=dtype, backend=backend, device=device, **kwargs)
+    cls = model_class_for(load_config(path))
+    return cls.from_pretrained(path, dtype=dtype, backend=backend, device=device, **kwargs)
+
+
+def from_config(
+    config,
+    backend: BackendConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    **kwargs,
+):
+    """A randomly initialised model of the class ``config.model_type`` names (transformers' init)."""
+    return model_class_for(config).from_config(config, backend=backend, dtype=dtype, device=device, **kwargs)

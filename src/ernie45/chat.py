@@ -43,16 +43,31 @@ def chat_end_ids(model, tokenizer) -> list[int]:
     return end_ids + [i for i in extra if i is not None and i not in end_ids]
 
 
+def length_warning(model, prompt_len: int, max_new_tokens: int) -> str | None:
+    """What to say when prompt + new tokens run past ``max_position_embeddings`` (as transformers warns):
+    positions the model never saw in training, where its output may degrade."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or prompt_len + max_new_tokens <= limit:
+        return None
+    fix = f"pass --max-new-tokens {limit - prompt_len} or less" if prompt_len < limit else "shorten the prompt"
+    return (
+        f"the prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} = {prompt_len + max_new_tokens} positions "
+        f"pass the model's max_position_embeddings={limit}; the output may degrade beyond it: {fix}"
+    )
+
+
 def chat(
     model,
     tokenizer,
     read: Callable[[], str | None],
     write: Callable[[str], None],
+    warn: Callable[[str], None] | None = None,
     **generate_kwargs,
 ) -> list[dict[str, str]]:
     """A multi-turn chat: ``read`` gives the next user message (None or blank ends it); returns the messages.
 
-    Every turn re-encodes the whole conversation with the tokenizer's chat template.
+    Every turn re-encodes the whole conversation with the tokenizer's chat template. ``warn`` is
+    told once when the conversation + ``max_new_tokens`` outgrows the model's positions.
     """
     messages: list[dict[str, str]] = []
     end_ids = chat_end_ids(model, tokenizer)
@@ -60,6 +75,10 @@ def chat(
         messages.append({"role": "user", "content": user.strip()})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        notice = length_warning(model, len(prompt_ids), generate_kwargs.get("max_new_tokens", 0))
+        if warn is not None and notice:
+            warn(notice)
+            warn = None  # NOTE: the conversation only grows; once is enough
         write("Assistant: ")
         reply = stream_text(model, tokenizer, prompt_ids, write, eos_token_id=end_ids, **generate_kwargs)
         write("\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
 
 from . import __version__
@@ -68,6 +70,7 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
     from transformers import AutoTokenizer
 
     from .auto import from_pretrained
+    from .tokenizer import TOKENIZER_FILES, has_tokenizer_files
 
     device = _check_device(device)
     if dtype not in _DTYPES:
@@ -78,11 +81,65 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
     tokenizer_path = tokenizer_path or model_path
     if not Path(tokenizer_path).is_dir():  # NOTE: else transformers reads it as a hub repo id and says so
         raise _fail(f"tokenizer directory {tokenizer_path} does not exist; pass --tokenizer PATH")
+    if not has_tokenizer_files(tokenizer_path):  # NOTE: else transformers asks to install sentencepiece
+        raise _fail(
+            f"no tokenizer could be loaded from {tokenizer_path}: it holds none of the tokenizer files "
+            f"{list(TOKENIZER_FILES)}; pass --tokenizer DIR, the directory of the tokenizer the model was trained with"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except (OSError, ValueError) as err:
-        raise _fail(f"no tokenizer could be loaded from {tokenizer_path} ({err}); pass --tokenizer PATH") from err
+        reason = " ".join(str(err).split())
+        raise _fail(f"no tokenizer could be loaded from {tokenizer_path} ({reason}); pass --tokenizer PATH") from err
     return model.eval(), tokenizer
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None, seed: int | None) -> dict:
+    """The sampling options, checked before the (slow) model load; nan/inf temperatures are refused."""
+    from .generation import Sampling
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise _fail(f"--temperature {temperature} must be >= 0 and finite (0 = greedy)")
+    if max_new_tokens < 1:
+        raise _fail(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise _fail(f"--seed {seed} is out of range; use an integer between -2**63 and 2**63 - 1")
+    try:
+        Sampling(temperature > 0, temperature or 1.0, top_k, top_p)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, top_k=top_k, top_p=top_p, seed=seed)
+    return sampling | ({"temperature": temperature} if temperature > 0 else {})
+
+
+def _check_kv_cache_fits(model, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse a KV cache larger than all of the device's memory: its allocation would fail with a traceback."""
+    import os
+
+    import torch
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = next(model.parameters()).dtype.itemsize
+    need = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * (prompt_len + max_new_tokens) * itemsize
+    if model.device.type == "cuda":
+        total = torch.cuda.get_device_properties(model.device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise _fail(
+            f"--max-new-tokens {max_new_tokens} needs a {need / 2**30:,.1f} GiB KV cache, more than all "
+            f"{total / 2**30:,.1f} GiB of {'GPU' if model.device.type == 'cuda' else 'host'} memory here; lower --max-new-tokens"
+        )
+
+
+def _decode_input(data: bytes, what: str) -> str:
+    """Prompt bytes as text; bytes that are not UTF-8 become U+FFFD, with a warning (not a traceback)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        typer.echo(f"warning: {what} is not valid UTF-8; its undecodable bytes were replaced with U+FFFD", err=True)
+        return data.decode("utf-8", "replace")
 
 
 @app.command("generate")
@@ -100,18 +157,18 @@ def generate_command(
     dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Generate text from a prompt, or chat, streaming tokens as they come."""
+    import os
     import sys
 
     from .chat import chat as run_chat
-    from .chat import stream_text
+    from .chat import length_warning, stream_text
 
     if chat == (prompt is not None):
         raise _fail("give exactly one of --prompt TEXT or --chat")
-    if temperature < 0:
-        raise _fail(f"--temperature {temperature} must be >= 0 (0 = greedy)")
-    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, top_k=top_k, top_p=top_p, seed=seed)
-    if temperature > 0:
-        sampling["temperature"] = temperature
+    sampling = _check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    if prompt is not None:
+        # NOTE: Python hands undecodable argv bytes over as surrogate escapes; fsencode gives the bytes back.
+        prompt = _decode_input(os.fsencode(prompt), "--prompt")
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -119,15 +176,23 @@ def generate_command(
 
     def read() -> str | None:
         write("User: ")
-        line = sys.stdin.readline()
-        return line.rstrip("\n") if line else None
+        line = sys.stdin.buffer.readline()
+        return _decode_input(line, "this line of input").rstrip("\r\n") if line else None
+
+    def warn(text: str) -> None:
+        typer.echo(f"warning: {text}", err=True)
 
     try:
         lm, tok = _load_model_and_tokenizer(model, tokenizer, device, dtype)
         if chat:
-            run_chat(lm, tok, read, write, **sampling)
+            _check_kv_cache_fits(lm, 1, max_new_tokens)  # NOTE: the first turn's least; absurd values stop here
+            run_chat(lm, tok, read, write, warn=warn, **sampling)
         else:
-            stream_text(lm, tok, tok.encode(prompt), write, **sampling)  # the tokenizer's own BOS rule
+            prompt_ids = tok.encode(prompt)  # the tokenizer's own BOS rule
+            _check_kv_cache_fits(lm, len(prompt_ids), max_new_tokens)
+            if notice := length_warning(lm, len(prompt_ids), max_new_tokens):
+                warn(notice)
+            stream_text(lm, tok, prompt_ids, write, **sampling)
             write("\n")
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err

@@ -26,3 +26,10 @@ def config_dtype(config) -> torch.dtype:
         return as_dtype(named) or torch.float32
     except ValueError:
         return torch.float32
+
+
+def dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """``dtype``, or transformers' older name for it ``torch_dtype`` (recipes still pass it); not both."""
+    if dtype is not None and torch_dtype is not None and as_dtype(dtype) != as_dtype(torch_dtype):
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
+    return dtype if dtype is not None else torch_dtype

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import positions_from_mask
-from .jsonl import iter_jsonl
+from .jsonl import iter_jsonl, json_type, text_field
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -47,17 +47,28 @@ def example_from_record(record: dict, where: str = "record") -> HellaSwagExample
     """One HellaSwag example from the original fields (activity_label, ctx_a, ctx_b) or a ready ``ctx``."""
     missing = [key for key in ("endings", "label") if key not in record]
     if "ctx_a" in record and "activity_label" in record:
-        context = f"{record['activity_label']}: {record['ctx_a']} {record.get('ctx_b', '').capitalize()}"
+        parts = [text_field(record, key, where) for key in ("activity_label", "ctx_a")]
+        context = f"{parts[0]}: {parts[1]} {text_field(record, 'ctx_b', where, '').capitalize()}"
     elif "ctx" in record:
-        context = record["ctx"]
+        context = text_field(record, "ctx", where)
     else:
         missing.insert(0, "ctx (or ctx_a + activity_label)")
     if missing:
         raise ValueError(f"{where} lacks HellaSwag field(s) {missing}; it has {sorted(record)}")
-    endings, label = record["endings"], int(record["label"])
-    if not endings or not 0 <= label < len(endings):
-        raise ValueError(f"{where}: label={label} must index one of its {len(endings)} endings")
+    endings = record["endings"]
+    if not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
+        raise ValueError(f"{where}: endings must be a non-empty list of strings, got {json_type(endings)}")
+    label = gold_label(record["label"], len(endings), where)
     return HellaSwagExample(clean_text(context), tuple(clean_text(e) for e in endings), label)
+
+
+def gold_label(value, num_endings: int, where: str) -> int:
+    """The gold ending's index: an integer, or a string of digits as the hub's copy stores it ("3")."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < num_endings):
+        raise ValueError(f"{where}: label={value!r} must index one of its {num_endings} endings (an integer 0..{num_endings - 1})")
+    return value
 
 
 def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwagExample]:

@@ -22,38 +22,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-
-# ----- KV cache ------------------------------------------------------------------------------------
-class KVCache:
-    """One layer's keys and values, [B,nKV,capacity,hd] each, written in place as tokens arrive.
-
-    NOTE: the buffers are allocated on the first ``update`` from the keys' own shape, dtype and
-    device, so the cache fits whatever the attention layer produces (tensor-parallel shards, bf16).
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v [B,nKV,S_new,hd]; return every key/value so far, [B,nKV,length,hd] (views)."""
-        if self.keys is None:
-            batch, heads, _, head_dim = k.shape
-            self.keys = k.new_empty(batch, heads, self.capacity, head_dim)
-            self.values = v.new_empty(batch, heads, self.capacity, head_dim)
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
-        self.keys[:, :, self.length : end] = k
-        self.values[:, :, self.length : end] = v
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-
-def make_kv_caches(num_layers: int, capacity: int) -> list[KVCache]:
-    return [KVCache(capacity) for _ in range(num_layers)]
+from .checkpoint.safetensors_io import json_object
+from .models.kv_cache import KVCache, make_kv_caches
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -65,8 +35,10 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # ----- end and pad tokens --------------------------------------------------------------------------
 def load_generation_config(path: str | Path) -> GenerationConfig | None:
     """The checkpoint's generation_config.json, or None when the directory has none."""
-    if not (Path(path) / "generation_config.json").is_file():
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
         return None
+    json_object(file.read_bytes(), file)  # NOTE: empty, not JSON or not an object: one line naming it
     return GenerationConfig.from_pretrained(str(path))
 
 
@@ -225,7 +197,7 @@ def stream_tokens(
 
 @torch.no_grad()
 def _decode_step_logits(model, tokens, positions, mask, caches) -> torch.Tensor:
-    out = model(tokens, position_ids=positions, attention_mask=mask, kv_caches=caches, logits_to_keep=1)
+    out = model(tokens, position_ids=positions, attention_mask=mask, past_key_values=caches, logits_to_keep=1)
     return out.logits[:, -1].float()  # [B,V]
 
 

@@ -10,10 +10,13 @@ chat markers ``<|begin_of_sentence|>`` / ``<|end_of_sentence|>`` used by the cha
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+# What a tokenizer directory holds: a fast tokenizer, its config, a SentencePiece model, or a BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"]
 
 # ERNIE 4.5's chat format: "User: ...\n" turns, "Assistant: ...<|end_of_sentence|>" replies.
@@ -53,3 +56,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    """Whether ``path`` holds any tokenizer file (a model exported without its tokenizer holds none)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)

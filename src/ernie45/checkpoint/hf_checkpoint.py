@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, GenerationConfig
 
+from ..sharding import local_index, local_part
 from . import hf_adapter
 from .gather import failure_from_rank0, gather_on_rank0, is_parallel
 from .safetensors_io import CheckpointError, CheckpointFiles, json_object, write_safetensors_stream
@@ -109,14 +110,23 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_hf_weights(model: nn.Module, files: CheckpointFiles, device: torch.device | str = "cpu") -> None:
-    """Stream every tensor of ``model`` (typically on meta) in from ``files``, casting to its dtype."""
+    """Fill every tensor of ``model`` from ``files``, cast to its dtype.
+
+    A tensor on the meta device is replaced by the value read (plain tensors stay views of the
+    memory-mapped file where dtype and device allow); an allocated one (a parallel layout's
+    shard) gets its own slice of the global tensor copied in place.
+    """
     targets = native_tensors(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(name, tuple(t.shape))}
     _check_key_sets(files, expected, tied)
     for name, target in targets.items():
-        value = hf_adapter.read_native(files, name, tuple(target.shape), dtype=target.dtype, device=device)
-        set_tensor(model, name, value)
+        shape = tuple(target.shape)
+        if target.is_meta:
+            set_tensor(model, name, hf_adapter.read_native(files, name, shape, dtype=target.dtype, device=device))
+        else:
+            with torch.no_grad():
+                hf_adapter.read_native_into(files, name, shape, local_part(target), local_index(target))
     files.close()
 
 

@@ -13,11 +13,11 @@ Or wrap a model you built yourself with ``parallelize_model(model, ParallelConfi
 Model code never imports this package: everything here wraps models from outside.
 """
 
-from .checkpointing import apply_activation_checkpointing
+from .activation_checkpoint import apply_activation_checkpointing
 from .config import LayoutError, ParallelConfig, check_model_fits
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from .fsdp import apply_fsdp, prepare_for_final_backward, prepare_for_grad_accumulation
-from .loading import from_pretrained, load_hf_shards
+from .loading import from_pretrained
 from .mesh import ParallelMeshes, build_meshes, ensure_process_group
 from .parallelize import parallelize_model
 from .tensor_parallel import apply_tensor_parallel
@@ -35,7 +35,6 @@ __all__ = [
     "check_model_fits",
     "ensure_process_group",
     "from_pretrained",
-    "load_hf_shards",
     "parallelize_model",
     "prepare_for_final_backward",
     "prepare_for_grad_accumulation",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.dimensions import kv_heads_of
+
 _SIZES = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "pp")
 
 
@@ -120,11 +122,9 @@ def _num_experts(config) -> int:
 def check_model_fits(parallel: ParallelConfig, config) -> None:
     """Raise ``LayoutError`` when the model's shapes cannot be split the way ``parallel`` asks."""
     tp = parallel.tp
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads or heads
     divisible_by_tp = {
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": kv_heads_of(config),
         "intermediate_size": config.intermediate_size,
         "vocab_size": config.vocab_size,
     }

@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from ..moe.dispatch import LocalDispatcher, LocalState
-from .model_parts import moe_layers
+from ..moe.layer import moe_layers
 
 
 class AllToAllState(NamedTuple):
@@ -102,7 +102,7 @@ def shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> None:
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shard every MoE layer's routed experts over ``ep_mesh`` and install the all-to-all dispatcher."""
-    for mlp in moe_layers(model):
+    for mlp in moe_layers(model).values():
         num_experts = mlp.experts.gate_up_proj.shape[0]
         shard_experts(mlp.experts, ep_mesh)
         mlp.dispatcher = AllToAllDispatcher(num_experts, ep_mesh.get_group())

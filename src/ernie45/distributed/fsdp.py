@@ -18,7 +18,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .mesh import ParallelMeshes
-from .model_parts import decoder_blocks, is_tied, moe_layer, moe_layers
+from ..moe.layer import moe_layers
+from .model_parts import decoder_blocks, is_tied, moe_layer
 
 # NOTE: the router computes in fp32 itself; casting its inputs would change the dtype it hands
 # back (routing weights follow the activations' dtype), so inputs pass through untouched.
@@ -31,7 +32,7 @@ def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
     policy = MixedPrecisionPolicy(param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype)
     shard = dict(mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
     if meshes.experts is not None:
-        for mlp in moe_layers(model):
+        for mlp in moe_layers(model).values():
             fully_shard_experts(mlp.experts, meshes, shard)
     if dp is None:
         return

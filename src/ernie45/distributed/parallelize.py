@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .checkpointing import apply_activation_checkpointing
+from .activation_checkpoint import apply_activation_checkpointing
 from .config import ParallelConfig, check_model_fits
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp

@@ -11,31 +11,68 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dimensions import head_dim_of, kv_heads_of
+from .kv_cache import KVCache
 from .rope import apply_rope
 
 
-def build_attention_mask(key_keep: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
-    """Causal mask [B,1,Sq,Sk] (True = attend) from a key padding mask [B,Sk] (True = real token).
+def _positions(q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query positions [Sq,1], key positions [1,Sk]): query i sits at key position Sk - Sq + i,
+    so the same masks serve a KV cache (Sq new tokens after Sk - Sq cached ones)."""
+    return torch.arange(k_len - q_len, k_len, device=device)[:, None], torch.arange(k_len, device=device)[None, :]
 
-    Query i sits at key position Sk - Sq + i, so the same rule serves a KV cache. Every query may
-    attend to itself, so rows of padding never become all -inf (no NaN), while real tokens never
-    see padding. Returns None when there is no padding: kernels then use their causal fast path.
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """[Sq,Sk] bool, True = may attend."""
+    q_pos, k_pos = _positions(q_len, k_len, device)
+    return k_pos <= q_pos
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B,S] int: which document of a packed row each token belongs to, or None when no row is packed.
+
+    transformers' padding-free rule (``DataCollatorWithFlattening``): a document starts wherever the
+    position does not follow the previous one by exactly 1 (so positions restarting at 0 split
+    documents). NOTE: one host sync, to keep the causal fast path for ordinary rows.
     """
-    if key_keep is None:
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    ids = starts.cumsum(-1)
+    return ids if bool((ids[:, -1] > 1).any()) else None
+
+
+def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens [D+1] int32, max_seqlen): the documents of all rows laid end to end, the THD form
+    that varlen GPU kernels (flash-attention's ``*_varlen_func``, TE's THD) take."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    begin = starts.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([begin, begin.new_tensor([position_ids.numel()])])
+    return ends.to(torch.int32), int((ends[1:] - ends[:-1]).max())
+
+
+def build_attention_mask(
+    key_keep: torch.Tensor | None, q_len: int, documents: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Causal mask [B,1,Sq,Sk] (True = attend) from a key padding mask [B,Sk] (True = real token)
+    and, for packed rows, document ids [B,S] (a token attends only within its document).
+
+    Every query may attend to itself, so rows of padding never become all -inf (no NaN), while
+    real tokens never see padding. Returns None when there is neither padding nor packing: kernels
+    then use their causal fast path.
+    """
+    if key_keep is None and documents is None:
         return None
-    key_keep = key_keep.bool()
-    batch, k_len = key_keep.shape
-    q_pos = torch.arange(k_len - q_len, k_len, device=key_keep.device)[:, None]
-    k_pos = torch.arange(k_len, device=key_keep.device)[None, :]
-    causal = k_pos <= q_pos  # [Sq,Sk]
-    mask = causal[None] & key_keep[:, None, :]
-    mask |= k_pos == q_pos
+    reference = key_keep if key_keep is not None else documents
+    batch, k_len = reference.shape
+    q_pos, k_pos = _positions(q_len, k_len, reference.device)
+    mask = (k_pos <= q_pos)[None].expand(batch, -1, -1)  # [B,Sq,Sk]
+    if key_keep is not None:
+        mask = mask & key_keep.bool()[:, None, :]
+    if documents is not None:
+        mask = mask & (documents[:, -q_len:, None] == documents[:, None, :])
+    mask = mask | (k_pos == q_pos)
     return mask[:, None]  # [B,1,Sq,Sk]
-
-
-def _causal_bool(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    return torch.arange(k_len, device=device)[None, :] <= q_pos
 
 
 def sdpa_attention(q, k, v, mask, scale):
@@ -47,7 +84,7 @@ def sdpa_attention(q, k, v, mask, scale):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         if q_len == 1:  # NOTE: one new token after a KV cache sees every key; no mask to build
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        mask = _causal_bool(q_len, k_len, q.device)
+        mask = causal_mask(q_len, k_len, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -58,15 +95,35 @@ def eager_attention(q, k, v, mask, scale):
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is None:
-        mask = _causal_bool(q.shape[2], k.shape[2], q.device)
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
 
 
-def flex_attention(q, k, v, mask, scale):
-    """torch's flex_attention with a mask_mod over the prepared mask (forward only on CPU)."""
+def flex_block_mask(mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, device: torch.device):
+    """The BlockMask flex_attention takes, from a prepared mask [B,1,Sq,Sk] or None (causal).
+    Built once per forward by the model (see ``prepare_mask``), not once per layer."""
     from torch.nn.attention.flex_attention import create_block_mask
+
+    if mask is None:
+        offset = k_len - q_len
+
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        return create_block_mask(causal, None, None, q_len, k_len, device=device)
+    dense = mask[:, 0]
+
+    def given(b, h, q_idx, kv_idx):
+        return dense[b, q_idx, kv_idx]
+
+    return create_block_mask(given, batch, None, q_len, k_len, device=device)
+
+
+def flex_attention(q, k, v, mask, scale):
+    """torch's flex_attention with a BlockMask (from ``flex_block_mask``); forward only on CPU."""
+    from torch.nn.attention.flex_attention import BlockMask
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
@@ -74,23 +131,14 @@ def flex_attention(q, k, v, mask, scale):
             "BackendConfig.attn='flex' has no backward pass on CPU in torch 2.13; "
             "use attn='sdpa' to train on CPU, or run flex under torch.no_grad()"
         )
-    batch, _, q_len, _ = q.shape
-    k_len = k.shape[2]
-    if mask is None:
-        offset = k_len - q_len
+    if not isinstance(mask, BlockMask):
+        mask = flex_block_mask(mask, q.shape[0], q.shape[2], k.shape[2], q.device)
+    return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
 
-        block_mask = create_block_mask(mask_mod, None, None, q_len, k_len, device=q.device)
-    else:
-        dense = mask[:, 0]
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return dense[b, q_idx, kv_idx]
-
-        block_mask = create_block_mask(mask_mod, batch, None, q_len, k_len, device=q.device)
-    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+def prepare_mask(kernel: str, mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, device: torch.device):
+    """The mask in the form ``kernel`` takes: flex's BlockMask is built here, once for all layers."""
+    return flex_block_mask(mask, batch, q_len, k_len, device) if kernel == "flex" else mask
 
 
 ATTENTION_KERNELS = {"sdpa": sdpa_attention, "eager": eager_attention, "flex": flex_attention}
@@ -102,8 +150,8 @@ class Ernie4_5Attention(nn.Module):
     def __init__(self, config, backend):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_kv_heads = kv_heads_of(config)
+        self.head_dim = head_dim_of(config)
         self.scale = self.head_dim**-0.5
         hidden, bias = config.hidden_size, bool(config.use_bias)
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
@@ -117,8 +165,7 @@ class Ernie4_5Attention(nn.Module):
         x: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        kv_cache=None,
-        **attn_kwargs,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x [B,S,H] -> [B,S,H]. ``kv_cache.update(k, v)`` (if given) returns all keys/values so far."""
         batch, seq, _ = x.shape

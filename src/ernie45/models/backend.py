@@ -76,6 +76,11 @@ class BackendConfig:
                 f"BackendConfig.{name}={value!r} is not available ({reason}); "
                 f"choose one of {', '.join(repr(v) for v in implemented)}"
             )
+        if self.enable_fsdp_optimizations:
+            raise ValueError(
+                "BackendConfig.enable_fsdp_optimizations=True is not implemented in ernie45 (it tunes AutoModel's "
+                "FSDP wrapping); set it to False: ernie45 applies its own FSDP2 layout"
+            )
         if self.rope_fusion:
             raise ValueError("BackendConfig.rope_fusion=True needs Transformer Engine; set rope_fusion=False")
         if not 0.0 <= self.fake_gate_noise <= 1.0:

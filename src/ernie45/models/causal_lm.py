@@ -1,14 +1,12 @@
-"""What the dense and MoE causal LMs share: the LM head, construction, HF checkpoint I/O.
+"""What the dense and MoE causal LMs share: the decoder + LM head, the HF-style forward,
+construction (``construction.py``), HF checkpoint I/O and the model's own accounting.
 
-Construction: ``from_config`` builds directly in the requested dtype/device; ``from_pretrained``
-builds on the meta device and streams the checkpoint in (no random init, no second copy).
 Tensors that must stay fp32 (router weight, correction bias, RoPE frequencies) are created fp32
-explicitly and protected from ``.to(dtype)``.
+explicitly and protected from ``.to(dtype)`` by the modules that own them.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -16,31 +14,14 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import generation
-from ..checkpoint.hf_checkpoint import (
-    CheckpointFiles,
-    checkpoint_dtype,
-    load_config,
-    load_hf_weights,
-    save_hf_checkpoint,
-)
-from .backend import BackendConfig
+from ..checkpoint.hf_checkpoint import save_hf_checkpoint
+from ..moe.config import MoEConfig
+from . import accounting, construction
 from .capabilities import ModelCapabilities
-from ..dtypes import as_dtype, config_dtype
-from .decoder import head_dim_of
-from .loss import shifted_cross_entropy
+from .decoder import DecoderModel
+from .kv_cache import KVCache
+from .loss import causal_lm_loss
 from .rope import RotaryEmbedding
-
-
-@contextlib.contextmanager
-def _building(dtype: torch.dtype, device: torch.device | str | None):
-    """Create modules with ``dtype`` as the default float dtype on ``device``."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -51,22 +32,23 @@ def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> tor
 
 
 class Ernie4_5CausalLMBase(nn.Module):
-    """Decoder + LM head (tied to the embedding when ``tie_word_embeddings``)."""
+    """``model`` (the decoder stack) + ``lm_head`` (tied to the embedding when ``tie_word_embeddings``).
+
+    Subclasses build their decoder and pass it in; ``model_type`` is the config's ``model_type``
+    they accept (the registry in registry.py maps one to the other).
+    """
 
     model_type: str = ""
-    lm_head_bias: bool = False
+    moe_config: MoEConfig | None = None  # None: a dense model
 
-    def __init__(self, config, backend: BackendConfig | None = None):
+    def __init__(self, config, model: DecoderModel, lm_head_bias: bool):
         super().__init__()
         self.config = config
-        self.backend = backend or BackendConfig()
-        self.model = self.build_model()
-        head_bias = bool(config.use_bias) and self.lm_head_bias
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=head_bias)
+        self.backend = model.backend
+        self.model = model
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)
+        self.vocab_size = config.vocab_size
         self.tie_weights()
-
-    def build_model(self) -> nn.Module:
-        raise NotImplementedError
 
     # ----- embeddings -------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -91,30 +73,51 @@ class Ernie4_5CausalLMBase(nn.Module):
     # ----- forward ----------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         labels: torch.Tensor | None = None,
-        **attn_kwargs,
+        shift_labels: torch.Tensor | None = None,
+        past_key_values: list[KVCache] | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
     ) -> CausalLMOutputWithPast:
-        """input_ids [B,S] -> logits [B,S',V]; ``labels`` (-100 = ignore) adds HF's shifted loss."""
-        hidden, all_hidden = self.model(
+        """input_ids [B,S] -> logits [B,S',V], with transformers' arguments and output class.
+
+        ``labels`` (-100 = ignore) adds HF's shifted mean loss (``shift_labels``: already shifted).
+        ``past_key_values`` / ``use_cache``: ernie45 KV caches, returned in the output.
+        Keyword-only after ``input_ids`` (as AutoModel): transformers orders these arguments
+        differently, so a positional call would silently mean something else. Any other keyword
+        is a TypeError, never silently ignored.
+        """
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: the attention kernels never form the weights")
+        body = self.model(
             input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             padding_mask=padding_mask,
-            output_hidden_states=bool(output_hidden_states),
-            **attn_kwargs,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            cache_position=cache_position,
         )
-        logits = self.lm_head(keep_logits(hidden, logits_to_keep))
-        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
-        return self.make_output(loss=loss, logits=logits, hidden_states=all_hidden)
-
-    def make_output(self, **fields) -> CausalLMOutputWithPast:
-        return CausalLMOutputWithPast(**fields)
+        logits = self.lm_head(keep_logits(body.last_hidden_state, logits_to_keep))
+        out = CausalLMOutputWithPast(
+            loss=causal_lm_loss(logits, labels, shift_labels),
+            logits=logits,
+            past_key_values=body.past_key_values,
+            hidden_states=body.hidden_states,
+        )
+        return out if return_dict is not False else out.to_tuple()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Prompt + new tokens [B,P+N] with a KV cache, like transformers; see ``ernie45.generation.generate``."""
@@ -122,55 +125,28 @@ class Ernie4_5CausalLMBase(nn.Module):
 
     # ----- construction and checkpoints -------------------------------------------------------
     @classmethod
-    def _check_config(cls, config) -> None:
-        if getattr(config, "model_type", None) != cls.model_type:
-            raise ValueError(
-                f"{cls.__name__} needs a config with model_type={cls.model_type!r}, got "
-                f"{getattr(config, 'model_type', None)!r}; use ernie45.from_pretrained to pick the class"
-            )
-        heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-        if heads % kv:
-            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
-        if head_dim_of(config) % 2:
-            raise ValueError(f"head_dim={head_dim_of(config)} must be even for rotary embeddings")
-
-    @classmethod
     def from_config(
         cls,
         config,
-        backend: BackendConfig | None = None,
+        backend=None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         **kwargs,
     ) -> "Ernie4_5CausalLMBase":
         """A randomly initialised model (HF's init: normal(0, initializer_range), norms 1, biases 0)."""
-        cls._check_config(config)
-        with _building(as_dtype(dtype) or config_dtype(config), device):
-            model = cls(config, backend=backend, **kwargs)
-        model.init_weights()
-        return model
+        return construction.build(cls, config, dtype=dtype, device=device, backend=backend, **kwargs)
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
         dtype: torch.dtype | str | None = None,
-        backend: BackendConfig | None = None,
+        backend=None,
         device: torch.device | str | None = None,
         **kwargs,
     ) -> "Ernie4_5CausalLMBase":
         """Load an HF checkpoint directory; dtype defaults to the checkpoint's."""
-        config = load_config(path)
-        cls._check_config(config)
-        files = CheckpointFiles(path)
-        dtype = as_dtype(dtype) or checkpoint_dtype(files)
-        with _building(dtype, "meta"):
-            model = cls(config, backend=backend, **kwargs)
-        load_hf_weights(model, files, device=device or "cpu")
-        model.materialize_buffers()
-        model.tie_weights()
-        model.generation_config = generation.load_generation_config(path)  # end/pad tokens for generate
-        return model.eval()
+        return construction.load_pretrained(cls, path, dtype=dtype, device=device, backend=backend, **kwargs)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """config.json + safetensors in the HF layout (tied head omitted), written atomically."""
@@ -202,47 +178,16 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.materialize_buffers()
         self.tie_weights()
 
-    # ----- accounting (from the config, so it holds for meta-device and sharded models) ---------
-    def _attention_counts(self) -> tuple[int, int]:
-        """(parameters, matmul weights) of one attention block."""
-        c = self.config
-        heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
-        q_width, kv_width = heads * head_dim_of(c), kv * head_dim_of(c)
-        weights = c.hidden_size * (2 * q_width + 2 * kv_width)
-        biases = q_width + 2 * kv_width + c.hidden_size if c.use_bias else 0
-        return weights + biases, weights
-
-    def _feed_forward_counts(self, layer_idx: int) -> tuple[int, int, int]:
-        """(parameters, parameters used per token, matmul weights used per token) of one layer's MLP."""
-        c = self.config
-        weights = 3 * c.hidden_size * c.intermediate_size
-        params = weights + (2 * c.intermediate_size + c.hidden_size if c.use_bias else 0)
-        return params, params, weights
-
+    # ----- accounting (from the config: holds for meta-device and sharded models) --------------
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count as transformers' ``num_parameters()`` counts it (tied head once; the MoE
         correction bias included). ``active_only``: those one token uses (K of E routed experts)."""
-        c = self.config
-        hidden, vocab = c.hidden_size, c.vocab_size
-        total = vocab * hidden + hidden  # embedding, final norm
-        if not c.tie_word_embeddings:
-            total += vocab * hidden + (vocab if c.use_bias and self.lm_head_bias else 0)
-        attention, _ = self._attention_counts()
-        for i in range(c.num_hidden_layers):
-            params, active, _ = self._feed_forward_counts(i)
-            total += attention + 2 * hidden + (active if active_only else params)
-        return total
+        head_bias = self.lm_head.bias is not None
+        return accounting.num_parameters(self.config, self.moe_config, active_only, head_bias)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs (forward + backward) per token: ``6 * matmul weights used per token +
-        12 * layers * heads * head_dim * seq_len`` (PaLM/torchtitan convention: attention counted
-        as non-causal; the embedding lookup is free, the LM head matmul is counted even if tied)."""
-        c = self.config
-        _, attention = self._attention_counts()
-        matmul = c.vocab_size * c.hidden_size
-        for i in range(c.num_hidden_layers):
-            matmul += attention + self._feed_forward_counts(i)[2]
-        return 6 * matmul + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim_of(c) * seq_len
+        """Training FLOPs per token (see ``accounting.flops_per_token``)."""
+        return accounting.flops_per_token(self.config, seq_len, self.moe_config)
 
     # ----- introspection ----------------------------------------------------------------------
     @classmethod

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .attention import Ernie4_5Attention, build_attention_mask
+from .attention import Ernie4_5Attention, build_attention_mask, document_ids, prepare_mask
 from .backend import BackendConfig
+from .dimensions import head_dim_of
+from .kv_cache import KVCache, make_kv_caches
 from .mlp import Ernie4_5MLP
 from .norms import build_rms_norm
 from .rope import RotaryEmbedding, rope_theta
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -65,20 +64,18 @@ def key_padding(
 
 
 class Ernie4_5Block(nn.Module):
-    """One pre-norm transformer block with a dense SwiGLU MLP."""
+    """One pre-norm transformer block: attention, then a feed-forward (dense SwiGLU unless given).
 
-    def __init__(self, config, backend: BackendConfig):
+    NOTE: composition, as torchtitan's DeepSeek-V3 block: the MoE model passes its MoE layer as
+    ``mlp``. Every feed-forward takes ``forward(x, padding_mask=None)``.
+    """
+
+    def __init__(self, config, backend: BackendConfig, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = build_rms_norm(backend.rms_norm, config.hidden_size, config.rms_norm_eps)
         self.self_attn = Ernie4_5Attention(config, backend)
         self.post_attention_layernorm = build_rms_norm(backend.rms_norm, config.hidden_size, config.rms_norm_eps)
-        self.mlp = self.build_mlp(config, backend)
-
-    def build_mlp(self, config, backend: BackendConfig) -> nn.Module:
-        return Ernie4_5MLP(config.hidden_size, config.intermediate_size, bool(config.use_bias))
-
-    def feed_forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.mlp(h)
+        self.mlp = mlp if mlp is not None else Ernie4_5MLP(config.hidden_size, config.intermediate_size, bool(config.use_bias))
 
     def forward(
         self,
@@ -86,49 +83,100 @@ class Ernie4_5Block(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
-        **attn_kwargs,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x [B,S,H]; attention_mask: prepared bool [B,1,Sq,Sk] or None (causal); padding_mask [B,S]."""
-        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, **attn_kwargs)
-        return x + self.feed_forward(self.post_attention_layernorm(x), padding_mask)
+        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x), padding_mask)
+
+
+def resolve_caches(past_key_values: list[KVCache] | None, use_cache: bool | None, num_layers: int) -> list[KVCache] | None:
+    """The per-layer KV caches to write into: those given, new growable ones for ``use_cache=True``, or None."""
+    if past_key_values is None:
+        return make_kv_caches(num_layers) if use_cache else None
+    if not (isinstance(past_key_values, (list, tuple)) and len(past_key_values) == num_layers
+            and all(isinstance(c, KVCache) for c in past_key_values)):
+        raise TypeError(
+            f"past_key_values must be the list of {num_layers} ernie45 KVCache objects that a previous call "
+            "returned (output.past_key_values) or ernie45.models.kv_cache.make_kv_caches made; "
+            f"got {type(past_key_values).__name__} (transformers Cache objects are not supported)"
+        )
+    return list(past_key_values)
+
+
+def resolve_positions(
+    position_ids: torch.Tensor | None, cache_position: torch.Tensor | None, batch: int, seq: int, past: int, device
+) -> torch.Tensor:
+    """Position ids [B,S]: as given ([S] is one row for every sequence), else ``cache_position``, else
+    past .. past + S - 1 (after ``past`` cached tokens)."""
+    if position_ids is None:
+        position_ids = cache_position if cache_position is not None else torch.arange(past, past + seq, device=device)
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[-1] != seq or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids has shape {list(position_ids.shape)}; expected [batch, seq] = {[batch, seq]} "
+            f"(or [seq], the same positions for every row)"
+        )
+    return position_ids.expand(batch, -1)
 
 
 class DecoderModel(nn.Module):
-    """Embedding -> blocks -> final norm. Subclasses choose each layer's block in ``build_block``."""
+    """Embedding -> the given blocks -> final norm (dense and MoE models differ only in their blocks)."""
 
-    def __init__(self, config, backend: BackendConfig | None = None):
+    def __init__(self, config, backend: BackendConfig, blocks: list[nn.Module]):
         super().__init__()
         self.config = config
-        self.backend = backend or BackendConfig()
+        self.backend = backend
         pad = config.pad_token_id
         padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
         # NOTE: padding_idx matches HF: the pad row gets no gradient.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
-        self.layers = nn.ModuleList(self.build_block(i) for i in range(config.num_hidden_layers))
-        self.norm = build_rms_norm(self.backend.rms_norm, config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = build_rms_norm(backend.rms_norm, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), rope_theta(config))
 
-    def build_block(self, layer_idx: int) -> nn.Module:
-        raise NotImplementedError
+    def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """[B,S,H] from token ids (checked against the vocabulary) or from embeddings given as they are."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [batch, seq] and inputs_embeds [batch, seq, hidden]")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, seq, hidden_size={self.config.hidden_size}], "
+                    f"got {list(inputs_embeds.shape)}"
+                )
+            return inputs_embeds
+        check_token_ids(input_ids, self.config.vocab_size)
+        return self.embed_tokens(input_ids)
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        kv_caches: list | None = None,
-        **attn_kwargs,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """input_ids [B,S] -> (final hidden [B,S,H], all hidden states or None).
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: list[KVCache] | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [B,S] (or inputs_embeds [B,S,H]) -> ``last_hidden_state`` [B,S,H] after the final norm.
 
         attention_mask [B,Sk] is HF's (1 = keep; Sk = cached + new tokens when decoding);
         padding_mask [B,S] is its inverse for the new tokens (True = pad). Either may be given.
+        Packed rows (transformers' padding-free form): ``position_ids`` that restart at 0 for each
+        document; every token then attends only within its own document.
+        ``past_key_values``: the caches of earlier calls (``use_cache=True`` starts new ones); they
+        are returned in the output. ``return_dict=False`` gives transformers' tuple instead.
         """
-        check_token_ids(input_ids, self.config.vocab_size)
-        batch, seq = input_ids.shape
-        past = kv_caches[0].length if kv_caches else 0
+        h = self.embed(input_ids, inputs_embeds)  # [B,S,H]
+        batch, seq = h.shape[:2]
+        caches = resolve_caches(past_key_values, use_cache, len(self.layers))
+        past = caches[0].length if caches else 0
         # NOTE: an all-ones mask of the wrong length would otherwise pass silently (no padding -> no mask).
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
             raise ValueError(
@@ -136,20 +184,25 @@ class DecoderModel(nn.Module):
                 f"= {[batch, past + seq]} with 1 = keep (HF convention)"
             )
         key_keep, padding_mask = key_padding(attention_mask, padding_mask, seq)
-        mask = build_attention_mask(key_keep, seq)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(batch, -1)
-        position_embeddings = self.rotary_emb(position_ids)
+        positions = resolve_positions(position_ids, cache_position, batch, seq, past, h.device)
+        # NOTE: packed rows (positions restarting per document) are only looked for in given position
+        # ids without a cache, as transformers does; otherwise positions are known to be plain.
+        packed = position_ids is not None and caches is None
+        mask = build_attention_mask(key_keep, seq, document_ids(positions) if packed else None)
+        mask = prepare_mask(self.backend.attn, mask, batch, seq, past + seq, h.device)
+        position_embeddings = self.rotary_emb(positions)
 
-        h = self.embed_tokens(input_ids)  # [B,S,H]
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            if kv_caches is not None:
-                attn_kwargs["kv_cache"] = kv_caches[i]
-            h = layer(h, position_embeddings, mask, padding_mask, **attn_kwargs)
+            h = layer(h, position_embeddings, mask, padding_mask, caches[i] if caches is not None else None)
             if hidden_states is not None:
                 hidden_states.append(h)
         h = self.norm(h)
         if hidden_states is not None:
             hidden_states[-1] = h  # as in transformers: the last entry is after the final norm
-        return h, tuple(hidden_states) if hidden_states is not None else None
+        out = BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=caches,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()

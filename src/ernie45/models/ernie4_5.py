@@ -1,39 +1,40 @@
 """Dense ERNIE 4.5 (e.g. ERNIE-4.5-0.3B), configured by transformers' ``Ernie4_5Config``.
 
-Seed API: ``Ernie4_5Attention``, ``Ernie4_5Block``, ``Ernie4_5Model``, ``Ernie4_5ForCausalLM``.
+AutoModel-compatible API: ``Ernie4_5Attention``, ``Ernie4_5Block``, ``Ernie4_5Model``,
+``Ernie4_5ForCausalLM``, ``ModelClass``, ``_config_dtype`` are the names NeMo AutoModel's
+``ernie4_5`` module exports, so code and recipes written against it work unchanged here.
 The math lives in decoder.py / attention.py; this file names the dense pieces.
 """
 
 from __future__ import annotations
 
+from ..checkpoint.state_dict_adapter import Ernie4_5StateDictAdapter
+from ..dtypes import config_dtype as _config_dtype  # AutoModel's name for it
 from .attention import Ernie4_5Attention
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
-from ..dtypes import config_dtype as _config_dtype  # AutoModel's ernie4_5 module exposes this name
 from .causal_lm import Ernie4_5CausalLMBase
 from .decoder import DecoderModel, Ernie4_5Block
 
 
 class Ernie4_5Model(DecoderModel):
-    """Every layer is a dense block."""
+    """Embedding -> dense blocks -> final norm."""
 
-    def build_block(self, layer_idx: int) -> Ernie4_5Block:
-        return Ernie4_5Block(self.config, self.backend)
+    def __init__(self, config, backend: BackendConfig | None = None):
+        backend = backend or BackendConfig()
+        blocks = [Ernie4_5Block(config, backend) for _ in range(config.num_hidden_layers)]
+        super().__init__(config, backend, blocks)
 
 
 class Ernie4_5ForCausalLM(Ernie4_5CausalLMBase):
-    """Dense causal LM; untied heads are supported (the reference rejects them)."""
+    """Dense causal LM; untied heads are supported (transformers' dense head never has a bias)."""
 
     model_type = "ernie4_5"
-    lm_head_bias = False  # transformers' dense head never has a bias
 
-    def __init__(self, config, backend: BackendConfig | None = None, **kwargs):
-        if kwargs:
-            raise TypeError(f"Ernie4_5ForCausalLM got unexpected arguments: {sorted(kwargs)}")
-        super().__init__(config, backend)
-
-    def build_model(self) -> Ernie4_5Model:
-        return Ernie4_5Model(self.config, self.backend)
+    def __init__(self, config, backend: BackendConfig | None = None):
+        super().__init__(config, Ernie4_5Model(config, backend), lm_head_bias=False)
+        if self.backend.enable_hf_state_dict_adapter:
+            self.state_dict_adapter = Ernie4_5StateDictAdapter(config)
 
     @classmethod
     def get_capabilities(cls, config) -> ModelCapabilities:

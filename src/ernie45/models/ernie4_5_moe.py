@@ -1,6 +1,7 @@
 """Mixture-of-experts ERNIE 4.5 (ERNIE-4.5-21B-A3B, 300B-A47B), configured by ``Ernie4_5_MoeConfig``.
 
-Seed API: ``Ernie4_5MoeBlock``, ``Ernie4_5_MoeModel``, ``Ernie4_5_MoeForCausalLM``, ``ModelClass``.
+AutoModel-compatible API (the names and signatures of NeMo AutoModel's ``ernie4_5`` MoE module):
+``Ernie4_5MoeBlock``, ``Ernie4_5_MoeModel``, ``Ernie4_5_MoeForCausalLM``, ``ModelClass``.
 The same decoder as the dense model (decoder.py); only the feed-forward of MoE layers changes:
 
   * layer i is MoE iff ``(i+1) % moe_layer_interval == 0 and start <= i <= end`` (moe/config.py),
@@ -18,16 +19,19 @@ import copy
 import logging
 
 import torch
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from torch import nn
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from ..moe.balancing import load_balancing_loss
+from ..checkpoint.state_dict_adapter import Ernie4_5_MoeStateDictAdapter
+from ..moe.aux_loss import aux_loss_stats, load_balancing_loss
 from ..moe.config import MoEConfig, is_moe_layer, resolve_moe_config
 from ..moe.experts import EXPERT_BACKENDS
-from ..moe.layer import MoELayer
+from ..moe.layer import MoELayer, moe_layers
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
 from .causal_lm import Ernie4_5CausalLMBase
 from .decoder import DecoderModel, Ernie4_5Block
+from .mlp import Ernie4_5MLP
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +70,25 @@ def config_for(config, moe_config: MoEConfig):
     return config
 
 
+def build_feed_forward(layer_idx: int, config, moe_config: MoEConfig, backend: BackendConfig) -> nn.Module:
+    """Layer ``layer_idx``'s feed-forward: an MoE layer by the schedule, else a dense SwiGLU MLP."""
+    if is_moe_layer(config, layer_idx):
+        return MoELayer(moe_config, backend, layer_idx=layer_idx)
+    return Ernie4_5MLP(config.hidden_size, config.intermediate_size, bool(config.use_bias))
+
+
 class Ernie4_5MoeBlock(Ernie4_5Block):
     """A decoder block whose feed-forward is an MoE layer or a dense MLP, by the layer schedule."""
 
     def __init__(self, layer_idx: int, config, moe_config: MoEConfig | None, backend: BackendConfig | None = None):
-        # NOTE: build_mlp (called by the parent constructor) needs these two.
+        backend = backend or BackendConfig()
+        moe_config = moe_config or MoEConfig.from_hf_config(config)
+        super().__init__(config, backend, mlp=build_feed_forward(layer_idx, config, moe_config, backend))
         self.layer_idx = layer_idx
-        self.moe_config = moe_config or MoEConfig.from_hf_config(config)
-        super().__init__(config, backend or BackendConfig())
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
-
-    def build_mlp(self, config, backend: BackendConfig):
-        if is_moe_layer(config, self.layer_idx):
-            return MoELayer(self.moe_config, backend, layer_idx=self.layer_idx)
-        return super().build_mlp(config, backend)
-
-    def feed_forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.mlp(h, padding_mask) if self.is_moe else self.mlp(h)
 
 
 class Ernie4_5_MoeModel(DecoderModel):
@@ -98,14 +101,34 @@ class Ernie4_5_MoeModel(DecoderModel):
         moe_config: MoEConfig | None = None,
         moe_overrides: dict | None = None,
     ):
-        self.moe_config = resolve_moe_config(config, moe_config, moe_overrides)
-        super().__init__(config, backend)
-
-    def build_block(self, layer_idx: int) -> Ernie4_5MoeBlock:
-        return Ernie4_5MoeBlock(layer_idx, self.config, self.moe_config, self.backend)
+        backend = backend or BackendConfig()
+        moe_config = resolve_moe_config(config, moe_config, moe_overrides)
+        blocks = [Ernie4_5MoeBlock(i, config, moe_config, backend) for i in range(config.num_hidden_layers)]
+        super().__init__(config, backend, blocks)
+        self.moe_config = moe_config
 
     def moe_layers(self) -> list[MoELayer]:
-        return [block.mlp for block in self.layers if isinstance(block.mlp, MoELayer)]
+        return list(moe_layers(self).values())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        """The dense body's forward (same keywords); ``output_router_logits`` adds each MoE layer's
+        router logits [T,E] fp32 (transformers' ``MoeModelOutputWithPast``)."""
+        out = super().forward(input_ids, **kwargs)
+        router_logits = tuple(layer.last_record.router_logits for layer in self.moe_layers())
+        moe_out = MoeModelOutputWithPast(
+            last_hidden_state=out.last_hidden_state,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            router_logits=router_logits if output_router_logits else None,
+        )
+        return moe_out if return_dict is not False else moe_out.to_tuple()
 
 
 class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
@@ -115,78 +138,57 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
     ``moe_config.aux_loss_coeff * aux_loss`` yourself."""
 
     model_type = "ernie4_5_moe"
-    lm_head_bias = True  # transformers' MoE head has bias=use_bias
 
-    def __init__(self, config, moe_config: MoEConfig | None = None, backend: BackendConfig | None = None, **kwargs):
-        moe_overrides = kwargs.pop("moe_overrides", None)
-        if kwargs:
-            raise TypeError(f"Ernie4_5_MoeForCausalLM got unexpected arguments: {sorted(kwargs)}")
-        self.moe_config = resolve_moe_config(config, moe_config, moe_overrides)
-        self._collect_aux = False
-        super().__init__(config_for(config, self.moe_config), backend)
-
-    def build_model(self) -> Ernie4_5_MoeModel:
-        return Ernie4_5_MoeModel(self.config, self.backend, moe_config=self.moe_config)
+    def __init__(
+        self,
+        config,
+        moe_config: MoEConfig | None = None,
+        backend: BackendConfig | None = None,
+        moe_overrides: dict | None = None,
+    ):
+        moe_config = resolve_moe_config(config, moe_config, moe_overrides)
+        config = config_for(config, moe_config)
+        # NOTE: the MoE head has bias=use_bias in transformers (the dense head never has one).
+        super().__init__(config, Ernie4_5_MoeModel(config, backend, moe_config=moe_config), bool(config.use_bias))
+        self.moe_config = moe_config
+        if self.backend.enable_hf_state_dict_adapter:
+            self.state_dict_adapter = Ernie4_5_MoeStateDictAdapter(config, moe_config, self.backend, self.dtype)
 
     def moe_layers(self) -> list[MoELayer]:
         return self.model.moe_layers()
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
-        labels: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        *,
         output_router_logits: bool | None = None,
-        **attn_kwargs,
+        return_dict: bool | None = None,
+        **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        """As the dense forward; ``output_router_logits`` (default: ``aux_loss_coeff > 0``) also
-        returns ``aux_loss`` and the per-MoE-layer ``router_logits`` [T,E] fp32."""
+        """The dense forward (same keywords); ``output_router_logits`` (default: ``aux_loss_coeff > 0``)
+        also returns ``aux_loss`` and the per-MoE-layer ``router_logits`` [T,E] fp32."""
+        out = super().forward(input_ids, **kwargs)
         collect = self.moe_config.aux_loss_coeff > 0 if output_router_logits is None else bool(output_router_logits)
-        self._collect_aux = collect
-        for layer in self.moe_layers():
-            layer.collect_aux = collect
-        return super().forward(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            padding_mask=padding_mask,
-            logits_to_keep=logits_to_keep,
-            output_hidden_states=output_hidden_states,
-            labels=labels,
-            **attn_kwargs,
+        aux_loss, router_logits = self.router_outputs() if collect else (None, None)
+        moe_out = MoeCausalLMOutputWithPast(
+            loss=out.loss,
+            aux_loss=aux_loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            router_logits=router_logits,
         )
+        return moe_out if return_dict is not False else moe_out.to_tuple()
 
-    def make_output(self, **fields) -> MoeCausalLMOutputWithPast:
-        aux_loss = router_logits = None
-        if self._collect_aux:
-            layers = self.moe_layers()
-            stats = [layer.last_aux_stats for layer in layers if layer.last_aux_stats is not None]
-            if stats:
-                aux_loss = load_balancing_loss(stats, self.moe_config.n_routed_experts)
-                router_logits = tuple(layer.last_router_logits for layer in layers)
-            for layer in layers:  # NOTE: do not keep the autograd graph alive until the next step
-                layer.last_aux_stats = layer.last_router_logits = None
-        return MoeCausalLMOutputWithPast(aux_loss=aux_loss, router_logits=router_logits, **fields)
-
-    # ----- accounting -------------------------------------------------------------------------
-    def _feed_forward_counts(self, layer_idx: int) -> tuple[int, int, int]:
-        if not is_moe_layer(self.config, layer_idx):
-            return super()._feed_forward_counts(layer_idx)
-        m = self.moe_config
-        expert = 3 * m.dim * m.moe_inter_dim
-        shared_weights = 3 * m.dim * m.shared_inter_dim
-        shared_biases = 2 * m.shared_inter_dim + m.dim if m.shared_expert_bias and m.n_shared_experts else 0
-        router = m.n_routed_experts * m.dim + m.n_routed_experts  # weight + correction bias
-        always = shared_weights + shared_biases + router
-        return (
-            m.n_routed_experts * expert + always,
-            m.n_activated_experts * expert + always,
-            m.n_activated_experts * expert + shared_weights + m.n_routed_experts * m.dim,
-        )
+    def router_outputs(self) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """(aux_loss, router_logits per MoE layer) of the last forward, from each layer's ``last_record``."""
+        records = [layer.last_record for layer in self.moe_layers()]
+        if not records or any(r is None or r.router_probs is None for r in records):
+            return None, None  # no MoE layer, or the fake balanced gate (no router scores)
+        top_k = self.moe_config.n_activated_experts
+        stats = [aux_loss_stats(r.router_probs, top_k, r.keep) for r in records]
+        aux_loss = load_balancing_loss(stats, self.moe_config.n_routed_experts)
+        return aux_loss, tuple(r.router_logits for r in records)
 
     @classmethod
     def get_capabilities(cls, config) -> ModelCapabilities:

@@ -39,3 +39,20 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
             f"label {bad} is out of range for vocab_size={vocab_size} "
             f"(valid: 0..{vocab_size - 1}, or {IGNORE_INDEX} to ignore)"
         )
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """transformers' causal-LM loss: mean CE; ``shift_labels`` [B,S'] (already aligned with the
+    logits, as context-parallel and packed trainers pass them) wins over shifting ``labels`` [B,S]."""
+    if shift_labels is None:
+        return shifted_cross_entropy(logits, labels) if labels is not None else None
+    if shift_labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"shift_labels must have the shape of the logits' positions {list(logits.shape[:-1])}, "
+            f"got {list(shift_labels.shape)}"
+        )
+    flat = shift_labels.reshape(-1)
+    check_labels(flat, logits.shape[-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX)

@@ -33,11 +33,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class Ernie4_5MLP(nn.Module):
+    """Dense layers' feed-forward and the MoE layers' shared experts."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., H] -> [..., H]; ``padding_mask`` is ignored (every position is computed)."""
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

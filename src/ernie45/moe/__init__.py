@@ -1,18 +1,11 @@
 """Mixture-of-experts building blocks: config, router, grouped experts, token dispatch, balancing."""
 
-from .balancing import (
-    AuxStats,
-    aux_loss_stats,
-    collect_tokens_per_expert,
-    load_balancing_loss,
-    moe_layers,
-    tokens_per_expert,
-    update_correction_bias,
-)
+from .aux_loss import AuxStats, aux_loss_stats, load_balancing_loss, tokens_per_expert
+from .balancing import collect_tokens_per_expert, update_correction_bias
 from .config import MoEConfig, is_moe_layer, resolve_moe_config
 from .dispatch import LocalDispatcher
 from .experts import GroupedExperts, experts_grouped_mm, experts_loop
-from .layer import MoELayer
+from .layer import MoELayer, MoERecord, moe_layers
 from .router import KeepFloat32, MoEStatics, Router, Routing, fake_balanced_routing, route
 
 __all__ = [
@@ -22,6 +15,7 @@ __all__ = [
     "LocalDispatcher",
     "MoEConfig",
     "MoELayer",
+    "MoERecord",
     "MoEStatics",
     "Router",
     "Routing",

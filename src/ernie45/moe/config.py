@@ -1,7 +1,9 @@
 """``MoEConfig``: the mixture-of-experts settings of one model, derived from transformers' config.
 
-Field names follow NeMo AutoModel's ``MoEConfig`` so recipes carry over. ``from_hf_config`` reads
-an ``Ernie4_5_MoeConfig``; ``moe_overrides`` (a dict) replaces fields by name. Which layers are
+Fields and names are NeMo AutoModel's ``MoEConfig``, so its recipes and code carry over; values
+an ERNIE 4.5 model cannot use (group-limited routing, a router bias, other activations) are
+refused naming the field. ``from_hf_config`` reads an ``Ernie4_5_MoeConfig``; ``moe_overrides``
+(a dict) replaces fields by name. Which layers are
 MoE layers is part of the checkpoint's architecture and stays in the HF config
 (``moe_layer_start_index``/``end_index``/``interval``, see ``is_moe_layer``).
 """
@@ -15,7 +17,21 @@ import torch
 
 from ..dtypes import as_dtype
 
-SCORE_FUNCS = ("softmax",)
+# "softmax_with_bias" is AutoModel's name for ERNIE's rule: softmax, then top-k of p + correction bias.
+SCORE_FUNCS = ("softmax", "softmax_with_bias")
+# AutoModel fields whose only value ERNIE 4.5 can use, and why.
+_FIXED = {
+    "n_expert_groups": (0, "ERNIE 4.5 routes over all experts, without expert groups"),
+    "n_limited_groups": (0, "ERNIE 4.5 routes over all experts, without expert groups"),
+    "router_bias": (False, "the ERNIE 4.5 router has no bias (the correction bias is moe_statics')"),
+    "expert_bias": (False, "ERNIE 4.5's routed experts have no bias (use_bias adds one to the shared experts only)"),
+    "expert_activation": ("swiglu", "ERNIE 4.5's experts are SwiGLU"),
+    "shared_expert_activation": ("swiglu", "ERNIE 4.5's shared experts are SwiGLU"),
+    "activation_alpha": (1.702, "it only applies to expert_activation='quick_geglu'"),
+    "activation_limit": (7.0, "it only applies to expert_activation='quick_geglu'"),
+    "softmax_before_topk": (False, "ERNIE 4.5 selects by top-k of softmax + correction bias (score_func)"),
+    "shared_expert_gate": (False, "ERNIE 4.5's shared experts are not gated"),
+}
 
 
 @dataclass
@@ -33,13 +49,23 @@ class MoEConfig:
     aux_loss_coeff: weight of the Switch-style load-balancing loss. When > 0 the model returns the
         (unweighted, HF-compatible) loss as ``output.aux_loss``; the caller adds
         ``aux_loss_coeff * aux_loss`` to its loss. Derived as transformers applies it:
-        ``router_aux_loss_coef`` if ``output_router_logits`` else 0.
+        ``router_aux_loss_coef`` if ``output_router_logits`` else 0. NOTE: AutoModel's ERNIE model
+        uses ``router_aux_loss_coef`` (0.001 in the releases) unconditionally; pass
+        ``moe_overrides={"aux_loss_coeff": 0.001}`` (recipe: ``moe.aux_loss_coef``) for its behaviour.
     gate_bias_update_factor: u of the aux-loss-free update ``bias += u * sign(mean(load) - load)``
         (0 = off, the fine-tuning default); see ``ernie45.moe.balancing``.
     shared_expert_bias: bias on the shared-expert projections (HF: ``use_bias``); routed experts
         and the router never have one.
     dtype: dtype of the routed-expert weights at construction (None = the model's dtype). The
         router weight and correction bias are always fp32.
+    train_gate: train the router weight (False freezes it). inter_dim: the dense layers'
+        intermediate size (informational, as in AutoModel). shared_expert_inter_dim: each shared
+        expert's width (None or ``moe_inter_dim``). force_e_score_correction_bias: accepted (the
+        correction bias always exists in ERNIE 4.5).
+    AutoModel fields with one usable value for ERNIE 4.5 (others are refused): n_expert_groups=0,
+    n_limited_groups=0, router_bias=False, expert_bias=False, expert_activation="swiglu",
+    shared_expert_activation="swiglu", activation_alpha, activation_limit, softmax_before_topk=False,
+    shared_expert_gate=False.
     """
 
     n_routed_experts: int
@@ -54,9 +80,31 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     gate_bias_update_factor: float = 0.0
     shared_expert_bias: bool = False
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | str | None = None
+    train_gate: bool = True
+    inter_dim: int | None = None
+    shared_expert_inter_dim: int | None = None
+    force_e_score_correction_bias: bool = True
+    n_expert_groups: int = 0
+    n_limited_groups: int = 0
+    router_bias: bool = False
+    expert_bias: bool = False
+    expert_activation: str = "swiglu"
+    shared_expert_activation: str = "swiglu"
+    activation_alpha: float = 1.702
+    activation_limit: float = 7.0
+    softmax_before_topk: bool = False
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
+        for name, (value, why) in _FIXED.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r} is not supported: {why}; use {value!r}")
+        if self.shared_expert_inter_dim not in (None, self.moe_inter_dim):
+            raise ValueError(
+                f"MoEConfig.shared_expert_inter_dim={self.shared_expert_inter_dim} must equal moe_inter_dim="
+                f"{self.moe_inter_dim} (ERNIE 4.5's shared experts are as wide as a routed one), or be left unset"
+            )
         if self.n_routed_experts < 1:
             raise ValueError(f"MoEConfig.n_routed_experts={self.n_routed_experts} must be >= 1")
         if not 1 <= self.n_activated_experts <= self.n_routed_experts:
@@ -66,6 +114,8 @@ class MoEConfig:
             )
         if self.n_shared_experts < 0:
             raise ValueError(f"MoEConfig.n_shared_experts={self.n_shared_experts} must be >= 0")
+        if self.score_func == "softmax_with_bias":
+            self.score_func = "softmax"  # NOTE: AutoModel's name for the same rule
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"MoEConfig.score_func={self.score_func!r} is not supported; choose one of {SCORE_FUNCS}")
         if self.aux_loss_coeff < 0 or self.gate_bias_update_factor < 0:
@@ -88,6 +138,7 @@ class MoEConfig:
             norm_min=config.moe_norm_min,
             aux_loss_coeff=float(config.router_aux_loss_coef or 0.0) if config.output_router_logits else 0.0,
             shared_expert_bias=bool(config.use_bias),
+            inter_dim=config.intermediate_size,
         )
 
     def replace(self, overrides: dict) -> "MoEConfig":

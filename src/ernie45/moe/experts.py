@@ -19,13 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.mlp import swiglu
+from ..sharding import local_part
 
 EXPERT_BACKENDS = ("torch", "torch_mm")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor parameter (expert parallelism), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -98,13 +94,21 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init per expert (uniform +-1/sqrt(fan_in)), so a model built directly
+        is usable; ``from_config`` then applies transformers' init (``init_weights``)."""
+        for weight in (self.gate_up_proj, self.down_proj):
+            bound = weight.shape[-1] ** -0.5
+            nn.init.uniform_(weight, -bound, bound)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
         nn.init.normal_(self.down_proj, mean=0.0, std=std)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        gate_up, down = local_part(self.gate_up_proj), local_part(self.down_proj)
         if tokens_per_expert.shape[0] != gate_up.shape[0]:
             raise ValueError(
                 f"tokens_per_expert has {tokens_per_expert.shape[0]} entries but this module holds "

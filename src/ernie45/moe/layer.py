@@ -12,23 +12,37 @@ Submodule names are the HF checkpoint names: ``gate.weight`` [E,H] fp32,
 ``moe_statics.e_score_correction_bias`` [1,E] fp32 (buffer), ``experts.gate_up_proj`` [E,2I,H],
 ``experts.down_proj`` [E,H,I], ``shared_experts.{gate,up,down}_proj``.
 
-After each forward: ``last_tokens_per_expert`` [E] int64 (padding excluded, actual biased
-selection), and, when ``collect_aux`` is set, ``last_aux_stats`` and ``last_router_logits``
-(read and cleared by the causal LM to build ``aux_loss`` / ``router_logits``).
+What the last forward routed is held in ONE place, ``layer.last_record`` (a ``MoERecord``,
+replaced whole by each forward): expert loads for metrics and aux-loss-free balancing, and the
+router's logits and probabilities from which the causal LM builds ``aux_loss`` / ``router_logits``
+when asked. NOTE: the record keeps two [T,E] fp32 tensors per MoE layer alive until the next
+forward (with their autograd graph when gradients were tracked and no backward has run yet).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.backend import BackendConfig
 from ..models.mlp import Ernie4_5MLP
-from .balancing import AuxStats, aux_loss_stats, tokens_per_expert
+from .aux_loss import tokens_per_expert
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import GroupedExperts
 from .router import MoEStatics, Router, fake_balanced_routing
+
+
+@dataclass(frozen=True)
+class MoERecord:
+    """What one MoE layer's forward routed (T tokens of that forward, E routed experts)."""
+
+    tokens_per_expert: torch.Tensor  # [E] int64, padding excluded, the actual (biased) selection
+    router_logits: torch.Tensor | None  # [T,E] fp32 (None under the fake balanced gate)
+    router_probs: torch.Tensor | None  # [T,E] fp32 softmax, with grad: the aux loss's input
+    keep: torch.Tensor | None  # [T] bool, False = padding (None: no padding)
 
 
 class MoELayer(nn.Module):
@@ -50,6 +64,7 @@ class MoELayer(nn.Module):
             route_scale=moe_config.route_scale,
             compute_dtype=backend.gate_precision,
         )
+        self.gate.weight.requires_grad_(moe_config.train_gate)
         self.moe_statics = MoEStatics(moe_config.n_routed_experts)
         self.experts = GroupedExperts(
             moe_config.n_routed_experts, moe_config.dim, moe_config.moe_inter_dim, backend.experts, moe_config.dtype
@@ -61,10 +76,7 @@ class MoELayer(nn.Module):
         )
         # NOTE: a plain object, not a submodule: expert parallelism swaps it from outside.
         self.dispatcher = LocalDispatcher(moe_config.n_routed_experts)
-        self.collect_aux = moe_config.aux_loss_coeff > 0
-        self.last_tokens_per_expert: torch.Tensor | None = None
-        self.last_aux_stats: AuxStats | None = None
-        self.last_router_logits: torch.Tensor | None = None
+        self.last_record: MoERecord | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., H]; padding_mask [...] bool (True = padding) or None."""
@@ -77,10 +89,9 @@ class MoELayer(nn.Module):
             )
         else:
             routing = self.gate(x, self.moe_statics.e_score_correction_bias)
-        self.last_tokens_per_expert = tokens_per_expert(routing.topk_idx, keep, self.num_experts)
-        if self.collect_aux and routing.probs is not None:
-            self.last_aux_stats = aux_loss_stats(routing.probs, self.top_k, keep)
-            self.last_router_logits = routing.logits
+        self.last_record = MoERecord(
+            tokens_per_expert(routing.topk_idx, keep, self.num_experts), routing.logits, routing.probs, keep
+        )
 
         x_sorted, counts, state = self.dispatcher.dispatch(x, routing.topk_idx, routing.topk_weight, keep)
         out = self.dispatcher.combine(self.experts(x_sorted, counts), state)
@@ -90,3 +101,8 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, dispatcher={self.dispatcher!r}"
+
+
+def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
+    """{layer index: MoE layer} of a model, in layer order (any wrapper around it)."""
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, MoELayer)}

@@ -5,9 +5,8 @@ Each block keeps only its inputs in forward and recomputes the rest in backward 
 In MoE blocks the first forward records the indices of every ``topk`` (the router's choice of
 experts) and the recompute replays them instead of recomputing, so the experts that receive
 gradients are exactly those that ran forward even if a recomputed score differed in the last
-bit. The recompute also restores what the MoE layer records about its forward
-(``last_tokens_per_expert``, aux-loss statistics, ...), so expert load is counted once per
-forward, never again in backward.
+bit. The recompute also restores the MoE layer's record of its forward (``last_record``: expert
+loads, router scores), so expert load is counted once per forward, never again in backward.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..moe.layer import MoELayer
 from .model_parts import decoder_blocks, moe_layer
 
 
@@ -50,23 +50,22 @@ class _TopkReplay(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _keeping_forward_records(mlp: nn.Module) -> Iterator[None]:
-    """Undo whatever the recompute writes to the MoE layer's ``last_*`` records of its forward."""
-    before = {k: v for k, v in vars(mlp).items() if k.startswith("last_")}
+def _keeping_forward_record(mlp: MoELayer) -> Iterator[None]:
+    """Put back the MoE layer's ``last_record`` of the forward after the recompute replaced it."""
+    record = mlp.last_record
     try:
         yield
     finally:
-        for name, value in before.items():
-            setattr(mlp, name, value)
+        mlp.last_record = record
 
 
-def _moe_contexts(mlp: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def _moe_contexts(mlp: MoELayer) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """(forward context, recompute context) for one checkpointed forward of an MoE block."""
     indices: list[torch.Tensor] = []
 
     @contextlib.contextmanager
     def recompute() -> Iterator[None]:
-        with _TopkReplay(indices, replay=True), _keeping_forward_records(mlp):
+        with _TopkReplay(indices, replay=True), _keeping_forward_record(mlp):
             yield
 
     return _TopkReplay(indices, replay=False), recompute()

@@ -1,0 +1,87 @@
+"""The one way a model is built: from a config (random init) or from an HF checkpoint directory.
+
+``load_pretrained`` is shared by the single-process and the parallel loaders:
+build on the meta device -> (lay out over the ranks) -> allocate -> fill from the safetensors.
+Single process: tensors are read straight into place (no random init, no second copy). Parallel:
+``parallelize`` (from ``ernie45.distributed``, passed in: model code never imports it) shards the
+meta model, each rank allocates only its shards and reads only their bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint.hf_checkpoint import CheckpointFiles, checkpoint_dtype, load_config, load_hf_weights
+from ..dtypes import as_dtype, config_dtype, dtype_argument
+from ..generation import load_generation_config
+from .dimensions import head_dim_of
+from .validation import check_model_config
+
+
+@contextlib.contextmanager
+def building(dtype: torch.dtype, device: torch.device | str | None) -> Iterator[None]:
+    """Create modules with ``dtype`` as the default float dtype on ``device``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def check_config(cls: type, config) -> None:
+    """Refuse a config ``cls`` cannot build, naming the value (before any tensor is allocated)."""
+    if getattr(config, "model_type", None) != cls.model_type:
+        raise ValueError(
+            f"{cls.__name__} needs a config with model_type={cls.model_type!r}, got "
+            f"{getattr(config, 'model_type', None)!r}; use ernie45.from_pretrained to pick the class"
+        )
+    check_model_config(config)
+    if head_dim_of(config) % 2:  # NOTE: also when derived as hidden_size / num_attention_heads
+        raise ValueError(f"head_dim={head_dim_of(config)} must be even for rotary embeddings")
+
+
+def build(
+    cls: type, config, dtype: torch.dtype | str | None = None, device=None, torch_dtype=None, **kwargs
+) -> nn.Module:
+    """A randomly initialised ``cls(config, **kwargs)`` in ``dtype`` (default: the config's) on ``device``."""
+    check_config(cls, config)
+    with building(as_dtype(dtype_argument(dtype, torch_dtype)) or config_dtype(config), device):
+        model = cls(config, **kwargs)
+    model.init_weights()
+    return model
+
+
+def load_pretrained(
+    cls: type,
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    parallelize: Callable[[nn.Module], object] | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """``cls`` loaded from an HF checkpoint directory; dtype (or ``torch_dtype``) defaults to the checkpoint's.
+
+    ``parallelize(model)`` lays the meta model out over the ranks before anything is allocated.
+    """
+    config = load_config(path)
+    check_config(cls, config)
+    files = CheckpointFiles(path)
+    with building(as_dtype(dtype_argument(dtype, torch_dtype)) or checkpoint_dtype(files), "meta"):
+        model = cls(config, **kwargs)
+    if parallelize is not None:
+        parallelize(model)
+        model.to_empty(device=device or "cpu")  # only this rank's shards
+        model.tie_weights()
+    load_hf_weights(model, files, device=device or "cpu")
+    model.materialize_buffers()
+    model.tie_weights()
+    model.generation_config = load_generation_config(path)  # end/pad tokens for generate
+    return model.eval()

@@ -1,0 +1,98 @@
+"""The package's import graph has no cycles, and every module imports on its own.
+
+A cycle between two modules works or breaks depending on which is imported first; the static
+check below finds every cycle among module-level imports, whatever the order.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import ernie45
+
+PACKAGE_DIR = Path(ernie45.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE_DIR.rglob("*.py"))}
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``name`` imports at module level (not inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}  # `from . import x` names a module
+    ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    # NOTE: a module's parent packages are imported before it anyway, so an edge to one is no cycle.
+    return {m for m in found if m in known and m != name and m not in ancestors}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_among_package_modules():
+    modules = all_modules()
+    graph = {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
+    assert len(graph) > 40 and graph["ernie45.models.causal_lm"]  # the parse found the package
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Import each module as the first one of the package, in reverse order, in one fresh process
+    per module group; a cycle or a missing import fails here whatever the test order."""
+    names = sorted(all_modules(), reverse=True)
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    models_first = [n for n in names if n.startswith("ernie45.models.")]
+    for order in (names, models_first):
+        done = subprocess.run([sys.executable, "-c", script, *order], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_model_code_never_imports_the_distributed_package():
+    modules = all_modules()
+    for name, path in modules.items():
+        if name.startswith(("ernie45.models", "ernie45.moe")):
+            imports = imported_modules(name, path, set(modules))
+            assert not any(m.startswith("ernie45.distributed") for m in imports), (name, imports)

@@ -1,0 +1,273 @@
+"""transformers' model-test expectations, run on our classes (dense and MoE, fp32, random weights).
+
+What transformers' own ERNIE 4.5 model tests check and what applies here: output classes, hidden
+states, inputs_embeds, batching and left-padding equivalence, the loss with ``shift_labels``,
+determinism, incremental decoding with the cache, router logits and the load-balancing loss,
+and that nothing is silently ignored (unknown keywords, 1-D position ids). Plus the AutoModel
+names users port from: MoEConfig's fields, the state-dict adapters, ``torch_dtype``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Ernie4_5ForCausalLM as HFDense
+from transformers import Ernie4_5Model as HFDenseModel
+from transformers import Ernie4_5_MoeModel as HFMoeModel
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
+
+import ernie45
+from ernie45 import BackendConfig, Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel, Ernie4_5ForCausalLM, Ernie4_5Model
+from ernie45 import MoEConfig
+from ernie45.checkpoint.state_dict_adapter import Ernie4_5_MoeStateDictAdapter, Ernie4_5StateDictAdapter
+
+from builders import random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
+
+KINDS = ["dense", "moe"]
+
+
+def pair(kind: str, tmp_path, **overrides):
+    """(transformers model, ours loaded from its save), same random weights."""
+    if kind == "dense":
+        hf = random_hf_model(HFDense, tiny_dense_config(**overrides))
+    else:
+        hf = random_hf_moe(tiny_moe_config(**overrides))
+    hf.save_pretrained(tmp_path)
+    return hf.eval(), ernie45.from_pretrained(tmp_path)
+
+
+def ids_for(model, batch: int = 2, seq: int = 7, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ----- outputs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_classes_and_hidden_states_match_transformers(kind, tmp_path):
+    hf, ours = pair(kind, tmp_path)
+    ids = ids_for(ours)
+    expected = hf(ids, output_hidden_states=True)
+    got = ours(ids, output_hidden_states=True)
+    assert isinstance(got, MoeCausalLMOutputWithPast if kind == "moe" else CausalLMOutputWithPast)
+    assert len(got.hidden_states) == len(expected.hidden_states) == ours.config.num_hidden_layers + 1
+    for ours_h, hf_h in zip(got.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(ours_h, hf_h, rtol=1e-5, atol=1e-5)
+    as_tuple = ours(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], got.logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_base_model_returns_transformers_output(kind, tmp_path):
+    hf, ours = pair(kind, tmp_path)
+    ids = ids_for(ours)
+    hf_body = (HFMoeModel if kind == "moe" else HFDenseModel).from_pretrained(tmp_path).eval()
+    expected = hf_body(ids, output_router_logits=True) if kind == "moe" else hf_body(ids)
+    got = ours.model(ids, output_router_logits=True) if kind == "moe" else ours.model(ids)
+    assert isinstance(got, MoeModelOutputWithPast if kind == "moe" else BaseModelOutputWithPast)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    if kind == "moe":
+        assert len(got.router_logits) == len(expected.router_logits) == 2
+        for ours_r, hf_r in zip(got.router_logits, expected.router_logits):
+            torch.testing.assert_close(ours_r, hf_r.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_embeds_equal_input_ids(kind, tmp_path):
+    hf, ours = pair(kind, tmp_path)
+    ids = ids_for(ours)
+    embeds = ours.get_input_embeddings()(ids)
+    torch.testing.assert_close(ours(inputs_embeds=embeds).logits, ours(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(ours(inputs_embeds=embeds).logits, hf(inputs_embeds=embeds).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ours(ids, inputs_embeds=embeds)
+
+
+# ----- equivalences ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_batching_equivalence_and_determinism(kind, tmp_path):
+    _, ours = pair(kind, tmp_path)
+    ids = ids_for(ours, batch=3)
+    batched = ours(ids).logits
+    for row in range(3):
+        torch.testing.assert_close(ours(ids[row : row + 1]).logits[0], batched[row], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours(ids).logits, batched)  # same input, same output, bit for bit
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padding_equivalence(kind, tmp_path):
+    hf, ours = pair(kind, tmp_path)
+    ids = ids_for(ours, batch=1, seq=6)
+    pad = torch.full((1, 3), ours.config.pad_token_id or 0)
+    padded = torch.cat([pad, ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = ours(padded, attention_mask=mask, position_ids=positions).logits[:, 3:]
+    torch.testing.assert_close(got, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    expected = hf(padded, attention_mask=mask, position_ids=positions).logits[:, 3:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_incremental_decoding_with_the_cache_equals_one_forward(kind, tmp_path):
+    _, ours = pair(kind, tmp_path)
+    ids = ids_for(ours, seq=9)
+    full = ours(ids).logits
+    first = ours(ids[:, :5], use_cache=True)
+    cache = first.past_key_values
+    assert len(cache) == ours.config.num_hidden_layers and cache[0].length == 5
+    steps = [first.logits]
+    for t in range(5, 9):
+        out = ours(ids[:, t : t + 1], past_key_values=cache)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="past_key_values must be the list"):
+        ours(ids, past_key_values=("not", "a", "cache"))
+
+
+def test_cache_position_gives_the_positions(tmp_path):
+    _, ours = pair("dense", tmp_path)
+    ids = ids_for(ours)
+    shifted = torch.arange(4, 4 + ids.shape[1])
+    torch.testing.assert_close(
+        ours(ids, cache_position=shifted).logits, ours(ids, position_ids=shifted[None].expand(2, -1)).logits
+    )
+
+
+# ----- losses --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_with_labels_and_with_shift_labels(kind, tmp_path):
+    hf, ours = pair(kind, tmp_path)
+    ids = ids_for(ours)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    torch.testing.assert_close(ours(ids, labels=labels).loss, hf(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    shift = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    expected = hf(ids, labels=labels, shift_labels=shift).loss
+    torch.testing.assert_close(ours(ids, labels=labels, shift_labels=shift).loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(ids, shift_labels=shift).loss, expected, rtol=1e-5, atol=1e-6)
+    # a different shift_labels must change the loss (it is used, not ignored)
+    other = shift.roll(1, dims=1)
+    assert not torch.allclose(ours(ids, labels=labels, shift_labels=other).loss, expected)
+
+
+def test_router_logits_and_load_balancing_loss_match_transformers(tmp_path):
+    hf, ours = pair("moe", tmp_path)
+    ids = ids_for(ours)
+    expected = hf(ids, output_router_logits=True)
+    got = ours(ids, output_router_logits=True)
+    torch.testing.assert_close(got.aux_loss, expected.aux_loss, rtol=1e-5, atol=1e-6)
+    for ours_r, hf_r in zip(got.router_logits, expected.router_logits):
+        torch.testing.assert_close(ours_r, hf_r.float(), rtol=1e-5, atol=1e-5)
+
+
+# ----- nothing silently ignored ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_keywords_are_errors(kind, tmp_path):
+    _, ours = pair(kind, tmp_path)
+    ids = ids_for(ours)
+    with pytest.raises(TypeError, match="totally_bogus_kwarg"):
+        ours(ids, totally_bogus_kwarg=1)
+    with pytest.raises(TypeError):
+        ours(ids, None, None)  # positional arguments after input_ids would mean transformers' order
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(ids, output_attentions=True)
+
+
+def test_one_dimensional_position_ids_are_one_row_for_every_sequence(tmp_path):
+    # MHA with as many heads as tokens: a [S] position tensor broadcast over heads would be silently wrong
+    _, ours = pair("dense", tmp_path, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    ids = ids_for(ours, seq=4)
+    positions = torch.arange(4)
+    torch.testing.assert_close(ours(ids, position_ids=positions).logits, ours(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="position_ids has shape"):
+        ours(ids, position_ids=torch.arange(5))
+
+
+# ----- construction --------------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [
+    lambda: Ernie4_5_MoeModel(tiny_moe_config()),
+    lambda: Ernie4_5_MoeForCausalLM(tiny_moe_config()),
+    lambda: Ernie4_5Model(tiny_dense_config()),
+    lambda: Ernie4_5ForCausalLM(tiny_dense_config()),
+])  # fmt: skip
+def test_every_constructor_initialises_its_weights(build):
+    torch.manual_seed(0)
+    model = build()
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+    ids = torch.randint(3, 160, (1, 5))
+    out = model(ids)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+    assert torch.isfinite(hidden).all()
+
+
+def test_meta_device_build_allocates_nothing():
+    with torch.device("meta"):
+        model = Ernie4_5_MoeForCausalLM(tiny_moe_config())
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_torch_dtype_is_an_alias_of_dtype_and_vocab_size_exists(tmp_path):
+    _, ours = pair("dense", tmp_path)
+    loaded = ernie45.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and loaded.vocab_size == ours.config.vocab_size
+    built = Ernie4_5ForCausalLM.from_config(tiny_dense_config(), torch_dtype="bfloat16")
+    assert built.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="disagree"):
+        ernie45.from_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch.bfloat16)
+
+
+# ----- AutoModel's names -----------------------------------------------------------------------------
+def test_moe_config_takes_automodels_fields():
+    hf_config = tiny_moe_config()
+    automodel_style = MoEConfig(
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=0, n_limited_groups=0,
+        train_gate=False, gate_bias_update_factor=0.0, aux_loss_coeff=0.001, score_func="softmax_with_bias",
+        route_scale=1.0, dim=32, inter_dim=48, moe_inter_dim=16, norm_topk_prob=True, router_bias=False,
+        expert_bias=False, expert_activation="swiglu", softmax_before_topk=False, shared_expert_inter_dim=16,
+        shared_expert_activation="swiglu", force_e_score_correction_bias=True, dtype="float32",
+    )  # fmt: skip
+    model = Ernie4_5_MoeForCausalLM.from_config(hf_config, moe_config=automodel_style)
+    layer = model.moe_layers()[0]
+    assert not layer.gate.weight.requires_grad  # train_gate=False is honoured
+    assert layer.experts.gate_up_proj.requires_grad
+    reference = Ernie4_5_MoeForCausalLM.from_config(hf_config)
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 160, (2, 6))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)  # softmax_with_bias == ERNIE's rule
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_expert_groups", 4), ("router_bias", True), ("expert_bias", True), ("expert_activation", "relu2"),
+    ("softmax_before_topk", True), ("shared_expert_gate", True), ("shared_expert_inter_dim", 99),
+    ("score_func", "sigmoid"),
+])  # fmt: skip
+def test_moe_config_refuses_what_ernie_cannot_use_by_name(field, value):
+    with pytest.raises(ValueError, match=f"MoEConfig.{field}="):
+        MoEConfig(n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, dim=32, moe_inter_dim=16, **{field: value})
+
+
+def test_unread_backend_settings_are_refused():
+    with pytest.raises(ValueError, match="enable_fsdp_optimizations"):
+        BackendConfig(enable_fsdp_optimizations=True)
+    assert not hasattr(Ernie4_5ForCausalLM(tiny_dense_config(), BackendConfig(enable_hf_state_dict_adapter=False)), "state_dict_adapter")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_adapter_round_trips_transformers_state_dicts(kind, tmp_path):
+    _, ours = pair(kind, tmp_path)
+    adapter = ours.state_dict_adapter
+    assert isinstance(adapter, Ernie4_5_MoeStateDictAdapter if kind == "moe" else Ernie4_5StateDictAdapter)
+    # transformers fuses experts in memory; its *file* layout (per expert) is what the adapter speaks
+    on_disk = load_file(str(tmp_path / "model.safetensors"))
+    native = adapter.from_hf(dict(on_disk))
+    ours_state = {k: v for k, v in ours.state_dict().items() if k in native}
+    assert set(native) == set(ours_state) and all(torch.equal(native[k], ours_state[k]) for k in native)
+    back = adapter.to_hf(ours.state_dict(), exclude_key_regex=r"lm_head\..*")
+    assert set(back) == set(on_disk) - {"lm_head.weight"} and all(torch.equal(back[k], on_disk[k]) for k in back)
+    assert adapter.convert_single_tensor_to_hf("model.norm.weight", ours.model.norm.weight)[0][0] == "model.norm.weight"
