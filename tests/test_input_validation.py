@@ -319,6 +319,15 @@ def test_bad_sampling_options_are_refused_before_the_model_loads(tmp_path, args,
     assert result.stderr.startswith(f"error: {message}") and len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("temperature", [math.inf, math.nan])
+def test_the_generate_api_refuses_a_temperature_that_is_not_finite(temperature):
+    from builders import dense_model
+
+    # NOTE: inf used to sample uniformly (logits / inf = 0), silently
+    with pytest.raises(ValueError, match=rf"^temperature={temperature} must be a number > 0 and finite"):
+        dense_model().generate(torch.tensor([[5, 6]]), do_sample=True, temperature=temperature, max_new_tokens=2)
+
+
 def test_a_kv_cache_beyond_all_memory_is_refused_not_a_failed_allocation(tiny_lm_dir):
     for mode in (["--prompt", "x"], ["--chat"]):
         result = _cli("generate", "--model", str(tiny_lm_dir), *mode, "--max-new-tokens", str(10**13), "--device", "cpu")

@@ -15,6 +15,7 @@ Shapes: B batch, P prompt length, N new tokens, V vocabulary, nKV key/value head
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,9 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(
-                f"temperature={self.temperature!r} must be a number > 0 (use do_sample=False for greedy decoding)"
+                f"temperature={self.temperature!r} must be a number > 0 and finite (use do_sample=False for greedy decoding)"
             )
         if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token")
