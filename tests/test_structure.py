@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import ernie45
 
 PACKAGE_DIR = Path(ernie45.__file__).parent
@@ -79,6 +81,7 @@ def test_no_import_cycles_among_package_modules():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+@pytest.mark.slow
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """Import each module as the first one of the package, in reverse order, in one fresh process
     per module group; a cycle or a missing import fails here whatever the test order."""
