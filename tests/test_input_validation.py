@@ -60,6 +60,7 @@ def _alias_bomb(levels: int) -> str:
     return "model:\n  _target_: ernie45.from_config\n  config:\n    model_type: ernie4_5\n" + "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow  # a fresh Python process: importing torch takes ~5 s
 def test_an_alias_bomb_is_refused_at_once_naming_the_file_and_nothing_is_written(tmp_path):
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text(_alias_bomb(levels=10))  # 9**10 = 3.5e9 strings once expanded; the file is 1 kB
