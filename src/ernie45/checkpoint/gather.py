@@ -1,9 +1,9 @@
 """A parallelised model's tensors gathered whole onto rank 0, one tensor at a time (collective).
 
-Only torch.distributed and DTensor are used here, so the model's own ``save_pretrained`` can
-save a sharded model without model code importing ``ernie45.distributed``: each rank sends the
-box of the global tensor it holds, rank 0 assembles it, and no rank ever holds more than one
-whole tensor beyond its shards.
+Only torch.distributed, DTensor and ``ernie45.sharding`` are used here, so the model's own
+``save_pretrained`` can save a sharded model without model code importing ``ernie45.distributed``:
+each rank sends the box of the global tensor it holds, rank 0 assembles it, and no rank ever holds
+more than one whole tensor beyond its shards.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pickle
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from ..sharding import local_box, local_part
 
 
 def is_parallel(tensors: dict[str, torch.Tensor]) -> bool:
@@ -30,10 +31,9 @@ def gather_on_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
     """
     if not isinstance(tensor, DTensor):
         return tensor.detach() if dist.get_rank() == 0 else None
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     boxes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(boxes, (shape, offset))
-    local = tensor.to_local().detach().reshape(-1)
+    dist.all_gather_object(boxes, local_box(tensor))
+    local = local_part(tensor).detach().reshape(-1)
     send = local.new_zeros(max(math.prod(box_shape) for box_shape, _ in boxes))
     send[: local.numel()] = local
     received = [torch.empty_like(send) for _ in boxes] if dist.get_rank() == 0 else None
