@@ -344,6 +344,7 @@ def _greedy(model_dir: Path, text: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
+@pytest.mark.slow  # a fresh Python process: importing torch takes ~5 s
 def test_a_prompt_that_is_not_utf8_is_decoded_with_replacement_and_a_warning(tiny_lm_dir):
     run = _python("generate", "--model", str(tiny_lm_dir), "--prompt", b"caf\xe9 au lait", "--max-new-tokens", "6", "--device", "cpu")
     assert run.returncode == 0, run.stderr
