@@ -4,8 +4,10 @@ machine's cores, dataset records, and the generate/chat command line."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -180,6 +182,49 @@ def test_the_released_shapes_pass_and_transformers_configs_are_checked_too():
     check_model_config({"hidden_size": 64})  # a partial mapping: only what is given is checked
 
 
+def _checkpoint_with(source: Path, target: Path, **values) -> Path:
+    """A copy of the checkpoint ``source`` whose config.json has ``values`` written over it."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **values}))
+    return target
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(num_attention_heads=0), "num_attention_heads=0 must be an integer >= 1"),
+        (dict(hidden_size=-8), "hidden_size=-8 must be an integer >= 1"),
+        (dict(num_key_value_heads=3), "num_attention_heads=4 must be a multiple of num_key_value_heads=3"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps=0.0 must be a finite number > 0"),
+    ],
+)
+def test_impossible_values_in_config_json_are_named_with_the_file(tiny_lm_dir, tmp_path, values, message):
+    bad = _checkpoint_with(tiny_lm_dir, tmp_path / "bad", **values)
+    expected = f"{bad / 'config.json'}: {message}"
+    with pytest.raises(ValueError) as info:
+        ernie45.from_pretrained(bad)
+    assert str(info.value).startswith(expected)
+    result = _cli("generate", "--model", str(bad), "--prompt", "x", "--device", "cpu")
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {expected}")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_finetune_from_a_config_json_with_zero_heads_stops_before_building(tiny_lm_dir, tmp_path):
+    bad = _checkpoint_with(tiny_lm_dir, tmp_path / "bad", num_attention_heads=0)
+    data = tmp_path / "sft.jsonl"
+    data.write_text(SFT_LINE * 32)
+    result = _cli(
+        "finetune", "--model._target_=ernie45.from_pretrained", f"--model.pretrained_model_name_or_path={bad}",
+        "--model.config=null", "--tokenizer._target_=transformers.AutoTokenizer.from_pretrained",
+        "--tokenizer.vocab_size=null", "--dataset._target_=ernie45.training.data.SFTDataset",
+        f"--dataset.path_or_dataset={data}", "--dataset.num_examples=null", "--dataset.seed=null",
+        "--validation_dataset=null", f"--output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {bad / 'config.json'}: num_attention_heads=0 must be an integer >= 1\n"
+
+
 # ----- fuzz: every numeric key of the recipes ---------------------------------------------------
 BAD_EVERYWHERE = [math.nan, math.inf, -math.inf, "x", [1]]
 MAYBE_MEANINGFUL = [0, -1, 1e30]
@@ -296,6 +341,9 @@ def test_a_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path, tiny_lm_dir
     assert result.exit_code == 2
     column = HELLASWAG_LINE.index("roof") + 4  # 1-based, after "caf"
     assert result.stderr == f"error: {data}:2 is not UTF-8 text (byte 0xe9 at column {column}); save the file as UTF-8\n"
+
+
+SFT_LINE = '{"prompt": "2+2=", "completion": " 4"}\n'
 
 
 # ----- generate / chat ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, GenerationConfig
 
+from ..models.validation import check_model_config
 from ..sharding import local_index, local_part
 from . import hf_adapter
 from .gather import failure_from_rank0, gather_on_rank0, is_parallel
@@ -53,11 +54,16 @@ def load_config(path: str | Path):
             f"({' or '.join(SUPPORTED_MODEL_TYPES)})"
         )
     try:
-        return AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path))
     except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
         # NOTE: transformers checks each field's type ("Validation error for field 'hidden_size':
         # ... expected int, got str"); its message names the key, on two lines: made one here.
         raise CheckpointError(f"{config_file} is not a valid {model_type} config: {' '.join(str(err).split())}") from None
+    try:
+        check_model_config(config)  # NOTE: values transformers accepts but no model can have (0 heads, -8 wide)
+    except ValueError as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    return config
 
 
 def checkpoint_dtype(files: CheckpointFiles) -> torch.dtype:
