@@ -118,15 +118,17 @@ def test_incremental_decoding_with_the_cache_equals_one_forward(kind, tmp_path):
     ids = ids_for(ours, seq=9)
     full = ours(ids).logits
     first = ours(ids[:, :5], use_cache=True)
-    cache = first.past_key_values
+    cache = first.cache
     assert len(cache) == ours.config.num_hidden_layers and cache[0].length == 5
     steps = [first.logits]
     for t in range(5, 9):
         out = ours(ids[:, t : t + 1], past_key_values=cache)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match="past_key_values must be the list"):
-        ours(ids, past_key_values=("not", "a", "cache"))
+    legacy = ours(ids[:, :5], use_cache=True).cache
+    torch.testing.assert_close(ours(ids[:, 5:6], past_key_values=legacy).logits, steps[1])  # the older name
+    with pytest.raises(TypeError, match="cache must be the list"):
+        ours(ids, cache=("not", "a", "cache"))
 
 
 def test_cache_position_gives_the_positions(tmp_path):

@@ -198,7 +198,7 @@ def stream_tokens(
 
 @torch.no_grad()
 def _decode_step_logits(model, tokens, positions, mask, caches) -> torch.Tensor:
-    out = model(tokens, position_ids=positions, attention_mask=mask, past_key_values=caches, logits_to_keep=1)
+    out = model(tokens, position_ids=positions, attention_mask=mask, cache=caches, logits_to_keep=1)
     return out.logits[:, -1].float()  # [B,V]
 
 

@@ -15,6 +15,7 @@ Model code never imports this package: everything here wraps models from outside
 
 from .activation_checkpoint import apply_activation_checkpointing
 from .config import LayoutError, ParallelConfig, check_model_fits
+from .context_parallel import SequenceShard, apply_context_parallel, gather_sequence, shard_sequence
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from .fsdp import apply_fsdp, prepare_for_final_backward, prepare_for_grad_accumulation
 from .loading import from_pretrained
@@ -27,7 +28,9 @@ __all__ = [
     "LayoutError",
     "ParallelConfig",
     "ParallelMeshes",
+    "SequenceShard",
     "apply_activation_checkpointing",
+    "apply_context_parallel",
     "apply_expert_parallel",
     "apply_fsdp",
     "apply_tensor_parallel",
@@ -35,7 +38,9 @@ __all__ = [
     "check_model_fits",
     "ensure_process_group",
     "from_pretrained",
+    "gather_sequence",
     "parallelize_model",
     "prepare_for_final_backward",
     "prepare_for_grad_accumulation",
+    "shard_sequence",
 ]

@@ -34,7 +34,9 @@ class ParallelConfig:
     dp_shard: FSDP2 shards (``fully_shard``); -1 fills the world.
     tp: tensor parallelism (attention heads, MLP width, vocabulary).
     ep: expert parallelism; folds onto the dp x tp ranks, adds none.
-    cp, pp: context / pipeline parallelism (not supported yet; must be 1).
+    cp: context parallelism: each sequence split over cp ranks (``context_parallel.py``); parameters
+        are FSDP-sharded over dp_shard x cp.
+    pp: pipeline parallelism (not supported yet; must be 1).
     param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (compute in bf16, reduce
         gradients in fp32 by default; ``param_dtype=None`` computes in the stored dtype).
     reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) when True.
@@ -64,13 +66,11 @@ class ParallelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and not allowed_fill):
                 fill = " or -1 (fill the world)" if name == "dp_shard" else ""
                 raise LayoutError(f"ParallelConfig.{name}={value!r} must be a positive integer{fill}")
-        for name in ("cp", "pp"):
-            if getattr(self, name) > 1:
-                what = "context" if name == "cp" else "pipeline"
-                raise NotImplementedError(
-                    f"ParallelConfig.{name}={getattr(self, name)}: {what} parallelism is not supported yet; "
-                    f"use {name}=1 (supported: dp_replicate, dp_shard, tp, ep)"
-                )
+        if self.pp > 1:
+            raise NotImplementedError(
+                f"ParallelConfig.pp={self.pp}: pipeline parallelism is not supported yet; "
+                "use pp=1 (supported: dp_replicate, dp_shard, cp, tp, ep)"
+            )
 
     @property
     def data_parallel(self) -> int:

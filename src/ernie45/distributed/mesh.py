@@ -1,8 +1,9 @@
 """Process group start-up and the two device meshes a layout needs.
 
-* ``world``: ``(dp_replicate, dp_shard, tp)``, tp innermost so tensor-parallel peers are
+* ``world``: ``(dp_replicate, dp_shard, cp, tp)``, tp innermost so tensor-parallel peers are
   neighbouring ranks (same host). Dense parameters are sharded by FSDP2 over the data-parallel
-  dims and by TP over ``tp``.
+  dims with cp folded in (``dp_shard_cp``: cp peers hold different tokens of the same sequences,
+  so their gradients are summed like data-parallel ones) and by TP over ``tp``.
 * ``experts``: ``(ep_shard, ep)`` over the same ranks, ep innermost. Routed experts are split
   ``Shard(0)`` over ``ep`` and FSDP2-sharded over ``ep_shard``. Built only when ``ep > 1``.
 """
@@ -53,12 +54,15 @@ class ParallelMeshes:
 
     @property
     def dp(self) -> DeviceMesh | None:
-        """FSDP2's mesh: 1-D ``dp_shard``, or 2-D ``(dp_replicate, dp_shard)`` for HSDP."""
-        if self.parallel.data_parallel == 1:
+        """FSDP2's mesh: 1-D ``dp_shard`` (x ``cp``), or 2-D ``(dp_replicate, dp_shard x cp)`` for HSDP."""
+        if self.parallel.data_parallel * self.parallel.cp == 1:
             return None
-        if self.parallel.dp_replicate > 1:
-            return self.world["dp_replicate", "dp_shard"]
-        return self.world["dp_shard"]
+        shard = "dp_shard_cp" if self.parallel.cp > 1 else "dp_shard"
+        return self.world["dp_replicate", shard] if self.parallel.dp_replicate > 1 else self.world[shard]
+
+    @property
+    def cp(self) -> DeviceMesh | None:
+        return self.world["cp"] if self.parallel.cp > 1 else None
 
     @property
     def tp(self) -> DeviceMesh | None:
@@ -81,9 +85,11 @@ def build_meshes(parallel: ParallelConfig, device_type: str | None = None) -> Pa
     device_type = device_type or default_device().type
     world = init_device_mesh(
         device_type,
-        (parallel.dp_replicate, parallel.dp_shard, parallel.tp),
-        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+        (parallel.dp_replicate, parallel.dp_shard, parallel.cp, parallel.tp),
+        mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"),
     )
+    if parallel.cp > 1:
+        world["dp_shard", "cp"]._flatten("dp_shard_cp")
     experts = None
     if parallel.ep > 1:
         experts = init_device_mesh(device_type, (parallel.ep_shard, parallel.ep), mesh_dim_names=("ep_shard", "ep"))

@@ -1,7 +1,8 @@
 """``parallelize_model``: apply a layout to a single-device model, in the order the wrappers need.
 
 TP first (it replaces weights by DTensors on the ``tp`` mesh), then EP (experts become
-``Shard(0)`` DTensors on ``ep`` and the all-to-all dispatcher is installed), then activation
+``Shard(0)`` DTensors on ``ep`` and the all-to-all dispatcher is installed), then CP (attention
+gathers K/V over ``cp``; inputs come from ``shard_sequence``), then activation
 checkpointing (hooks on each block), then FSDP2 last, since it shards whatever the others left.
 Works on a model built on the meta device too (that is how ``from_pretrained`` uses it).
 """
@@ -12,6 +13,7 @@ from torch import nn
 
 from .activation_checkpoint import apply_activation_checkpointing
 from .config import ParallelConfig, check_model_fits
+from .context_parallel import apply_context_parallel
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp
 from .mesh import ParallelMeshes, build_meshes
@@ -27,6 +29,8 @@ def parallelize_model(model: nn.Module, parallel: ParallelConfig | ParallelMeshe
         apply_tensor_parallel(model, meshes.tp, sharded_logits=layout.sharded_logits)
     if meshes.ep is not None:
         apply_expert_parallel(model, meshes.ep)
+    if meshes.cp is not None:
+        apply_context_parallel(model, meshes.cp.get_group())
     if layout.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, meshes)

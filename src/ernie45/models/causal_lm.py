@@ -83,6 +83,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         output_hidden_states: bool | None = None,
         labels: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
         past_key_values: list[KVCache] | None = None,
         use_cache: bool | None = None,
         cache_position: torch.Tensor | None = None,
@@ -92,7 +93,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         """input_ids [B,S] -> logits [B,S',V], with transformers' arguments and output class.
 
         ``labels`` (-100 = ignore) adds HF's shifted mean loss (``shift_labels``: already shifted).
-        ``past_key_values`` / ``use_cache``: ernie45 KV caches, returned in the output.
+        ``cache`` (or ``past_key_values``) / ``use_cache``: ernie45 KV caches, returned in ``output.cache``.
         Keyword-only after ``input_ids`` (as AutoModel): transformers orders these arguments
         differently, so a positional call would silently mean something else. Any other keyword
         is a TypeError, never silently ignored.
@@ -106,6 +107,7 @@ class Ernie4_5CausalLMBase(nn.Module):
             padding_mask=padding_mask,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            cache=cache,
             past_key_values=past_key_values,
             use_cache=use_cache,
             cache_position=cache_position,
@@ -114,7 +116,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         out = CausalLMOutputWithPast(
             loss=causal_lm_loss(logits, labels, shift_labels),
             logits=logits,
-            past_key_values=body.past_key_values,
+            cache=body.cache,
             hidden_states=body.hidden_states,
         )
         return out if return_dict is not False else out.to_tuple()

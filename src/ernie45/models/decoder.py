@@ -90,18 +90,32 @@ class Ernie4_5Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), padding_mask)
 
 
-def resolve_caches(past_key_values: list[KVCache] | None, use_cache: bool | None, num_layers: int) -> list[KVCache] | None:
-    """The per-layer KV caches to write into: those given, new growable ones for ``use_cache=True``, or None."""
-    if past_key_values is None:
+def prepared_mask(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """A caller's 4-D mask [B,1,S,Sk] (bool, or 0/1 integers; True = may attend), checked."""
+    if mask.shape[0] != batch or mask.shape[1] != 1 or mask.shape[2] != seq:
+        raise ValueError(f"a 4-D attention_mask must be [batch, 1, seq, keys] = [{batch}, 1, {seq}, keys], got {list(mask.shape)}")
+    if mask.is_floating_point():
+        raise ValueError("a 4-D attention_mask must be bool or 0/1 integers (True = may attend), not an additive float mask")
+    return mask.bool()
+
+
+def resolve_caches(
+    cache: list[KVCache] | None, past_key_values: list[KVCache] | None, use_cache: bool | None, num_layers: int
+) -> list[KVCache] | None:
+    """The per-layer KV caches to write into: those given (``cache``, or transformers' older name
+    ``past_key_values``), new growable ones for ``use_cache=True``, or None."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV caches as cache (or its older name past_key_values), not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is None:
         return make_kv_caches(num_layers) if use_cache else None
-    if not (isinstance(past_key_values, (list, tuple)) and len(past_key_values) == num_layers
-            and all(isinstance(c, KVCache) for c in past_key_values)):
+    if not (isinstance(cache, (list, tuple)) and len(cache) == num_layers and all(isinstance(c, KVCache) for c in cache)):
         raise TypeError(
-            f"past_key_values must be the list of {num_layers} ernie45 KVCache objects that a previous call "
-            "returned (output.past_key_values) or ernie45.models.kv_cache.make_kv_caches made; "
-            f"got {type(past_key_values).__name__} (transformers Cache objects are not supported)"
+            f"cache must be the list of {num_layers} ernie45 KVCache objects that a previous call returned "
+            "(output.cache) or ernie45.models.kv_cache.make_kv_caches made; "
+            f"got {type(cache).__name__} (transformers Cache objects are not supported)"
         )
-    return list(past_key_values)
+    return list(cache)
 
 
 def resolve_positions(
@@ -150,6 +164,29 @@ class DecoderModel(nn.Module):
         check_token_ids(input_ids, self.config.vocab_size)
         return self.embed_tokens(input_ids)
 
+    @staticmethod
+    def mask_for(
+        attention_mask: torch.Tensor | None,
+        padding_mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        past: int,
+        may_be_packed: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(attention mask [B,1,S,Sk] or None for plain causal, padding_mask [B,S] or None) from HF's
+        2-D mask or our padding mask, and the document ids of packed rows."""
+        batch, seq = positions.shape
+        # NOTE: an all-ones mask of the wrong length would otherwise pass silently (no padding -> no mask).
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, cached + new tokens] "
+                f"= {[batch, past + seq]} with 1 = keep (HF convention), or a prepared [batch, 1, seq, keys] mask"
+            )
+        key_keep, padding_mask = key_padding(attention_mask, padding_mask, seq)
+        # NOTE: packed rows (positions restarting per document) are only looked for in given position
+        # ids without a cache, as transformers does; otherwise positions are known to be plain.
+        documents = document_ids(positions) if may_be_packed else None
+        return build_attention_mask(key_keep, seq, documents), padding_mask
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -159,6 +196,7 @@ class DecoderModel(nn.Module):
         padding_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        cache: list[KVCache] | None = None,
         past_key_values: list[KVCache] | None = None,
         use_cache: bool | None = None,
         cache_position: torch.Tensor | None = None,
@@ -168,28 +206,26 @@ class DecoderModel(nn.Module):
 
         attention_mask [B,Sk] is HF's (1 = keep; Sk = cached + new tokens when decoding);
         padding_mask [B,S] is its inverse for the new tokens (True = pad). Either may be given.
+        A 4-D attention_mask [B,1,S,Sk] (bool or 0/1, True = may attend) is used as it is, with
+        ``padding_mask`` (if any) marking the padding among the new tokens.
         Packed rows (transformers' padding-free form): ``position_ids`` that restart at 0 for each
         document; every token then attends only within its own document.
-        ``past_key_values``: the caches of earlier calls (``use_cache=True`` starts new ones); they
-        are returned in the output. ``return_dict=False`` gives transformers' tuple instead.
+        ``cache`` (transformers' older name: ``past_key_values``): the KV caches of earlier calls
+        (``use_cache=True`` starts new ones); they are returned in the output's ``cache``. ``return_dict=False`` gives transformers' tuple instead.
         """
         h = self.embed(input_ids, inputs_embeds)  # [B,S,H]
         batch, seq = h.shape[:2]
-        caches = resolve_caches(past_key_values, use_cache, len(self.layers))
+        caches = resolve_caches(cache, past_key_values, use_cache, len(self.layers))
         past = caches[0].length if caches else 0
-        # NOTE: an all-ones mask of the wrong length would otherwise pass silently (no padding -> no mask).
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
-            raise ValueError(
-                f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, cached + new tokens] "
-                f"= {[batch, past + seq]} with 1 = keep (HF convention)"
-            )
-        key_keep, padding_mask = key_padding(attention_mask, padding_mask, seq)
         positions = resolve_positions(position_ids, cache_position, batch, seq, past, h.device)
-        # NOTE: packed rows (positions restarting per document) are only looked for in given position
-        # ids without a cache, as transformers does; otherwise positions are known to be plain.
-        packed = position_ids is not None and caches is None
-        mask = build_attention_mask(key_keep, seq, document_ids(positions) if packed else None)
-        mask = prepare_mask(self.backend.attn, mask, batch, seq, past + seq, h.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = prepared_mask(attention_mask, batch, seq)  # the caller's own mask, e.g. context parallel
+            padding_mask = padding_mask.bool() if padding_mask is not None else None
+        else:
+            may_be_packed = caches is None and position_ids is not None
+            mask, padding_mask = self.mask_for(attention_mask, padding_mask, positions, past, may_be_packed)
+        keys = mask.shape[-1] if mask is not None else past + seq
+        mask = prepare_mask(self.backend.attn, mask, batch, seq, keys, h.device)
         position_embeddings = self.rotary_emb(positions)
 
         hidden_states = [h] if output_hidden_states else None
@@ -202,7 +238,7 @@ class DecoderModel(nn.Module):
             hidden_states[-1] = h  # as in transformers: the last entry is after the final norm
         out = BaseModelOutputWithPast(
             last_hidden_state=h,
-            past_key_values=caches,
+            cache=caches,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
         return out if return_dict is not False else out.to_tuple()

@@ -124,7 +124,7 @@ class Ernie4_5_MoeModel(DecoderModel):
         router_logits = tuple(layer.last_record.router_logits for layer in self.moe_layers())
         moe_out = MoeModelOutputWithPast(
             last_hidden_state=out.last_hidden_state,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             router_logits=router_logits if output_router_logits else None,
         )
@@ -174,7 +174,7 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
             loss=out.loss,
             aux_loss=aux_loss,
             logits=out.logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             router_logits=router_logits,
         )
