@@ -1,7 +1,9 @@
 """Fine-tuning: ``ernie45 finetune`` and its pieces, one concern per module.
 
-config.py   the YAML recipe: typed sections (NeMo AutoModel names), overrides, the _target_ allowlist
+config.py   the YAML recipe: typed sections (NeMo AutoModel names), overrides; section.build()
+registry.py the _target_ allowlist: each name (ours = its import path, and AutoModel's) -> the object built
 data.py     HellaSwag / SFT / chat records -> token ids + labels -> padded micro-batches, layout-free order
+rng.py      StatefulRNG: the run's seeding (per rank if asked) and the generator states checkpoints keep
 synthetic.py  the seeded multiple-choice task of the embedded default (recipes/default.yaml)
 loss.py     masked cross-entropy sums, and the chunked fused linear + cross-entropy
 optim.py    AdamW/Adam, warm-up + cosine/linear/constant schedule, gradient clipping

@@ -15,7 +15,6 @@ and ``latest_checkpoint`` never returns a half-written one.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import warnings
@@ -26,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..checkpoint import AtomicDirectory
+from .rng import rng_state, set_rng_state
 from .runtime import Runtime, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -47,20 +47,6 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     checkpoints = list_checkpoints(checkpoint_dir)
     return checkpoints[-1][1] if checkpoints else None
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(

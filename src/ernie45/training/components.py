@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from ..auto import from_pretrained, model_class_for
+from ..auto import from_pretrained
 from ..checkpoint.hf_checkpoint import load_config
 from ..distributed import (
     ParallelConfig,
@@ -24,11 +24,10 @@ from ..distributed import (
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
-from ..distributed import from_pretrained as parallel_from_pretrained
-from ..models.backend import BackendConfig
 from ..tokenizer import train_tokenizer
 from .config import ConfigError, RecipeConfig
 from .data import record_texts
+from .loss import FusedLinearCrossEntropy
 from .runtime import Runtime, barrier
 
 MASTER_DTYPE = torch.float32
@@ -50,7 +49,7 @@ def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
 def check_model_path(config: RecipeConfig) -> None:
     """from_pretrained reads a local HF checkpoint directory; say so before anything tries the hub."""
     path = config.model.pretrained_model_name_or_path
-    if config.model.target == "ernie45.from_pretrained" and not Path(path).is_dir():
+    if config.model.component is from_pretrained and not Path(path).is_dir():
         raise ConfigError(
             f"model.pretrained_model_name_or_path={path!r} is not a directory: ernie45 loads local HF checkpoint "
             "directories (e.g. `huggingface-cli download baidu/ERNIE-4.5-0.3B-PT --local-dir DIR`, then pass DIR)"
@@ -62,17 +61,17 @@ def build_tokenizer(config: RecipeConfig, train_records: list[dict], saved: Path
     """The recipe's tokenizer. A trained one is trained once, on rank 0, and saved to ``saved``:
     every rank (and a resumed run) loads that copy, so all agree on the vocabulary."""
     section = config.tokenizer
-    if section.target == "ernie45.tokenizer.train_tokenizer":
+    if section.component is train_tokenizer:
         if runtime.is_main and not (saved / "tokenizer_config.json").is_file():
             texts = [text for record in train_records for text in record_texts(record)]
-            train_tokenizer(texts, section.vocab_size).save_pretrained(str(saved))
+            section.component(texts, section.vocab_size).save_pretrained(str(saved))
         barrier(runtime)
         return AutoTokenizer.from_pretrained(str(saved))
     path = section.pretrained_model_name_or_path or config.model.pretrained_model_name_or_path
     if path is None:
         raise ConfigError("tokenizer: a from_config model needs tokenizer.pretrained_model_name_or_path or train_tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return section.component(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"tokenizer: cannot load a tokenizer from {path!r} ({err})") from None
 
@@ -125,7 +124,7 @@ def parallel_config(config: RecipeConfig, runtime: Runtime):
             f"distributed.dp_size={section.dp_size} does not fit {runtime.world_size} ranks with "
             f"tp_size={section.tp_size}: it must be {dp_size} (or leave it out)"
         )
-    if section.tp_size > 1 and config.loss_fn.target == "ernie45.training.loss.FusedLinearCrossEntropy":
+    if section.tp_size > 1 and config.loss_fn.component is FusedLinearCrossEntropy:
         raise ConfigError(
             "loss_fn FusedLinearCrossEntropy does not support distributed.tp_size > 1 (a vocabulary-sharded "
             "head); use ernie45.training.loss.MaskedCrossEntropy"
@@ -161,37 +160,29 @@ def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
 
 
 def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:
-    """The model in fp32 master weights, laid out over the ranks (FSDP2/EP/TP), in training mode."""
-    backend = BackendConfig.from_dict(config.backend_fields())
+    """The model in fp32 master weights, laid out over the ranks (FSDP2/EP/TP), in training mode.
+
+    ``model._target_`` is called with the checkpoint path (from_pretrained) or with a transformers
+    config sized to the tokenizer (from_config).
+    """
     section = config.model
-    if section.target == "ernie45.from_pretrained":
-        hf_config = load_config(section.pretrained_model_name_or_path)
-    else:
-        hf_config = hf_config_from_recipe(config, tokenizer)
-    kwargs = model_kwargs(config, hf_config)
+    pretrained = section.component is from_pretrained
+    hf_config = load_config(section.pretrained_model_name_or_path) if pretrained else hf_config_from_recipe(config, tokenizer)
+    kwargs = dict(backend=config.build_backend(), dtype=MASTER_DTYPE, device=runtime.device, **model_kwargs(config, hf_config))
     check_single_process_layout(config, runtime)
-    if not runtime.distributed:
-        if section.target == "ernie45.from_pretrained":
-            path = section.pretrained_model_name_or_path
-            model = from_pretrained(path, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs)
-        else:
-            model = model_from_config(hf_config, section.seed, backend, runtime, kwargs)
-        return model.train(), Layout()
-    parallel = parallel_config(config, runtime)
-    if section.target == "ernie45.from_pretrained":
-        # NOTE: each rank reads only its own shards from the checkpoint files.
-        path = section.pretrained_model_name_or_path
-        model = parallel_from_pretrained(path, parallel, dtype=MASTER_DTYPE, backend=backend, device=runtime.device, **kwargs)
+    parallel = parallel_config(config, runtime) if runtime.distributed else None
+    if pretrained:
+        # NOTE: with a parallel layout each rank reads only its own shards from the checkpoint files.
+        model = section.component(section.pretrained_model_name_or_path, parallel=parallel, **kwargs)
     else:
-        model = model_from_config(hf_config, section.seed, backend, runtime, kwargs)
-        parallelize_model(model, parallel)
+        torch.manual_seed(section.seed)  # NOTE: the same initial weights on every rank
+        model = section.component(hf_config, **kwargs)
+        if parallel is not None:
+            parallelize_model(model, parallel)
+    if parallel is None:
+        return model.train(), Layout()
     tp = config.distributed.tp_size
     return model.train(), Layout(dp_size=runtime.world_size // tp, dp_rank=runtime.rank // tp, tp_size=tp, sharded=True)
-
-
-def model_from_config(hf_config, seed: int, backend: BackendConfig, runtime: Runtime, kwargs: dict) -> nn.Module:
-    torch.manual_seed(seed)  # NOTE: the same initial weights on every rank
-    return model_class_for(hf_config).from_config(hf_config, backend=backend, dtype=MASTER_DTYPE, device=runtime.device, **kwargs)
 
 
 def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:

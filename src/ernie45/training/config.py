@@ -5,21 +5,28 @@ parsed into the pydantic models below, which reject unknown keys, wrong types an
 values with a message that names the key and what is valid (``ConfigError``).
 
 ``_target_`` keys name components the way AutoModel does, but a config never imports code: each
-``_target_`` must be one of the names in ``ALLOWED_TARGETS`` (AutoModel's own names are accepted
-as aliases of ours), anything else is an error listing the allowed names.
+``_target_`` must be one of the names in ``registry.COMPONENTS`` (AutoModel's own names are accepted
+as aliases of ours), anything else is an error listing the allowed names. A section stores the
+canonical name; ``section.component`` is the object it names, and ``section.build()`` calls it with
+the section's keys (which must be parameters of that object).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from pydantic import field_validator, model_validator
+
+from ..auto import from_config, from_pretrained
+from ..tokenizer import train_tokenizer
+from .registry import allowed_names, canonical_name, check_arguments, default_name, resolve
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
 
@@ -37,70 +44,9 @@ Seed = Annotated[int, Strict(), Ge(0), Lt(2**63)]  # NOTE: torch.manual_seed ove
 MAX_THREADS_PER_CORE = 4  # dist_env.cpu_threads above this many x the cores is refused (100000 crashed torch)
 
 
-# ----- the _target_ allowlist ------------------------------------------------------------------
-# section -> {accepted name: canonical name}. Only these components can be named by a config.
-_NEMO = "nemo_automodel.components"
-ALLOWED_TARGETS: dict[str, dict[str, str]] = {
-    "model": {
-        "ernie45.from_pretrained": "ernie45.from_pretrained",
-        "nemo_automodel.NeMoAutoModelForCausalLM.from_pretrained": "ernie45.from_pretrained",
-        "ernie45.from_config": "ernie45.from_config",
-        "nemo_automodel.NeMoAutoModelForCausalLM.from_config": "ernie45.from_config",
-    },
-    "backend": {
-        "ernie45.BackendConfig": "ernie45.BackendConfig",
-        f"{_NEMO}.models.common.BackendConfig": "ernie45.BackendConfig",
-    },
-    "tokenizer": {
-        "transformers.AutoTokenizer.from_pretrained": "transformers.AutoTokenizer.from_pretrained",
-        "ernie45.tokenizer.train_tokenizer": "ernie45.tokenizer.train_tokenizer",
-    },
-    "dataset": {
-        "ernie45.training.data.HellaSwag": "ernie45.training.data.HellaSwag",
-        f"{_NEMO}.datasets.llm.hellaswag.HellaSwag": "ernie45.training.data.HellaSwag",
-        "ernie45.training.data.SFTDataset": "ernie45.training.data.SFTDataset",
-        "ernie45.training.synthetic.SyntheticMultipleChoice": "ernie45.training.synthetic.SyntheticMultipleChoice",
-    },
-    "dataloader": {
-        "ernie45.training.data.DataLoader": "ernie45.training.data.DataLoader",
-        "torchdata.stateful_dataloader.StatefulDataLoader": "ernie45.training.data.DataLoader",
-    },
-    "collate_fn": {
-        "ernie45.training.data.collate": "ernie45.training.data.collate",
-        f"{_NEMO}.datasets.utils.default_collater": "ernie45.training.data.collate",
-    },
-    "optimizer": {
-        "torch.optim.AdamW": "torch.optim.AdamW",
-        "torch.optim.Adam": "torch.optim.Adam",
-    },
-    "loss_fn": {
-        "ernie45.training.loss.MaskedCrossEntropy": "ernie45.training.loss.MaskedCrossEntropy",
-        f"{_NEMO}.loss.masked_ce.MaskedCrossEntropy": "ernie45.training.loss.MaskedCrossEntropy",
-        "ernie45.training.loss.FusedLinearCrossEntropy": "ernie45.training.loss.FusedLinearCrossEntropy",
-        f"{_NEMO}.loss.linear_ce.FusedLinearCrossEntropy": "ernie45.training.loss.FusedLinearCrossEntropy",
-    },
-    "rng": {
-        "ernie45.training.rng.StatefulRNG": "ernie45.training.rng.StatefulRNG",
-        f"{_NEMO}.training.rng.StatefulRNG": "ernie45.training.rng.StatefulRNG",
-    },
-}
-
-
-def canonical_target(kind: str, value: Any) -> str:
-    """The canonical name of an allowed ``_target_``; anything else is a clear error."""
-    allowed = ALLOWED_TARGETS[kind]
-    if value not in allowed:
-        names = sorted(set(allowed.values()))
-        raise ValueError(
-            f"_target_={value!r} is not an allowed {kind} component (configs never import arbitrary code); "
-            f"choose one of {names}"
-        )
-    return allowed[value]
-
-
-def _target_field(kind: str, default: str | None = None):
-    """A ``_target_`` field: optional when the section has a single obvious component."""
-    return Field(default, alias="_target_", description=f"one of {sorted(set(ALLOWED_TARGETS[kind].values()))}")
+def _target_field(kind: str, required: bool = False):
+    """A ``_target_`` field; left out, it is the kind's default component (unless ``required``)."""
+    return Field(None if required else default_name(kind), alias="_target_", description=f"one of {allowed_names(kind)}")
 
 
 class Section(BaseModel):
@@ -109,9 +55,51 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False)
 
 
-def _check_target(kind: str):
-    """A validator mapping the section's ``_target_`` to its canonical allowed name (or an error)."""
-    return field_validator("target", mode="before")(lambda cls, v: None if v is None else canonical_target(kind, v))
+def _canonical_backend(cls, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A backend section's ``_target_`` (if given) checked against the allowlist."""
+    if values and "_target_" in values:
+        return {**values, "_target_": canonical_name("backend", values["_target_"])}
+    return values
+
+
+class TargetSection(Section):
+    """A section whose ``_target_`` names a component of the registry (``kind``: which list)."""
+
+    kind: ClassVar[str]
+
+    @field_validator("target", mode="before", check_fields=False)
+    @classmethod
+    def _canonical_target(cls, value):
+        return None if value is None else canonical_name(cls.kind, value)
+
+    @model_validator(mode="after")
+    def _target_given(self):
+        if self.target is None:
+            raise ValueError(f"_target_ is required; choose one of {allowed_names(self.kind)}")
+        return self
+
+    @property
+    def component(self) -> Callable:
+        """The object ``_target_`` names."""
+        return resolve(self.kind, self.target)
+
+
+class BuiltSection(TargetSection):
+    """A section built by calling its component with its keys (those not None) as keyword arguments."""
+
+    supplied: ClassVar[tuple[str, ...]] = ()  # parameters the recipe passes itself
+
+    @model_validator(mode="after")
+    def _keys_fit_component(self):
+        check_arguments(self.kind, self.target, set(self.arguments()), self.supplied)
+        return self
+
+    def arguments(self) -> dict[str, Any]:
+        return {key: value for key, value in self if key != "target" and value is not None}
+
+    def build(self, *args, **kwargs):
+        """The component, from the section's keys plus what the recipe supplies."""
+        return self.component(*args, **self.arguments(), **kwargs)
 
 
 # ----- sections --------------------------------------------------------------------------------
@@ -135,10 +123,10 @@ class StepSchedulerConfig(Section):
         return self
 
 
-class ModelConfig(Section):
+class ModelConfig(TargetSection):
     """The model: an HF checkpoint (from_pretrained) or a transformers config built from scratch (from_config)."""
 
-    target: str = _target_field("model", "ernie45.from_pretrained")
+    target: str = _target_field("model")
     pretrained_model_name_or_path: str | None = Field(None, description="HF checkpoint directory (from_pretrained)")
     config: dict[str, Any] | None = Field(None, description="transformers config fields, with model_type (from_config)")
     torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -146,7 +134,8 @@ class ModelConfig(Section):
     )
     seed: Seed = Field(0, description="initialisation seed for from_config")
     backend: dict[str, Any] | None = Field(None, description="AutoModel's place for the backend section")
-    _check = _check_target("model")
+    kind: ClassVar[str] = "model"
+    _backend = field_validator("backend")(_canonical_backend)
 
     @field_validator("config")
     @classmethod
@@ -157,9 +146,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _source_given(self):
-        if self.target == "ernie45.from_pretrained" and not self.pretrained_model_name_or_path:
+        if self.component is from_pretrained and not self.pretrained_model_name_or_path:
             raise ValueError("from_pretrained needs pretrained_model_name_or_path (an HF checkpoint directory)")
-        if self.target == "ernie45.from_config":
+        if self.component is from_config:
             if not self.config or "model_type" not in self.config:
                 raise ValueError("from_config needs config: {model_type: ernie4_5 | ernie4_5_moe, ...}")
             if self.pretrained_model_name_or_path:
@@ -167,19 +156,19 @@ class ModelConfig(Section):
         return self
 
 
-class TokenizerConfig(Section):
+class TokenizerConfig(TargetSection):
     """The tokenizer: loaded from a directory (default: the model's), or trained on the training texts."""
 
-    target: str = _target_field("tokenizer", "transformers.AutoTokenizer.from_pretrained")
+    target: str = _target_field("tokenizer")
     pretrained_model_name_or_path: str | None = Field(None, description="tokenizer directory (default: the model's)")
     vocab_size: Annotated[PositiveInt, Le(2**20)] | None = Field(
         None, description="vocabulary of a trained tokenizer (train_tokenizer), at most 2**20"
     )
-    _check = _check_target("tokenizer")
+    kind: ClassVar[str] = "tokenizer"
 
     @model_validator(mode="after")
     def _fields_match_target(self):
-        if self.target == "ernie45.tokenizer.train_tokenizer":
+        if self.component is train_tokenizer:
             if self.vocab_size is None:
                 raise ValueError("train_tokenizer needs vocab_size")
             if self.pretrained_model_name_or_path:
@@ -189,12 +178,12 @@ class TokenizerConfig(Section):
         return self
 
 
-class DatasetConfig(Section):
+class DatasetConfig(BuiltSection):
     """A training or validation dataset: HellaSwag, SFT JSONL (prompt/completion or chat messages), or synthetic."""
 
-    target: str = _target_field("dataset")
+    target: str | None = _target_field("dataset", required=True)
     path_or_dataset: str | None = Field(None, description="local JSONL file, or a hub id (needs `datasets`, online)")
-    split: str = Field("train", description="hub split (ignored for local files)")
+    split: str | None = Field(None, description="hub split (default train; ignored for local files)")
     sample_offset: NonNegativeInt = Field(0, description="skip the first N records (e.g. to hold out part of a file)")
     num_samples_limit: PositiveInt | None = Field(None, description="use only N examples (after the offset)")
     seq_length: PositiveInt | None = Field(None, description="truncate sequences to N tokens")
@@ -202,35 +191,28 @@ class DatasetConfig(Section):
         None, description="synthetic: examples to generate (at most 1,000,000)"
     )
     seed: Seed | None = Field(None, description="synthetic: generator seed")
-    _check = _check_target("dataset")
-
-    @model_validator(mode="after")
-    def _fields_match_target(self):
-        if self.target is None:
-            raise ValueError(f"_target_ is required; choose one of {sorted(set(ALLOWED_TARGETS['dataset'].values()))}")
-        synthetic = self.target == "ernie45.training.synthetic.SyntheticMultipleChoice"
-        if synthetic and (self.num_examples is None or self.seed is None or self.path_or_dataset):
-            raise ValueError("SyntheticMultipleChoice takes num_examples and seed (and no path_or_dataset)")
-        if not synthetic and (self.path_or_dataset is None or self.num_examples is not None or self.seed is not None):
-            raise ValueError(f"{self.target} takes path_or_dataset (num_examples and seed are for the synthetic task)")
-        return self
+    kind: ClassVar[str] = "dataset"
 
 
-class DataLoaderConfig(Section):
+class DataLoaderConfig(BuiltSection):
     """How training examples are ordered and padded."""
 
-    target: str | None = _target_field("dataloader")
-    collate_fn: str | None = Field(None, description=f"one of {sorted(set(ALLOWED_TARGETS['collate_fn'].values()))}")
+    target: str = _target_field("dataloader")
+    collate_fn: str = Field(default_name("collate_fn"), description=f"one of {allowed_names('collate_fn')}")
     shuffle: bool = Field(True, description="a new seeded order every epoch")
     pad_to_multiple_of: Annotated[PositiveInt, Le(1024)] = Field(
         8, description="pad each micro-batch's length to a multiple of N (at most 1024)"
     )
-    _check = _check_target("dataloader")
+    kind: ClassVar[str] = "dataloader"
+    supplied: ClassVar[tuple[str, ...]] = ("examples", "pad_id")
 
     @field_validator("collate_fn", mode="before")
     @classmethod
     def _check_collate(cls, value):
-        return None if value is None else canonical_target("collate_fn", value)
+        return canonical_name("collate_fn", value)
+
+    def arguments(self) -> dict[str, Any]:
+        return {**super().arguments(), "collate_fn": resolve("collate_fn", self.collate_fn)}
 
 
 class ValidationDataLoaderConfig(DataLoaderConfig):
@@ -240,13 +222,14 @@ class ValidationDataLoaderConfig(DataLoaderConfig):
     shuffle: Literal[False] = Field(False, description="validation keeps file order")
 
 
-class OptimizerConfig(Section):
-    target: str = _target_field("optimizer", "torch.optim.AdamW")
+class OptimizerConfig(BuiltSection):
+    target: str = _target_field("optimizer")
     lr: float = Field(1e-5, gt=0, description="peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
     eps: float = Field(1e-8, gt=0)
     weight_decay: NonNegativeFloat = 0.0
-    _check = _check_target("optimizer")
+    kind: ClassVar[str] = "optimizer"
+    supplied: ClassVar[tuple[str, ...]] = ("params",)
 
     @field_validator("betas")
     @classmethod
@@ -265,19 +248,10 @@ class LRSchedulerConfig(Section):
     min_lr: NonNegativeFloat = 0.0
 
 
-class LossConfig(Section):
-    target: str = _target_field("loss_fn", "ernie45.training.loss.MaskedCrossEntropy")
-    chunk_size: PositiveInt | None = Field(None, description="FusedLinearCrossEntropy: tokens per logits chunk")
-    _check = _check_target("loss_fn")
-
-    @model_validator(mode="after")
-    def _chunk_only_for_fused(self):
-        fused = self.target == "ernie45.training.loss.FusedLinearCrossEntropy"
-        if self.chunk_size is not None and not fused:
-            raise ValueError("chunk_size is only for ernie45.training.loss.FusedLinearCrossEntropy")
-        if fused and self.chunk_size is None:
-            self.chunk_size = 1024
-        return self
+class LossConfig(BuiltSection):
+    target: str = _target_field("loss_fn")
+    chunk_size: PositiveInt | None = Field(None, description="FusedLinearCrossEntropy: tokens per logits chunk (default 1024)")
+    kind: ClassVar[str] = "loss_fn"
 
 
 class CheckpointConfig(Section):
@@ -326,11 +300,11 @@ class DistEnvConfig(Section):
         return threads
 
 
-class RNGConfig(Section):
-    target: str | None = _target_field("rng")
+class RNGConfig(BuiltSection):
+    target: str = _target_field("rng")
     seed: Seed = 42
     ranked: bool = Field(False, description="offset the seed by the rank")
-    _check = _check_target("rng")
+    kind: ClassVar[str] = "rng"
 
 
 class MoETrainingConfig(Section):
@@ -374,6 +348,8 @@ class RecipeConfig(Section):
     moe: MoETrainingConfig = MoETrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    _backend = field_validator("backend")(_canonical_backend)
+
     @model_validator(mode="after")
     def _consistent_sections(self):
         if self.backend is not None and self.model.backend is not None:
@@ -382,12 +358,16 @@ class RecipeConfig(Section):
             raise ValueError(f"lr_scheduler.min_lr={self.lr_scheduler.min_lr} must not exceed optimizer.lr={self.optimizer.lr}")
         return self
 
+    def backend_target(self) -> str:
+        return (self.backend or self.model.backend or {}).get("_target_", default_name("backend"))
+
     def backend_fields(self) -> dict[str, Any]:
-        """BackendConfig keyword arguments (``_target_`` checked against the allowlist and dropped)."""
-        values = dict(self.backend or self.model.backend or {})
-        if "_target_" in values:
-            canonical_target("backend", values.pop("_target_"))
-        return values
+        """The backend section's keys, without ``_target_``."""
+        return {key: value for key, value in (self.backend or self.model.backend or {}).items() if key != "_target_"}
+
+    def build_backend(self):
+        """The model's kernels: the backend component (``BackendConfig``) from the section's keys."""
+        return resolve("backend", self.backend_target()).from_dict(self.backend_fields())
 
 
 def check_model_fields(fields: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Training data: records -> token ids with loss labels -> padded micro-batches, in a layout-free order.
 
-Datasets (``_target_`` in the recipe):
+Datasets (``_target_`` in the recipe; each a class built with the section's keys):
   * HellaSwag: ``{"ctx", "endings", "label"}`` lines; the model reads the context and learns the gold
     ending (loss on the ending's tokens only).
   * SFTDataset: ``{"prompt", "completion"}`` lines (loss on the completion + EOS), or chat
@@ -8,6 +8,7 @@ Datasets (``_target_`` in the recipe):
     (loss on the assistant turns only).
   * SyntheticMultipleChoice: the seeded HellaSwag-format task of ``synthetic.py``.
 A local path is read as JSONL; anything else is a hub id loaded with ``datasets`` (online only).
+``DataLoader`` (the ``dataloader`` sections) pads the examples a sampler picks into batches.
 
 Order: the examples of one optimizer step (a *global batch*) are chosen from a seeded permutation
 per epoch, independent of the number of ranks; each rank takes every dp-th micro-batch of it. So
@@ -17,17 +18,20 @@ the loss curve does not depend on the parallel layout, and resuming at step N ne
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..evaluation import example_from_record
 from ..jsonl import read_jsonl
 from ..models.loss import IGNORE_INDEX
-from .config import DatasetConfig
-from .synthetic import make_examples
 
+if TYPE_CHECKING:  # NOTE: config.py imports this module (through the registry); only the type is needed here
+    from .config import DatasetConfig
 
 
 @dataclass(frozen=True)
@@ -57,22 +61,19 @@ def read_hub(name: str, split: str, limit: int | None) -> list[dict]:
     return [dict(row) for row in rows]
 
 
+def read_file_or_hub(path_or_dataset: str, split: str, limit: int | None) -> list[dict]:
+    """The first ``limit`` records of a local JSONL file, or of a hub dataset's ``split``."""
+    path = Path(path_or_dataset).expanduser()
+    if path.is_file():
+        return read_jsonl(path, limit)
+    if path.suffix in (".jsonl", ".json") or path.is_absolute() or path.exists():
+        raise ValueError(f"dataset file {path} does not exist (path_or_dataset)")
+    return read_hub(path_or_dataset, split, limit)
+
+
 def load_records(config: DatasetConfig) -> list[dict]:
     """The raw records of a dataset section (``num_samples_limit`` of them after ``sample_offset``)."""
-    offset = config.sample_offset
-    limit = offset + config.num_samples_limit if config.num_samples_limit is not None else None
-    if config.target == "ernie45.training.synthetic.SyntheticMultipleChoice":
-        return make_examples(config.num_examples, config.seed)[offset:limit]
-    path = Path(config.path_or_dataset).expanduser()
-    if path.is_file():
-        records = read_jsonl(path, limit)[offset:]
-    elif path.suffix in (".jsonl", ".json") or path.is_absolute() or path.exists():
-        raise ValueError(f"dataset file {path} does not exist (path_or_dataset)")
-    else:
-        records = read_hub(config.path_or_dataset, config.split, limit)[offset:]
-    if not records:
-        raise ValueError(f"dataset {config.path_or_dataset} has no records")
-    return records
+    return config.build().load()
 
 
 def record_texts(record: dict) -> list[str]:
@@ -83,7 +84,8 @@ def record_texts(record: dict) -> list[str]:
 
 
 def is_multiple_choice(config: DatasetConfig) -> bool:
-    return config.target in ("ernie45.training.data.HellaSwag", "ernie45.training.synthetic.SyntheticMultipleChoice")
+    """Whether the section's records are HellaSwag-format multiple choice (scored for accuracy)."""
+    return config.component.multiple_choice
 
 
 # ----- tokenising ------------------------------------------------------------------------------
@@ -145,22 +147,87 @@ def sft_segments(tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
 
 def tokenize_records(config: DatasetConfig, records: list[dict], tokenizer) -> list[TokenizedExample]:
     """Token ids + labels for every record; sequences with nothing left to learn are dropped."""
-    name = config.path_or_dataset or "synthetic"
-    examples = []
-    for i, record in enumerate(records):
-        where = f"{name} record {i}"
-        if is_multiple_choice(config):
-            segments = hellaswag_segments(record, where)
-        else:
-            segments = sft_segments(tokenizer, record, where)
-        example = encode_segments(tokenizer, segments, first_with_special="messages" not in record)
-        if config.seq_length is not None:
-            example = TokenizedExample(example.input_ids[: config.seq_length], example.labels[: config.seq_length])
-        if example.num_label_tokens:
-            examples.append(example)
-    if not examples:
-        raise ValueError(f"dataset {name}: no example has a label token left (seq_length={config.seq_length})")
-    return examples
+    return config.build().tokenize(records, tokenizer)
+
+
+# ----- the datasets a recipe names -------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class RecordDataset(ABC):
+    """A dataset section, built: where its records come from and which of their tokens carry loss."""
+
+    multiple_choice: ClassVar[bool] = False  # HellaSwag-format records, scored for accuracy
+    sample_offset: int = 0
+    num_samples_limit: int | None = None
+    seq_length: int | None = None
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """How error messages call the dataset."""
+
+    @abstractmethod
+    def read(self, limit: int | None) -> list[dict]:
+        """The first ``limit`` records (all when None)."""
+
+    @abstractmethod
+    def segments(self, tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
+        """The record as (text, trained?) pieces."""
+
+    def load(self) -> list[dict]:
+        """``num_samples_limit`` records after the first ``sample_offset``."""
+        offset = self.sample_offset
+        limit = offset + self.num_samples_limit if self.num_samples_limit is not None else None
+        records = self.read(limit)[offset:]
+        if not records:
+            raise ValueError(f"dataset {self.name} has no records")
+        return records
+
+    def tokenize(self, records: list[dict], tokenizer) -> list[TokenizedExample]:
+        """Token ids + labels for every record; sequences with nothing left to learn are dropped."""
+        examples = []
+        for i, record in enumerate(records):
+            segments = self.segments(tokenizer, record, f"{self.name} record {i}")
+            example = encode_segments(tokenizer, segments, first_with_special="messages" not in record)
+            if self.seq_length is not None:
+                example = TokenizedExample(example.input_ids[: self.seq_length], example.labels[: self.seq_length])
+            if example.num_label_tokens:
+                examples.append(example)
+        if not examples:
+            raise ValueError(f"dataset {self.name}: no example has a label token left (seq_length={self.seq_length})")
+        return examples
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileDataset(RecordDataset):
+    """Records from a local JSONL file, or a hub dataset's ``split`` (with ``datasets``, online)."""
+
+    path_or_dataset: str
+    split: str = "train"
+
+    @property
+    def name(self) -> str:
+        return self.path_or_dataset
+
+    def read(self, limit: int | None) -> list[dict]:
+        return read_file_or_hub(self.path_or_dataset, self.split, limit)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HellaSwag(FileDataset):
+    """``{"ctx", "endings", "label"}`` records; the loss is on the gold ending."""
+
+    multiple_choice: ClassVar[bool] = True
+
+    def segments(self, tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
+        return hellaswag_segments(record, where)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTDataset(FileDataset):
+    """Prompt/completion or chat-messages records; the loss is on the completion or the assistant turns."""
+
+    def segments(self, tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
+        return sft_segments(tokenizer, record, where)
 
 
 # ----- batching --------------------------------------------------------------------------------
@@ -222,3 +289,40 @@ class GlobalBatchSampler:
         batch = self.global_batch(step)
         micro = [batch[i : i + self.local_batch_size] for i in range(0, len(batch), self.local_batch_size)]
         return micro[dp_rank::dp_size]
+
+
+class DataLoader:
+    """Tokenized examples -> padded batches (``collate_fn``), for index lists a sampler chooses.
+
+    Training takes its steps' indices from ``sampler()`` (``shuffle``: a new seeded order every
+    epoch); validation takes consecutive ``batch_size`` runs in file order from ``batches()``.
+    """
+
+    def __init__(
+        self,
+        examples: list[TokenizedExample],
+        pad_id: int,
+        collate_fn: Callable = collate,
+        shuffle: bool = True,
+        pad_to_multiple_of: int = 8,
+        batch_size: int | None = None,
+    ):
+        self.examples = examples
+        self.pad_id = pad_id
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.batch_size = batch_size
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.collate_fn([self.examples[i] for i in indices], self.pad_id, self.pad_to_multiple_of)
+
+    def sampler(self, global_batch_size: int, local_batch_size: int, seed: int) -> GlobalBatchSampler:
+        return GlobalBatchSampler(len(self.examples), global_batch_size, local_batch_size, seed, self.shuffle)
+
+    def batches(self) -> list[list[int]]:
+        """Consecutive runs of ``batch_size`` indices, in file order."""
+        if self.batch_size is None:
+            raise ValueError("batches() needs the data loader's batch_size")
+        size, count = self.batch_size, len(self.examples)
+        return [list(range(i, min(i + size, count))) for i in range(0, count, size)]

@@ -153,9 +153,3 @@ class FusedLinearCrossEntropy:
         weight, bias = gathered(head.weight), gathered(head.bias)
         loss = chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size)
         return loss, output
-
-
-def build_loss(target: str, chunk_size: int | None):
-    if target == "ernie45.training.loss.FusedLinearCrossEntropy":
-        return FusedLinearCrossEntropy(chunk_size or 1024)
-    return MaskedCrossEntropy()

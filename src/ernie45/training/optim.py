@@ -23,10 +23,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW or Adam over the model's (fp32 master) parameters; its state is fp32 like them."""
-    optimizer_class = {"torch.optim.AdamW": torch.optim.AdamW, "torch.optim.Adam": torch.optim.Adam}[config.target]
-    groups = parameter_groups(model, config.weight_decay)
-    return optimizer_class(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    """The section's optimizer (AdamW or Adam) over the model's fp32 master parameters; its state is fp32 like them."""
+    return config.build(parameter_groups(model, config.weight_decay))
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, config: LRSchedulerConfig) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,8 @@ from .components import (
     set_grad_sync,
 )
 from .config import ConfigError, RecipeConfig, to_yaml
-from .data import GlobalBatchSampler, TokenizedExample, collate, is_multiple_choice, load_records, tokenize_records
-from .loss import build_loss, count_label_tokens
+from .data import DataLoader, is_multiple_choice, load_records, tokenize_records
+from .loss import count_label_tokens
 from .metrics import MetricsLogger, plot_losses, read_metrics
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from .runtime import Runtime, all_reduce_sum, barrier, broadcast_object, init_runtime, shutdown
@@ -81,35 +80,32 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(config))
         barrier(runtime)
-        seed = config.rng.seed + (runtime.rank if config.rng.ranked else 0)
-        random.seed(seed)
-        torch.manual_seed(seed)
+        config.rng.build(rank=runtime.rank)  # NOTE: seeds Python and torch now; checkpoints save their states
 
         check_model_path(config)
         train_records = load_records(config.dataset)
         self.tokenizer = build_tokenizer(config, train_records, self.output_dir / "tokenizer", runtime)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_examples = tokenize_records(config.dataset, train_records, self.tokenizer)
         val = config.validation_dataset
         self.val_records = load_records(val) if val is not None else []
         self.val_examples = tokenize_records(val, self.val_records, self.tokenizer) if val is not None else []
+        self.train_loader = config.dataloader.build(self.train_examples, pad_id)
+        self.val_loader = config.validation_dataloader.build(self.val_examples, pad_id)
 
         steps = config.step_scheduler
-        self.sampler = GlobalBatchSampler(
-            len(self.train_examples), steps.global_batch_size, steps.local_batch_size, config.rng.seed, config.dataloader.shuffle
-        )
+        self.sampler = self.train_loader.sampler(steps.global_batch_size, steps.local_batch_size, config.rng.seed)
         epoch_steps = self.sampler.steps_per_epoch * steps.num_epochs
         self.total_steps = min(steps.max_steps, epoch_steps) if steps.max_steps else epoch_steps
 
         self.model, self.layout = build_model(config, self.tokenizer, runtime)
         self.optimizer = build_optimizer(self.model, config.optimizer)
-        self.loss_fn = build_loss(config.loss_fn.target, config.loss_fn.chunk_size)
+        self.loss_fn = config.loss_fn.build()
         self.moe = getattr(self.model, "moe_config", None)
 
     # ----- one optimizer step ---------------------------------------------------------------
-    def batch(self, indices: list[int], examples: list[TokenizedExample], pad_to_multiple_of: int) -> dict[str, torch.Tensor]:
-        tensors = collate([examples[i] for i in indices], self.pad_id, pad_to_multiple_of)
-        return {key: value.to(self.runtime.device) for key, value in tensors.items()}
+    def batch(self, loader: DataLoader, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.runtime.device) for key, value in loader.collate(indices).items()}
 
     def train_step(self, step: int) -> dict:
         """Forward/backward over this rank's micro-batches of ``step``, then the optimizer step."""
@@ -124,7 +120,7 @@ class Trainer:
         tokens = 0
         started = time.perf_counter()
         for i, indices in enumerate(micro_batches):
-            batch = self.batch(indices, self.train_examples, config.dataloader.pad_to_multiple_of)
+            batch = self.batch(self.train_loader, indices)
             tokens += int(batch["attention_mask"].sum())
             set_grad_sync(self.model, layout, last_micro_batch=i == len(micro_batches) - 1)
             with autocast(config, self.runtime, layout):
@@ -182,8 +178,7 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean token loss over the validation set, batches spread over the dp ranks."""
-        size = self.config.validation_dataloader.batch_size
-        batches = [list(range(i, min(i + size, len(self.val_examples)))) for i in range(0, len(self.val_examples), size)]
+        batches = self.val_loader.batches()
         dp_size, dp_rank = self.layout.dp_size, self.layout.dp_rank
         totals = torch.zeros(2, device=self.runtime.device)  # loss sum, label tokens
         self.model.eval()
@@ -192,7 +187,7 @@ class Trainer:
         for i in range(-(-len(batches) // dp_size)):
             j = i * dp_size + dp_rank
             indices = batches[j if j < len(batches) else 0]
-            batch = self.batch(indices, self.val_examples, self.config.validation_dataloader.pad_to_multiple_of)
+            batch = self.batch(self.val_loader, indices)
             with autocast(self.config, self.runtime, self.layout):
                 loss_sum, _ = self.loss_fn(self.model, batch)
             if j < len(batches):

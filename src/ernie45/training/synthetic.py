@@ -11,6 +11,10 @@ to the object. Held-out examples come from another seed: new filler combinations
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .data import RecordDataset, hellaswag_segments
 
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Lena", "Marco",
          "Nora", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tina", "Victor"]
@@ -49,3 +53,22 @@ def make_examples(num_examples: int, seed: int) -> list[dict]:
     """``num_examples`` examples, identical for the same seed on every machine."""
     rng = random.Random(seed)
     return [make_example(rng) for _ in range(num_examples)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticMultipleChoice(RecordDataset):
+    """The recipe's dataset of ``num_examples`` generated examples (another ``seed``: a held-out set)."""
+
+    multiple_choice: ClassVar[bool] = True
+    num_examples: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"synthetic (seed {self.seed})"
+
+    def read(self, limit: int | None) -> list[dict]:
+        return make_examples(self.num_examples, self.seed)[:limit]
+
+    def segments(self, tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
+        return hellaswag_segments(record, where)
