@@ -346,6 +346,49 @@ def test_a_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path, tiny_lm_dir
 SFT_LINE = '{"prompt": "2+2=", "completion": " 4"}\n'
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "completion": null}', "completion must be a string, got null"),
+        ('{"prompt": 5, "completion": "b"}', "prompt must be a string, got a number"),
+        ('{"messages": "hi"}', "messages must be a non-empty list of {role, content} objects, got a string"),
+        ('{"messages": []}', "messages must be a non-empty list of {role, content} objects, got a list"),
+        ('{"messages": [["user", "hi"]]}', "messages[0] must be an object with role and content, got a list"),
+        ('{"messages": [{"role": "user", "content": null}]}', "messages[0].content must be a string, got null"),
+        ('{"prompt": "a"}', "needs prompt + completion, or messages; it has ['prompt']"),
+    ],
+)
+def test_bad_sft_fields_name_file_line_and_field(tmp_path, line, message):
+    from ernie45.training.config import DatasetConfig
+    from ernie45.training.data import load_records
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(SFT_LINE + line + "\n")
+    config = DatasetConfig(_target_="ernie45.training.data.SFTDataset", path_or_dataset=str(data))
+    with pytest.raises(ValueError) as info:
+        load_records(config)
+    assert str(info.value) == f"{data}:2{'' if message.startswith('needs') else ':'} {message}"
+
+
+def test_finetune_on_sft_data_with_a_null_field_or_latin1_bytes_is_one_line(tmp_path, tiny_lm_dir):
+    source = (
+        "--model._target_=ernie45.from_pretrained", f"--model.pretrained_model_name_or_path={tiny_lm_dir}",
+        "--model.config=null", "--tokenizer._target_=transformers.AutoTokenizer.from_pretrained",
+        "--tokenizer.vocab_size=null", "--dataset._target_=ernie45.training.data.SFTDataset",
+        "--dataset.num_examples=null", "--dataset.seed=null", "--validation_dataset=null",
+    )  # fmt: skip
+    data = tmp_path / "sft.jsonl"
+    for content, message in [
+        ((SFT_LINE + '{"prompt": "3+3=", "completion": null}\n').encode(), f"{data}:2: completion must be a string, got null"),
+        (SFT_LINE.encode() + SFT_LINE.replace("2+2", "caf\u00e9").encode("latin-1"), f"{data}:2 is not UTF-8 text"),
+    ]:
+        data.write_bytes(content)
+        result = _cli("finetune", *source, f"--dataset.path_or_dataset={data}", f"--output_dir={tmp_path / 'run'}")
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: {message}") and len(result.stderr.splitlines()) == 1
+        assert "Traceback" not in result.output
+
+
 # ----- generate / chat ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, message",

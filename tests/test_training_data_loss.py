@@ -75,7 +75,7 @@ def test_bad_records_and_missing_files_are_named(tokenizer, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a"}\n')
     config = DatasetConfig(_target_="ernie45.training.data.SFTDataset", path_or_dataset=str(path))
-    with pytest.raises(ValueError, match="record 0 needs prompt \\+ completion, or messages"):
+    with pytest.raises(ValueError, match="bad.jsonl:1 needs prompt \\+ completion, or messages"):
         tokenize_records(config, load_records(config), tokenizer)
     missing = DatasetConfig(_target_="ernie45.training.data.HellaSwag", path_or_dataset=str(tmp_path / "none.jsonl"))
     with pytest.raises(ValueError, match="none.jsonl does not exist"):

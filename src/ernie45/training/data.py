@@ -21,13 +21,14 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..evaluation import example_from_record
-from ..jsonl import read_jsonl
+from ..jsonl import iter_jsonl, json_type, text_field
 from ..models.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:  # NOTE: config.py imports this module (through the registry); only the type is needed here
@@ -61,14 +62,22 @@ def read_hub(name: str, split: str, limit: int | None) -> list[dict]:
     return [dict(row) for row in rows]
 
 
-def read_file_or_hub(path_or_dataset: str, split: str, limit: int | None) -> list[dict]:
-    """The first ``limit`` records of a local JSONL file, or of a hub dataset's ``split``."""
+def read_file_or_hub(
+    path_or_dataset: str, split: str, limit: int | None, check: Callable[[dict, str], object]
+) -> list[dict]:
+    """The first ``limit`` records of a local JSONL file, or of a hub dataset's ``split``, each given to
+    ``check`` with where it is ("file:line"), so that a bad field is named where the user can fix it."""
     path = Path(path_or_dataset).expanduser()
     if path.is_file():
-        return read_jsonl(path, limit)
-    if path.suffix in (".jsonl", ".json") or path.is_absolute() or path.exists():
+        located = list(islice(iter_jsonl(path), limit))
+    elif path.suffix in (".jsonl", ".json") or path.is_absolute() or path.exists():
         raise ValueError(f"dataset file {path} does not exist (path_or_dataset)")
-    return read_hub(path_or_dataset, split, limit)
+    else:
+        rows = read_hub(path_or_dataset, split, limit)
+        located = [(f"{path_or_dataset} ({split}) row {i}", row) for i, row in enumerate(rows)]
+    for where, record in located:
+        check(record, where)
+    return [record for _, record in located]
 
 
 def load_records(config: DatasetConfig) -> list[dict]:
@@ -122,8 +131,6 @@ def chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str
 
     segments, done = [], ""
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: messages[{i}] must be an object with role and content")
         if message["role"] == "assistant":
             header = render(i, generation_prompt=True)
             segments.append((header[len(done):], False))
@@ -136,13 +143,31 @@ def chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str
     return [(text, trained) for text, trained in segments if text]
 
 
+def check_sft_record(record: dict, where: str) -> None:
+    """A prompt/completion record, or a chat record of {role, content} messages, with string fields."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not (isinstance(messages, list) and messages):
+            raise ValueError(f"{where}: messages must be a non-empty list of {{role, content}} objects, got {json_type(messages)}")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"{where}: messages[{i}] must be an object with role and content, got {json_type(message)}")
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    raise ValueError(f"{where}: messages[{i}].{key} must be a string, got {json_type(message.get(key))}")
+    elif "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            text_field(record, key, where)
+    else:
+        raise ValueError(f"{where} needs prompt + completion, or messages; it has {sorted(record)}")
+
+
 def sft_segments(tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
+    check_sft_record(record, where)
     if "messages" in record:
         return chat_segments(tokenizer, record["messages"], where)
-    if "prompt" in record and "completion" in record:
-        eos = tokenizer.eos_token or ""
-        return [(record["prompt"], False), (record["completion"] + eos, True)]
-    raise ValueError(f"{where} needs prompt + completion, or messages; it has {sorted(record)}")
+    eos = tokenizer.eos_token or ""
+    return [(record["prompt"], False), (record["completion"] + eos, True)]
 
 
 def tokenize_records(config: DatasetConfig, records: list[dict], tokenizer) -> list[TokenizedExample]:
@@ -209,7 +234,11 @@ class FileDataset(RecordDataset):
         return self.path_or_dataset
 
     def read(self, limit: int | None) -> list[dict]:
-        return read_file_or_hub(self.path_or_dataset, self.split, limit)
+        return read_file_or_hub(self.path_or_dataset, self.split, limit, self.check)
+
+    @abstractmethod
+    def check(self, record: dict, where: str) -> None:
+        """Refuse a record whose fields do not fit the dataset, naming ``where`` and the field."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +247,9 @@ class HellaSwag(FileDataset):
 
     multiple_choice: ClassVar[bool] = True
 
+    def check(self, record: dict, where: str) -> None:
+        example_from_record(record, where)
+
     def segments(self, tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
         return hellaswag_segments(record, where)
 
@@ -225,6 +257,9 @@ class HellaSwag(FileDataset):
 @dataclass(frozen=True, kw_only=True)
 class SFTDataset(FileDataset):
     """Prompt/completion or chat-messages records; the loss is on the completion or the assistant turns."""
+
+    def check(self, record: dict, where: str) -> None:
+        check_sft_record(record, where)
 
     def segments(self, tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
         return sft_segments(tokenizer, record, where)
