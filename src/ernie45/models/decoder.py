@@ -187,6 +187,31 @@ class DecoderModel(nn.Module):
         documents = document_ids(positions) if may_be_packed else None
         return build_attention_mask(key_keep, seq, documents), padding_mask
 
+    def layer_inputs(
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """(RoPE cos/sin, prepared attention mask, padding_mask [B,S]): what every block takes besides
+        the hidden states h [B,S,H]. Built once per forward; a pipeline stage, which runs only some
+        of the blocks, builds them from the same arguments."""
+        batch, seq = h.shape[:2]
+        past = caches[0].length if caches else 0
+        positions = resolve_positions(position_ids, cache_position, batch, seq, past, h.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = prepared_mask(attention_mask, batch, seq)  # the caller's own mask, e.g. context parallel
+            padding_mask = padding_mask.bool() if padding_mask is not None else None
+        else:
+            may_be_packed = caches is None and position_ids is not None
+            mask, padding_mask = self.mask_for(attention_mask, padding_mask, positions, past, may_be_packed)
+        keys = mask.shape[-1] if mask is not None else past + seq
+        mask = prepare_mask(self.backend.attn, mask, batch, seq, keys, h.device)
+        return self.rotary_emb(positions), mask, padding_mask
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -214,20 +239,10 @@ class DecoderModel(nn.Module):
         (``use_cache=True`` starts new ones); they are returned in the output's ``cache``. ``return_dict=False`` gives transformers' tuple instead.
         """
         h = self.embed(input_ids, inputs_embeds)  # [B,S,H]
-        batch, seq = h.shape[:2]
         caches = resolve_caches(cache, past_key_values, use_cache, len(self.layers))
-        past = caches[0].length if caches else 0
-        positions = resolve_positions(position_ids, cache_position, batch, seq, past, h.device)
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = prepared_mask(attention_mask, batch, seq)  # the caller's own mask, e.g. context parallel
-            padding_mask = padding_mask.bool() if padding_mask is not None else None
-        else:
-            may_be_packed = caches is None and position_ids is not None
-            mask, padding_mask = self.mask_for(attention_mask, padding_mask, positions, past, may_be_packed)
-        keys = mask.shape[-1] if mask is not None else past + seq
-        mask = prepare_mask(self.backend.attn, mask, batch, seq, keys, h.device)
-        position_embeddings = self.rotary_emb(positions)
-
+        position_embeddings, mask, padding_mask = self.layer_inputs(
+            h, position_ids, attention_mask, padding_mask, caches, cache_position
+        )
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             h = layer(h, position_embeddings, mask, padding_mask, caches[i] if caches is not None else None)
