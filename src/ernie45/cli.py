@@ -267,12 +267,15 @@ def finetune_command(
     ctx: typer.Context,
     config: str = typer.Argument(None, help="Recipe YAML (default: the embedded default run)."),
     output_dir: str = typer.Option(None, "--output_dir", "--output-dir", help="Where everything goes (default runs/<timestamp>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in OUTPUT_DIR."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in OUTPUT_DIR."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in an OUTPUT_DIR that holds a run, after moving that run to OUTPUT_DIR.old-<time>."
+    ),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", "--nproc_per_node", help="Local ranks to start (torchrun's machinery)."),
 ) -> None:
     from .training.launch import finetune
 
-    finetune(config, ctx.args, output_dir, resume, nproc_per_node)
+    finetune(config, ctx.args, output_dir, resume, nproc_per_node, overwrite)
 
 
 def main() -> None:

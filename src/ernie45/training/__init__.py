@@ -8,9 +8,10 @@ synthetic.py  the seeded multiple-choice task of the embedded default (recipes/d
 loss.py     masked cross-entropy sums, and the chunked fused linear + cross-entropy
 optim.py    AdamW/Adam, warm-up + cosine/linear/constant schedule, gradient clipping
 components.py  tokenizer, model (laid out by ernie45.distributed), mixed precision, HF export
-checkpointing.py  resumable DCP checkpoints, atomic, keep_last_n
+checkpointing.py  resumable DCP checkpoints: atomic, a manifest verified on resume, keep_last_n (this run's only)
+rundir.py   one run per output directory: reuse refused, --overwrite, the run.lock file
 metrics.py  progress bar, metrics.jsonl, TensorBoard, loss.png
-runtime.py  rank / world / device, process group, small collectives
+runtime.py  rank / world / device, process group, small collectives; exit codes, SIGTERM/SIGINT as a stop request
 recipe.py   the training loop (``run``)
 launch.py   the command: validate, then train here or start N ranks
 

@@ -112,6 +112,9 @@ class StepSchedulerConfig(Section):
     num_epochs: PositiveInt = Field(1, description="passes over the training set (max_steps stops earlier)")
     ckpt_every_steps: PositiveInt | None = Field(None, description="resumable checkpoint every N steps (and at the end)")
     val_every_steps: PositiveInt | None = Field(None, description="validation loss every N steps (and at the end)")
+    skip_nonfinite_steps: NonNegativeInt = Field(
+        0, description="steps with a NaN/inf loss or gradient norm to skip (in all) before stopping; 0 stops at the first"
+    )
 
     @model_validator(mode="after")
     def _batches_divide(self):
@@ -237,6 +240,17 @@ class OptimizerConfig(BuiltSection):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas={list(betas)} must both be in [0, 1)")
         return betas
+
+    @model_validator(mode="after")
+    def _fits_float32(self):
+        # NOTE: the optimizer's float32 step takes scalars up to lr / (1 - beta1) (the first Adam step
+        # size), lr * weight_decay (AdamW's decay) and eps; beyond float32's range torch fails inside it.
+        largest = 3.4028234663852886e38
+        scalars = {"lr / (1 - betas[0])": self.lr / (1 - self.betas[0]), "lr * weight_decay": self.lr * self.weight_decay, "eps": self.eps}
+        for name, value in scalars.items():
+            if value > largest:
+                raise ValueError(f"{name} = {value:g} is beyond float32's range ({largest:.3g}); make it smaller")
+        return self
 
 
 class LRSchedulerConfig(Section):

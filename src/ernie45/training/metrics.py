@@ -1,8 +1,9 @@
 """What a run shows and leaves behind: a progress bar, ``metrics.jsonl``, TensorBoard, ``loss.png``.
 
 ``metrics.jsonl`` has one JSON object per optimizer step (``step``, ``loss``, ``lr``,
-``grad_norm``, ``tokens_per_s``, ...) and one per validation (``step``, ``val_loss``). Only rank 0
-writes. On resume, entries after the checkpoint's step are dropped first, so the file reads as
+``grad_norm``, ``tokens_per_s``, ...), one per validation (``step``, ``val_loss``) and one per
+step skipped for a non-finite loss or gradient norm (``step``, ``skipped_nonfinite``: what was
+not finite, ``nonfinite_skips``: skips so far). Only rank 0 writes. On resume, entries after the checkpoint's step are dropped first, so the file reads as
 one uninterrupted run.
 """
 
@@ -67,9 +68,10 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, entry["step"])
         if advance:
-            self.bar.set_postfix(
-                loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False
-            )
+            if "loss" in entry:  # NOTE: a skipped step (non-finite loss) has none
+                self.bar.set_postfix(
+                    loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False
+                )
             self.bar.update(1)
         elif "val_loss" in entry:
             self.bar.write(f"step {entry['step']}: val_loss {entry['val_loss']:.4f}")

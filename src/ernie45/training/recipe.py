@@ -11,21 +11,30 @@ One optimizer step:
   4. log; validate every ``val_every_steps``; checkpoint every ``ckpt_every_steps``.
 At the end: validation, multiple-choice accuracy (before vs after), ``OUTPUT_DIR/hf``,
 ``loss.png`` and ``summary.json``.
+
+What stops a run early, on every rank at once (one all-reduce a step, see ``train_step``): a
+non-finite loss or gradient norm (the step is not applied; it is skipped while
+``skip_nonfinite_steps`` allows, else the run stops, exit 3), and SIGTERM/SIGINT (a checkpoint
+after the current step, exit 75). Weights are checked to be finite before each checkpoint and
+the HF export: non-finite weights are never saved.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..evaluation import evaluate_hellaswag
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
-from .checkpointing import latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint
+from .checkpointing import latest_checkpoint, load_checkpoint, newest_intact, save_checkpoint
 from .components import (
     autocast,
     build_model,
@@ -34,12 +43,26 @@ from .components import (
     export_hf,
     set_grad_sync,
 )
-from .config import ConfigError, RecipeConfig, to_yaml
+from .config import RecipeConfig, to_yaml
 from .data import DataLoader, is_multiple_choice, load_records, tokenize_records
 from .loss import count_label_tokens
 from .metrics import MetricsLogger, plot_losses, read_metrics
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
-from .runtime import Runtime, all_reduce_sum, barrier, broadcast_object, init_runtime, shutdown
+from .rundir import checkpoint_dir_of, claim_output_dir, notice
+from .runtime import (
+    EXIT_FAILED,
+    EXIT_NONFINITE,
+    Preempted,
+    RunStopped,
+    Runtime,
+    StopSignals,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    collective_timeout,
+    init_runtime,
+    shutdown,
+)
 
 
 @dataclass
@@ -50,15 +73,30 @@ class RunState:
     first_loss: float | None = None
     last_loss: float | None = None
     mc_before: dict | None = None
+    run_id: str = ""  # NOTE: pruning deletes only checkpoints with this id (see checkpointing)
+    nonfinite_skips: int = 0
 
 
-def run(config: RecipeConfig, resume: bool = False) -> dict:
-    """Train as ``config`` says (in this process, or as one rank of a torchrun job); returns the summary."""
+def run(config: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train as ``config`` says (in this process, or as one rank of a torchrun job); returns the summary.
+
+    Raises RunStopped (with its exit code) when the run cannot start or stops early."""
     threads = torch.get_num_threads()
     runtime = init_runtime(config.dist_env)
+    lock = None
     try:
-        return Trainer(config, runtime).train(resume)
+        output_dir = resolve_output_dir(config, runtime)
+        lock = claim_output_dir(output_dir, checkpoint_dir_of(config, output_dir), resume, overwrite, runtime)
+        with StopSignals() as signals:
+            return Trainer(config, runtime, output_dir, signals).train(resume)
+    except RuntimeError as err:
+        message = collective_timeout(err, runtime, config.dist_env.timeout_minutes)
+        if message is None:
+            raise
+        raise RunStopped(message, EXIT_FAILED, collective=False) from None
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(runtime)
         torch.set_num_threads(threads)  # NOTE: leave a calling process (e.g. tests) as it was
 
@@ -70,16 +108,12 @@ def resolve_output_dir(config: RecipeConfig, runtime: Runtime) -> Path:
 
 
 class Trainer:
-    def __init__(self, config: RecipeConfig, runtime: Runtime):
+    def __init__(self, config: RecipeConfig, runtime: Runtime, output_dir: Path, signals: StopSignals):
         self.config = config
         self.runtime = runtime
-        self.output_dir = resolve_output_dir(config, runtime)
-        checkpoint_dir = Path(config.checkpoint.checkpoint_dir or "checkpoints")
-        self.checkpoint_dir = checkpoint_dir if checkpoint_dir.is_absolute() else self.output_dir / checkpoint_dir
-        if runtime.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(config))
-        barrier(runtime)
+        self.output_dir = output_dir
+        self.checkpoint_dir = checkpoint_dir_of(config, output_dir)
+        self.signals = signals
         config.rng.build(rank=runtime.rank)  # NOTE: seeds Python and torch now; checkpoints save their states
 
         check_model_path(config)
@@ -107,8 +141,11 @@ class Trainer:
     def batch(self, loader: DataLoader, indices: list[int]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.runtime.device) for key, value in loader.collate(indices).items()}
 
-    def train_step(self, step: int) -> dict:
-        """Forward/backward over this rank's micro-batches of ``step``, then the optimizer step."""
+    def train_step(self, step: int) -> tuple[dict, bool, bool]:
+        """Forward/backward over this rank's micro-batches of ``step``, then the optimizer step.
+
+        Returns (metrics entry, finite, stop): the step is applied only when its loss and gradient
+        norm are finite; ``stop``: a rank got SIGTERM/SIGINT. Every rank returns the same flags."""
         config, layout = self.config, self.layout
         global_batch = self.sampler.global_batch(step)
         num_micro = len(global_batch) // config.step_scheduler.local_batch_size
@@ -136,12 +173,17 @@ class Trainer:
             for layer_idx, load in self.expert_loads().items():
                 expert_load[layer_idx] = expert_load.get(layer_idx, 0) + load
         grad_norm = clip_grad_norm(list(self.model.parameters()), config.clip_grad_norm.max_norm)
+        stop = float(self.signals.received is not None)
+        # NOTE: the one all-reduce of the step's statistics is also the agreement: a NaN/inf loss on
+        # any rank makes the sum non-finite everywhere, a signal on any rank stops every rank after
+        # this step; the gradient norm is already global.
+        totals = self.sum_over_data(torch.stack([loss_sum, aux_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(stop)]))
+        finite = math.isfinite(float(totals[0])) and math.isfinite(float(totals[1])) and math.isfinite(grad_norm)
         lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        if finite:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-        totals = self.sum_over_data(torch.stack([loss_sum, aux_sum, torch.tensor(float(tokens), device=loss_sum.device)]))
         entry = {
             "step": step + 1,
             "epoch": self.sampler.epoch_of(step),
@@ -153,12 +195,12 @@ class Trainer:
         }
         if expert_load:
             loads = self.sum_over_data(torch.stack([expert_load[i] for i in sorted(expert_load)]))  # [L_moe,E]
-            if self.moe.gate_bias_update_factor > 0:
+            if finite and self.moe.gate_bias_update_factor > 0:
                 update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
             entry.update(load_balance(loads))
             if self.moe.aux_loss_coeff > 0:
                 entry["aux_loss"] = float(totals[1]) / num_micro
-        return entry
+        return entry, finite, float(totals[3]) > 0
 
     def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of per-rank statistics over the data each rank saw.
@@ -209,7 +251,8 @@ class Trainer:
         return {key: result[key] for key in ("acc", "acc_norm", "num_examples")}
 
     # ----- checkpoints ----------------------------------------------------------------------
-    def save(self, state: RunState) -> None:
+    def save(self, state: RunState, stopped_by: str | None = None) -> Path:
+        self.check_weights(state.step)
         train_state = {
             "step": state.step,
             "epoch": self.sampler.epoch_of(state.step),
@@ -219,32 +262,66 @@ class Trainer:
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
             "mc_before": state.mc_before,
+            "run_id": state.run_id,
+            "nonfinite_skips": state.nonfinite_skips,
+            "stopped_by": stopped_by,  # NOTE: the launcher reads it to tell a clean stop from a kill
         }
-        save_checkpoint(
-            self.checkpoint_dir, state.step, self.model, self.optimizer, train_state, self.runtime, self.config.checkpoint.keep_last_n
+        return save_checkpoint(
+            self.checkpoint_dir, state.step, self.model, self.optimizer, train_state, to_yaml(self.config), self.runtime,
+            self.config.checkpoint.keep_last_n,
         )
 
     def restore(self) -> RunState | None:
-        """The newest complete checkpoint's state, or None when there is none."""
-        if self.runtime.is_main:
-            remove_incomplete(self.checkpoint_dir)
-        barrier(self.runtime)
-        path = latest_checkpoint(self.checkpoint_dir)
+        """The newest intact checkpoint's state (damaged newer ones are named and skipped), or None when there is none."""
+        path = newest_intact(self.checkpoint_dir, self.runtime, notice if self.runtime.is_main else lambda line: None)
         if path is None:
             return None
-        saved = load_checkpoint(path, self.model, self.optimizer, self.runtime)
-        current = {"global_batch_size": self.config.step_scheduler.global_batch_size, "seed": self.config.rng.seed}
-        for key, value in current.items():
-            if saved[key] != value:
-                raise ConfigError(f"{path} was written with {key}={saved[key]}; resuming with {value} would change the data order")
-        return RunState(saved["step"], saved["first_loss"], saved["last_loss"], saved["mc_before"])
+        resolved = yaml.safe_load(to_yaml(self.config))
+        saved = load_checkpoint(path, self.model, self.optimizer, self.runtime, resolved)
+        fields = ("step", "first_loss", "last_loss", "mc_before", "run_id", "nonfinite_skips")
+        return RunState(**{key: saved[key] for key in fields})
+
+    def check_weights(self, step: int) -> None:
+        """Stop (exit 3) rather than save weights that are NaN/inf (the optimizer step can make them so)."""
+        local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.model.parameters()]
+        bad = torch.stack([(~torch.isfinite(t)).any() for t in local]).float().sum()  # NOTE: one sync, not one per tensor
+        if float(all_reduce_sum(bad, self.runtime)) > 0:
+            raise RunStopped(
+                f"after step {step} the weights are not finite (NaN/inf): stopped without saving them; "
+                f"{self.kept()}. Lower optimizer.lr (now {self.config.optimizer.lr:g}) or clip_grad_norm.max_norm",
+                EXIT_NONFINITE,
+            )
+
+    def kept(self) -> str:
+        """What a stopped run leaves usable: its newest checkpoint and the previous hf/ export."""
+        newest = latest_checkpoint(self.checkpoint_dir)
+        return f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
+
+    def skip_nonfinite(self, state: RunState, entry: dict, logger: MetricsLogger) -> None:
+        """A step with a NaN/inf loss or gradient norm was not applied: log the skip, or stop once
+        more than ``skip_nonfinite_steps`` steps (in the whole run) were skipped."""
+        state.nonfinite_skips += 1
+        what = f"loss {entry['loss']:.6g}, gradient norm {entry['grad_norm']:.6g}"
+        allowed = self.config.step_scheduler.skip_nonfinite_steps
+        if state.nonfinite_skips > allowed:
+            budget = f" after {allowed} skipped (step_scheduler.skip_nonfinite_steps)" if allowed else ""
+            raise RunStopped(
+                f"step {state.step}: non-finite training ({what}){budget}; stopped without applying or saving "
+                f"this step; {self.kept()}. Lower optimizer.lr (now {self.config.optimizer.lr:g}), or let up to N "
+                "such steps be skipped with --step_scheduler.skip_nonfinite_steps=N",
+                EXIT_NONFINITE,
+            )
+        logger.log({"step": state.step, "skipped_nonfinite": what, "nonfinite_skips": state.nonfinite_skips}, advance=True)
+        logger.write(f"step {state.step}: skipped ({what}); {state.nonfinite_skips} of {allowed} allowed skip(s) used")
 
     # ----- the run --------------------------------------------------------------------------
     def train(self, resume: bool) -> dict:
         config, runtime = self.config, self.runtime
         state = self.restore() if resume else None
         resumed_from = state.step if state else None
-        state = state or RunState()
+        state = state or RunState(run_id=broadcast_object(uuid.uuid4().hex[:12], runtime))
+        if runtime.is_main:
+            (self.output_dir / "config.yaml").write_text(to_yaml(config))
         logger = MetricsLogger(self.output_dir, self.total_steps, state.step, enabled=runtime.is_main)
         if resumed_from is not None:
             logger.write(f"resumed from {self.checkpoint_dir / f'step_{resumed_from}'}")
@@ -252,26 +329,18 @@ class Trainer:
             logger.write(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
         logger.write(self.describe())
         started = time.perf_counter()
-        if state.step == 0:
-            state.mc_before = self.multiple_choice_accuracy()
-            if self.val_examples:
-                logger.log({"step": 0, "val_loss": self.validation_loss()})
-        steps = config.step_scheduler
-        while state.step < self.total_steps:
-            entry = self.train_step(state.step)
-            state.step += 1
-            state.first_loss = state.first_loss if state.first_loss is not None else entry["loss"]
-            state.last_loss = entry["loss"]
-            logger.log(entry, advance=True)
-            last = state.step == self.total_steps
-            if self.val_examples and (last or (steps.val_every_steps and state.step % steps.val_every_steps == 0)):
-                logger.log({"step": state.step, "val_loss": self.validation_loss()})
-            if config.checkpoint.enabled and (last or (steps.ckpt_every_steps and state.step % steps.ckpt_every_steps == 0)):
-                self.save(state)
-        mc_after = self.multiple_choice_accuracy()
-        logger.close()
+        try:
+            if state.step == 0:
+                state.mc_before = self.multiple_choice_accuracy()
+                if self.val_examples:
+                    logger.log({"step": 0, "val_loss": self.validation_loss()})
+            self.train_loop(state, logger)
+            mc_after = self.multiple_choice_accuracy()
+        finally:
+            logger.close()
         hf_dir = self.output_dir / "hf"
         if config.checkpoint.save_consolidated:
+            self.check_weights(state.step)
             export_hf(self.model, self.tokenizer, hf_dir, config, runtime, self.layout)
         summary = self.summary(state, time.perf_counter() - started, mc_after, resumed_from, hf_dir)
         if runtime.is_main:
@@ -280,6 +349,29 @@ class Trainer:
             print_summary(summary)
         barrier(runtime)
         return summary
+
+    def train_loop(self, state: RunState, logger: MetricsLogger) -> None:
+        """Steps until ``total_steps``, with validation and checkpoints; Preempted after a signal."""
+        steps, checkpoint = self.config.step_scheduler, self.config.checkpoint
+        while state.step < self.total_steps:
+            entry, finite, stop = self.train_step(state.step)
+            state.step += 1
+            if finite:
+                state.first_loss = state.first_loss if state.first_loss is not None else entry["loss"]
+                state.last_loss = entry["loss"]
+                logger.log(entry, advance=True)
+            else:
+                self.skip_nonfinite(state, entry, logger)
+            last = state.step == self.total_steps
+            if not stop and self.val_examples and (last or (steps.val_every_steps and state.step % steps.val_every_steps == 0)):
+                logger.log({"step": state.step, "val_loss": self.validation_loss()})
+            received = (self.signals.received or "a signal to another rank") if stop else None
+            saved = None
+            if checkpoint.enabled and (stop or last or (steps.ckpt_every_steps and state.step % steps.ckpt_every_steps == 0)):
+                saved = self.save(state, received)
+            if stop:
+                what = f"saved {saved}" if saved else "checkpoint.enabled=false, so nothing was saved"
+                raise Preempted(f"stopped by {received} after step {state.step}: {what}", str(saved) if saved else None)
 
     def describe(self) -> str:
         """One line on what is about to run."""
@@ -306,6 +398,7 @@ class Trainer:
             "multiple_choice_before": state.mc_before,
             "multiple_choice_after": mc_after,
             "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated else None,
+            "nonfinite_skips": state.nonfinite_skips,
         }
 
 
