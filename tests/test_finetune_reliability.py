@@ -106,7 +106,7 @@ def test_a_used_output_dir_is_refused_and_overwrite_moves_the_old_run_aside(tmp_
     before = digests(out)
     refused = finetune(out, "--step_scheduler.max_steps=2")
     assert refused.exit_code == EXIT_BAD_INPUT
-    assert f"error: output_dir {out} already holds a run (checkpoints, config.yaml" in refused.output
+    assert f"error: output_dir {out} already holds a run (checkpoints, metrics.jsonl, summary.json, hf, tokenizer)" in refused.output
     assert "--resume" in refused.output and "--overwrite" in refused.output and "Traceback" not in refused.output
     assert digests(out) == before
 

@@ -26,8 +26,9 @@ from .config import ConfigError, RecipeConfig
 from .runtime import EXIT_BAD_INPUT, RunStopped, Runtime, broadcast_object
 
 LOCK = "run.lock"
-# What a run leaves in its output directory (besides checkpoints).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "hf", "tokenizer")
+# What a run leaves in its output directory (besides checkpoints). NOTE: not config.yaml, a common
+# name for a user's own recipe (a run writes metrics.jsonl right after it anyway).
+RUN_FILES = ("metrics.jsonl", "summary.json", "hf", "tokenizer")
 
 
 def checkpoint_dir_of(config: RecipeConfig, output_dir: Path) -> Path:
