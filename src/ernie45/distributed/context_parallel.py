@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from ..models.attention import Ernie4_5Attention
+from ..models.attention import Ernie4_5Attention, sdpa_attention
 from ..models.loss import IGNORE_INDEX
 
 
@@ -114,20 +114,34 @@ def _document_ids(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class ContextParallelKernel:
-    """An attention kernel that first all-gathers K and V [B,nKV,2L,hd] over the cp group."""
+    """An attention kernel that first all-gathers K and V [B,nKV,2L,hd] over the cp group.
+
+    NOTE: one instance serves every layer. It turns the bool mask into sdpa's additive form once
+    per forward, so all layers save the same [B,1,2L,S] tensor for backward instead of each
+    converting (and saving) its own copy.
+    """
 
     def __init__(self, kernel, group: dist.ProcessGroup):
         self.kernel = kernel
         self.group = group
+        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (bool mask, its additive form)
+
+    def additive(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self._mask is None or self._mask[0] is not mask or self._mask[1].dtype != dtype:
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._mask = (mask, bias)
+        return self._mask[1]
 
     def __call__(self, q, k, v, mask, scale):
-        k = funcol.all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=self.group)
-        v = funcol.all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=self.group)
         if mask is None:
             raise ValueError(
                 "context parallelism needs the 4-D attention_mask from ernie45.distributed.shard_sequence "
                 "(which keys each local query may see); got none"
             )
+        k = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
+        v = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
+        if mask.dtype == torch.bool and self.kernel is sdpa_attention:
+            mask = self.additive(mask, q.dtype)
         return self.kernel(q, k, v, mask, scale)
 
     def __repr__(self) -> str:
@@ -135,10 +149,13 @@ class ContextParallelKernel:
 
 
 def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup) -> None:
-    """Give every attention layer of ``model`` a kernel that gathers K/V over ``cp_group``."""
-    for module in model.modules():
-        if isinstance(module, Ernie4_5Attention) and not isinstance(module.kernel, ContextParallelKernel):
-            module.kernel = ContextParallelKernel(module.kernel, cp_group)
+    """Give every attention layer of ``model`` one kernel that gathers K/V over ``cp_group``."""
+    layers = [m for m in model.modules() if isinstance(m, Ernie4_5Attention)]
+    if not layers or isinstance(layers[0].kernel, ContextParallelKernel):
+        return
+    kernel = ContextParallelKernel(layers[0].kernel, cp_group)
+    for module in layers:
+        module.kernel = kernel
 
 
 def gather_sequence(local: torch.Tensor, shard: SequenceShard, cp_group: dist.ProcessGroup, seq_len: int) -> torch.Tensor:
