@@ -144,6 +144,19 @@ def test_a_stale_lock_is_taken_over_and_the_run_releases_its_lock(tmp_path):
     assert not (out / "run.lock").exists()
 
 
+def test_pruning_deletes_only_older_checkpoints_of_the_same_run(tmp_path):
+    from ernie45.training.checkpointing import prune_checkpoints
+
+    for step, run_id in [(2, "ours"), (4, "other"), (6, "ours"), (8, "ours"), (10, "other")]:
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "train_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    (tmp_path / "step_5").mkdir()  # a damaged one: no train state, so no owner
+    prune_checkpoints(tmp_path, 8, "ours", keep_last_n=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_4", "step_5", "step_6", "step_8"]
+    prune_checkpoints(tmp_path, 8, "ours", keep_last_n=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_4", "step_5", "step_8"]
+
+
 # ----- NaN / inf ---------------------------------------------------------------------------------
 def test_a_diverging_run_stops_and_leaves_the_last_finite_checkpoint_and_hf_untouched(tmp_path):
     out = tmp_path / "run"
