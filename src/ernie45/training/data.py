@@ -17,6 +17,7 @@ the loss curve does not depend on the parallel layout, and resuming at step N ne
 
 from __future__ import annotations
 
+import bisect
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -37,10 +38,14 @@ if TYPE_CHECKING:  # NOTE: config.py imports this module (through the registry);
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """input_ids and labels of one sequence (labels[i] = input_ids[i] where the loss applies, else -100)."""
+    """input_ids and labels of one sequence (labels[i] = input_ids[i] where the loss applies, else -100).
+
+    A packed row (``pack_examples``) also has ``position_ids``, restarting at 0 for each document.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
     @property
     def num_label_tokens(self) -> int:
@@ -265,24 +270,98 @@ class SFTDataset(FileDataset):
         return sft_segments(tokenizer, record, where)
 
 
+# ----- packing ---------------------------------------------------------------------------------
+def pack_examples(
+    examples: list[TokenizedExample], packed_sequence_size: int, split_across_pack: bool = False
+) -> list[TokenizedExample]:
+    """Whole examples packed into rows of at most ``packed_sequence_size`` tokens (AutoModel's names).
+
+    ``split_across_pack=False``: best-fit decreasing over whole examples (deterministic: ties keep
+    file order); an example longer than a row is an error. ``True``: the examples laid end to end
+    and cut every ``packed_sequence_size`` tokens (no padding; a piece that starts a row loses the
+    one label its previous token would have predicted). In a row each document's positions restart
+    at 0 and its first token has no label, so no token is predicted from another document; the
+    model attends within documents (``position_ids``).
+    """
+    if packed_sequence_size < 1:
+        raise ValueError(f"packed_sequence.packed_sequence_size={packed_sequence_size} must be >= 1 (0 turns packing off)")
+    if split_across_pack:
+        return _cut_into_rows(examples, packed_sequence_size)
+    longest = max(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    if len(examples[longest].input_ids) > packed_sequence_size:
+        raise ValueError(
+            f"example {longest} has {len(examples[longest].input_ids)} tokens, more than "
+            f"packed_sequence.packed_sequence_size={packed_sequence_size}; raise the size or set "
+            "packed_sequence.split_across_pack: true"
+        )
+    # NOTE: best-fit decreasing (the fullest row that still has room), found by bisection over the
+    # rows sorted by free room: O(n log n), as tight as first-fit decreasing.
+    rows: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids)):
+        size = len(examples[i].input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            rows.append([])
+            room, row = packed_sequence_size, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+        rows[row].append(i)
+        bisect.insort(free, (room - size, row))
+    return [_packed_row([_document(examples[i]) for i in sorted(row)]) for row in rows]
+
+
+def _document(example: TokenizedExample, start: int = 0) -> TokenizedExample:
+    """``example`` as one document of a packed row: positions from ``start``, first label dropped."""
+    labels = [IGNORE_INDEX, *example.labels[1:]]
+    return TokenizedExample(example.input_ids, labels, list(range(start, start + len(example.input_ids))))
+
+
+def _packed_row(documents: list[TokenizedExample]) -> TokenizedExample:
+    return TokenizedExample(
+        [t for d in documents for t in d.input_ids],
+        [t for d in documents for t in d.labels],
+        [p for d in documents for p in d.position_ids],
+    )
+
+
+def _cut_into_rows(examples: list[TokenizedExample], size: int) -> list[TokenizedExample]:
+    """Examples end to end, cut every ``size`` tokens; a piece keeps its positions in its example."""
+    stream = [_document(ex) for ex in examples]
+    ids = [t for d in stream for t in d.input_ids]
+    labels = [t for d in stream for t in d.labels]
+    positions = [p for d in stream for p in d.position_ids]
+    rows = []
+    for start in range(0, len(ids), size):
+        row_labels = labels[start : start + size]
+        row_labels[0] = IGNORE_INDEX  # NOTE: its predictor is the previous row's last token
+        rows.append(TokenizedExample(ids[start : start + size], row_labels, positions[start : start + size]))
+    return rows
+
+
 # ----- batching --------------------------------------------------------------------------------
 def collate(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad to a common length (a multiple of ``pad_to_multiple_of``).
 
     Returns input_ids [B,S], labels [B,S] (-100 on padding), attention_mask [B,S] (1 = token),
-    padding_mask [B,S] (True = padding).
+    padding_mask [B,S] (True = padding), and for packed rows position_ids [B,S] (restarting at 0
+    for each document; 0 on padding).
     """
     longest = max(len(ex.input_ids) for ex in examples)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    packed = any(ex.position_ids is not None for ex in examples)
+    position_ids = torch.zeros((len(examples), length), dtype=torch.long)
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "padding_mask": attention_mask == 0}
+        position_ids[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "padding_mask": attention_mask == 0}
+    return batch | ({"position_ids": position_ids} if packed else {})
 
 
 class GlobalBatchSampler:

@@ -25,8 +25,13 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs):
+    """The model on a collated batch; packed rows bring their ``position_ids`` (documents)."""
     return model(
-        batch["input_ids"], attention_mask=batch["attention_mask"], padding_mask=batch["padding_mask"], **kwargs
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        padding_mask=batch["padding_mask"],
+        position_ids=batch.get("position_ids"),
+        **kwargs,
     )
 
 
