@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Ernie4_5Config, Ernie4_5_MoeConfig
+from transformers import Ernie4_5ForCausalLM as HFDense
 from transformers import Ernie4_5_MoeForCausalLM as HFMoe
 
 import ernie45
@@ -156,3 +157,25 @@ def save_tiny_lm(path: Path, seed: int = 0, **config_overrides) -> Path:
 
 def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
+
+
+# ----- LoRA ----------------------------------------------------------------------------------------
+def saved_hf_model(path: Path, kind: str, seed: int = 0):
+    """(directory, model): a tiny random transformers model saved by transformers. "dense" has an
+    untied LM head (so it can be adapted); "moe" has a correction bias large enough to change routing."""
+    if kind == "dense":
+        model = random_hf_model(HFDense, tiny_dense_config(tie_word_embeddings=False), seed)
+    else:
+        model = random_hf_moe(tiny_moe_config(), seed, bias_std=0.5)
+    model.save_pretrained(path)
+    return path, model
+
+
+@torch.no_grad()
+def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give every LoRA tensor (B included, which starts at zero) random values, so adapters matter."""
+    from ernie45.peft import adapter_parameters
+
+    generator = torch.Generator().manual_seed(seed)
+    for _, param in sorted(adapter_parameters(model).items()):
+        param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -17,13 +17,22 @@ def from_pretrained(
     backend: BackendConfig | None = None,
     device: torch.device | str | None = None,
     parallel=None,
+    adapter: str | Path | None = None,
+    peft=None,
+    peft_seed: int = 0,
     **kwargs,
 ):
     """Load any ERNIE 4.5 HF checkpoint directory with the right model class.
 
     ``parallel``: an ``ernie45.distributed.ParallelConfig`` to load each rank's shards straight
     into that layout (under torchrun); None loads the whole model here.
+    ``adapter``: a PEFT LoRA adapter directory to add (ours or PEFT's); ``peft``: an
+    ``ernie45.peft.PeftConfig`` (or its keys as a dict) for new adapters drawn from ``peft_seed``.
+    Either freezes the base weights (see ``ernie45.peft``).
     """
+    adapters = _adapter_setup(peft, adapter, peft_seed)
+    if adapters is not None:
+        kwargs["adapters"] = adapters
     if parallel is not None:
         # NOTE: imported here so that `import ernie45` does not pull in torch.distributed's wrappers.
         from .distributed.loading import from_pretrained as from_pretrained_parallel
@@ -38,7 +47,20 @@ def from_config(
     backend: BackendConfig | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    peft=None,
+    peft_seed: int = 0,
     **kwargs,
 ):
-    """A randomly initialised model of the class ``config.model_type`` names (transformers' init)."""
+    """A randomly initialised model of the class ``config.model_type`` names (transformers' init);
+    ``peft``: add new LoRA adapters as ``from_pretrained`` does."""
+    adapters = _adapter_setup(peft, None, peft_seed)
+    if adapters is not None:
+        kwargs["adapters"] = adapters
     return model_class_for(config).from_config(config, backend=backend, dtype=dtype, device=device, **kwargs)
+
+
+def _adapter_setup(peft, adapter, seed: int):
+    # NOTE: imported here: `import ernie45` stays free of the adapter code until it is asked for.
+    from .peft.setup import adapter_setup
+
+    return adapter_setup(peft, adapter, seed)

@@ -244,6 +244,29 @@ def hellaswag_command(
     )
 
 
+# ----- merge (logic in peft/export.py) -------------------------------------------------------------
+@app.command("merge")
+def merge_command(
+    model: str = typer.Option(..., "--model", help="Base HF checkpoint directory the adapter was trained on."),
+    adapter: str = typer.Option(..., "--adapter", help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."),
+    output: str = typer.Option(..., "--output", help="Directory for the merged HF checkpoint."),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """Fold a LoRA adapter (ours or HF PEFT's) into its base model: a full checkpoint transformers and vLLM load."""
+    import torch
+
+    from .checkpoint.staging import CheckpointWriteError
+    from .peft.export import merge_checkpoint
+
+    if dtype not in _DTYPES:
+        raise _fail(f"--dtype {dtype!r} is not valid; use {_DTYPE_HELP}")
+    try:
+        merge_checkpoint(model, adapter, output, None if dtype == "auto" else getattr(torch, dtype))
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as err:
+        raise _fail(str(err)) from err
+    typer.echo(f"merged {adapter} into {model} -> {output}")
+
+
 # ----- finetune (logic in training/launch.py and training/recipe.py) ---------------------------------
 def _finetune_help() -> str:
     from .training.config import sections_help

@@ -71,9 +71,16 @@ def checkpoint_dtype(files: CheckpointFiles) -> torch.dtype:
     return files.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in files else torch.float32
 
 
+def is_adapter_tensor(name: str) -> bool:
+    """A LoRA adapter tensor (``ernie45.peft``): ``...lora_A.weight`` of a linear layer, or the
+    routed experts' ``{gate_up,down}_proj_lora_{A,B}``. Not part of a base checkpoint."""
+    return name.endswith(("lora_A.weight", "lora_B.weight", "_lora_A", "_lora_B"))
+
+
 def native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by name; a tied lm_head appears once (as the embedding)."""
-    tensors = dict(model.named_parameters())
+    """Parameters and persistent buffers by name; a tied lm_head appears once (as the embedding).
+    LoRA adapter tensors are left out: they live in adapter files (``ernie45.peft.save_adapter``)."""
+    tensors = {name: p for name, p in model.named_parameters() if not is_adapter_tensor(name)}
     non_persistent = {
         f"{prefix}.{name}" if prefix else name
         for prefix, module in model.named_modules()
@@ -166,6 +173,11 @@ def save_hf_checkpoint(model: nn.Module, path: str | Path, max_shard_size: int |
     Collective for a parallelised model (one holding DTensors): every rank calls it, rank 0 writes
     the files a single-process save writes, and an error there (disk full) is raised on every rank.
     """
+    if any(is_adapter_tensor(name) for name, _ in model.named_parameters()):
+        raise ValueError(
+            "this model holds LoRA adapters: save them with ernie45.peft.save_adapter(model, dir), or fold "
+            "them into the weights first with ernie45.peft.merge(model) and then save_pretrained"
+        )
     tensors = native_tensors(model)
     if not is_parallel(tensors):
         _write_checkpoint(model, Path(path), hf_sizes(tensors), hf_items(tensors, gather=False), max_shard_size)

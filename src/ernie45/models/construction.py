@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -35,6 +36,16 @@ def building(dtype: torch.dtype, device: torch.device | str | None) -> Iterator[
         torch.set_default_dtype(previous)
 
 
+class Adapters(Protocol):
+    """Extra tensors added during the build (``ernie45.peft.setup.AdapterSetup``: LoRA adapters)."""
+
+    def add(self, model: nn.Module) -> None:
+        """Create them on the (meta) model, before it is laid out over ranks."""
+
+    def fill(self, model: nn.Module, device: torch.device | str | None = None) -> None:
+        """Give them their values once the base weights are in place."""
+
+
 def check_config(cls: type, config) -> None:
     """Refuse a config ``cls`` cannot build, naming the value (before any tensor is allocated)."""
     if getattr(config, "model_type", None) != cls.model_type:
@@ -48,13 +59,22 @@ def check_config(cls: type, config) -> None:
 
 
 def build(
-    cls: type, config, dtype: torch.dtype | str | None = None, device=None, torch_dtype=None, **kwargs
+    cls: type,
+    config,
+    dtype: torch.dtype | str | None = None,
+    device=None,
+    torch_dtype=None,
+    adapters: Adapters | None = None,
+    **kwargs,
 ) -> nn.Module:
     """A randomly initialised ``cls(config, **kwargs)`` in ``dtype`` (default: the config's) on ``device``."""
     check_config(cls, config)
     with building(as_dtype(dtype_argument(dtype, torch_dtype)) or config_dtype(config), device):
         model = cls(config, **kwargs)
     model.init_weights()
+    if adapters is not None:
+        adapters.add(model)
+        adapters.fill(model, device)
     return model
 
 
@@ -65,22 +85,28 @@ def load_pretrained(
     device: torch.device | str | None = None,
     parallelize: Callable[[nn.Module], object] | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    adapters: Adapters | None = None,
     **kwargs,
 ) -> nn.Module:
     """``cls`` loaded from an HF checkpoint directory; dtype (or ``torch_dtype``) defaults to the checkpoint's.
 
-    ``parallelize(model)`` lays the meta model out over the ranks before anything is allocated.
+    ``parallelize(model)`` lays the meta model out over the ranks before anything is allocated;
+    ``adapters`` are added before that and filled after the base weights are loaded.
     """
     config = load_config(path)
     check_config(cls, config)
     files = CheckpointFiles(path)
     with building(as_dtype(dtype_argument(dtype, torch_dtype)) or checkpoint_dtype(files), "meta"):
         model = cls(config, **kwargs)
+    if adapters is not None:
+        adapters.add(model)
     if parallelize is not None:
         parallelize(model)
         model.to_empty(device=device or "cpu")  # only this rank's shards
         model.tie_weights()
     load_hf_weights(model, files, device=device or "cpu")
+    if adapters is not None:
+        adapters.fill(model, device or "cpu")
     model.materialize_buffers()
     model.tie_weights()
     model.generation_config = load_generation_config(path)  # end/pad tokens for generate

@@ -10,9 +10,17 @@ Shapes: N rows sorted by expert, H hidden, I expert intermediate size, E experts
 "torch_mm": two ``torch._grouped_mm`` calls over all rows with offsets = int32 cumsum of tokens per
 expert (no per-expert Python loop). ``_grouped_mm`` needs row strides that are multiples of 16
 bytes and, inside ``torch.compile``, bf16 inputs; otherwise this backend falls back to the loop.
+
+LoRA (``add_lora``, used by ``ernie45.peft``): per expert e and projection W_e [out,in] a rank-r
+pair A_e [r,in], B_e [out,r] held as grouped tensors ``{proj}_lora_A`` [E,r,in] and
+``{proj}_lora_B`` [E,out,r]; each projection becomes ``x W_e^T + scale * (x A_e^T) B_e^T``. Both
+kernels apply it on the rows (two more grouped matmuls of width r per projection under
+"torch_mm"), never forming the [E,out,in] update. The frozen base weights keep their names.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +30,41 @@ from ..models.mlp import swiglu
 from ..sharding import local_part
 
 EXPERT_BACKENDS = ("torch", "torch_mm")
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")  # NOTE: registration order, which PEFT's nesting follows
 
 
-def experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+class ExpertLoRA(NamedTuple):
+    """One projection's per-expert adapter, as this rank computes with it."""
+
+    a: torch.Tensor  # [E,r,in]
+    b: torch.Tensor  # [E,out,r]
+    scale: float
+
+
+def expert_linear(rows: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA | None, expert: int) -> torch.Tensor:
+    """rows [n,in] through expert ``expert``'s projection ``weight`` [E,out,in] (+ its adapter)."""
+    out = F.linear(rows, weight[expert])
+    if lora is None:
+        return out
+    return out + F.linear(F.linear(rows, lora.a[expert]) * lora.scale, lora.b[expert])
+
+
+def experts_loop(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    counts: torch.Tensor,
+    gate_up_lora: ExpertLoRA | None = None,
+    down_lora: ExpertLoRA | None = None,
+) -> torch.Tensor:
     """Reference: x [N,H] sorted by expert, counts [E] -> [N,H]."""
     outputs, start = [], 0
     for expert, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         rows = x[start : start + n]
-        gate, up = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(swiglu(gate, up), down[expert]))
+        gate, up = expert_linear(rows, gate_up, gate_up_lora, expert).chunk(2, dim=-1)
+        outputs.append(expert_linear(swiglu(gate, up), down, down_lora, expert))
         start += n
     if not outputs:
         return x.new_zeros(0, down.shape[1])
@@ -52,15 +84,38 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _aligned_rank(lora: ExpertLoRA) -> ExpertLoRA:
+    """The adapter with its rank zero-padded to a multiple of 16 bytes (``_grouped_mm``'s stride rule
+    for the [N,r] rows and the transposed B); zeros add nothing and get zero gradients."""
+    rank = lora.a.shape[1]
+    pad = -rank % max(1, 16 // lora.a.element_size())
+    if pad == 0:
+        return lora
+    return ExpertLoRA(F.pad(lora.a, (0, 0, 0, pad)), F.pad(lora.b, (0, pad)), lora.scale)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: ExpertLoRA | None) -> torch.Tensor:
+    """x [N,in] sorted by expert through ``weight`` [E,out,in] (+ adapter): [N,out], grouped matmuls only."""
+    out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    if lora is None:
+        return _ContiguousGrad.apply(out)
+    lora = _aligned_rank(lora)
+    low = torch._grouped_mm(x, lora.a.transpose(-2, -1), offs=offs) * lora.scale  # [N,r]
+    return _ContiguousGrad.apply(out + torch._grouped_mm(low, lora.b.transpose(-2, -1), offs=offs))
+
+
 def experts_grouped_mm(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    counts: torch.Tensor,
+    gate_up_lora: ExpertLoRA | None = None,
+    down_lora: ExpertLoRA | None = None,
 ) -> torch.Tensor:
     """Same result as ``experts_loop`` with ``torch._grouped_mm`` (empty experts are fine)."""
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    h = _ContiguousGrad.apply(torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs))  # [N,2I]
-    gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(swiglu(gate, up), down.transpose(-2, -1), offs=offs)  # [N,H]
-    return _ContiguousGrad.apply(y)
+    gate, up = grouped_linear(x, gate_up, offs, gate_up_lora).chunk(2, dim=-1)  # [N,I] each
+    return grouped_linear(swiglu(gate, up), down, offs, down_lora)  # [N,H]
 
 
 def grouped_mm_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -77,7 +132,8 @@ class GroupedExperts(nn.Module):
     """``mlp.experts``: E SwiGLU experts stored as ``gate_up_proj`` [E,2I,H] and ``down_proj`` [E,H,I].
 
     ``forward(x_sorted [N,H], tokens_per_expert [E_local]) -> [N,H]`` over the experts held here
-    (under expert parallelism the first dim is this rank's shard). No bias, as in ERNIE 4.5.
+    (under expert parallelism the first dim is this rank's shard, adapters included). No bias, as
+    in ERNIE 4.5.
     """
 
     def __init__(
@@ -94,6 +150,7 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
+        self.lora_scales: dict[str, float] = {}  # projection -> scale, for those with an adapter
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,6 +164,33 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
         nn.init.normal_(self.down_proj, mean=0.0, std=std)
 
+    def add_lora(self, projection: str, rank: int, scale: float, dtype: torch.dtype | None = None) -> None:
+        """Give ``projection`` (gate_up_proj or down_proj) a per-expert rank-``rank`` adapter:
+        ``{projection}_lora_A`` [E,r,in] and ``{projection}_lora_B`` [E,out,r], uninitialised (the
+        caller fills them: ``ernie45.peft`` draws A and zeroes B), on the base weight's device."""
+        if projection not in EXPERT_PROJECTIONS:
+            raise ValueError(f"no expert projection {projection!r}; choose one of {EXPERT_PROJECTIONS}")
+        if projection in self.lora_scales:
+            raise ValueError(f"{projection} already has a LoRA adapter")
+        weight = self.get_parameter(projection)
+        experts, out_dim, in_dim = weight.shape
+        like = dict(dtype=dtype or weight.dtype, device=weight.device)
+        self.register_parameter(f"{projection}_lora_A", nn.Parameter(torch.empty(experts, rank, in_dim, **like)))
+        self.register_parameter(f"{projection}_lora_B", nn.Parameter(torch.empty(experts, out_dim, rank, **like)))
+        self.lora_scales[projection] = scale
+
+    def remove_lora(self, projection: str) -> None:
+        """Drop ``projection``'s adapter (after ``ernie45.peft.merge`` folded it into the weight)."""
+        del self.lora_scales[projection]
+        del self._parameters[f"{projection}_lora_A"], self._parameters[f"{projection}_lora_B"]
+
+    def _local_lora(self, projection: str, dtype: torch.dtype) -> ExpertLoRA | None:
+        if projection not in self.lora_scales:
+            return None
+        a = local_part(self.get_parameter(f"{projection}_lora_A")).to(dtype)
+        b = local_part(self.get_parameter(f"{projection}_lora_B")).to(dtype)
+        return ExpertLoRA(a, b, self.lora_scales[projection])
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         gate_up, down = local_part(self.gate_up_proj), local_part(self.down_proj)
         if tokens_per_expert.shape[0] != gate_up.shape[0]:
@@ -115,10 +199,14 @@ class GroupedExperts(nn.Module):
                 f"{gate_up.shape[0]} experts"
             )
         x = x.to(gate_up.dtype)
+        loras = self._local_lora("gate_up_proj", x.dtype), self._local_lora("down_proj", x.dtype)
         if self.backend == "torch_mm" and grouped_mm_usable(x, gate_up, down):
-            return experts_grouped_mm(x, gate_up, down, tokens_per_expert)
-        return experts_loop(x, gate_up, down, tokens_per_expert)
+            return experts_grouped_mm(x, gate_up, down, tokens_per_expert, *loras)
+        return experts_loop(x, gate_up, down, tokens_per_expert, *loras)
 
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape
-        return f"experts={e}, dim={h}, inter_dim={two_i // 2}, backend={self.backend!r}"
+        lora = "".join(
+            f", {name}_lora_rank={self.get_parameter(name + '_lora_A').shape[1]}" for name in self.lora_scales
+        )
+        return f"experts={e}, dim={h}, inter_dim={two_i // 2}, backend={self.backend!r}{lora}"
