@@ -252,14 +252,15 @@ def test_help_documents_every_section():
 @pytest.mark.parametrize(
     "layout",
     [[], ["--distributed.tp_size=2", "--step_scheduler.local_batch_size=8",
-          "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"]],
-    ids=["dp2", "tp2"],
+          "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"],
+     ["--distributed.cp_size=2", "--step_scheduler.local_batch_size=8"]],
+    ids=["dp2", "tp2", "cp2"],
 )
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run, layout):
-    """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy) or tensor parallelism (tp=2),
-    started by an outside torchrun."""
+    """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy), tensor parallelism (tp=2) or
+    context parallelism (cp=2: each sequence split over the ranks), started by an outside torchrun."""
     out = tmp_path / "run"
     args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *layout)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ernie45.cli"]

@@ -22,6 +22,8 @@ NOTE: K/V of the whole sequence are held (one layer at a time); a ring exchange 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +158,21 @@ def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup) -> Non
     kernel = ContextParallelKernel(layers[0].kernel, cp_group)
     for module in layers:
         module.kernel = kernel
+
+
+@contextlib.contextmanager
+def local_attention(model: nn.Module) -> Iterator[None]:
+    """Inside this block every rank attends over its own whole inputs (no K/V exchange): for
+    evaluation code that does not split its sequences, such as HellaSwag scoring."""
+    swapped = [m for m in model.modules() if isinstance(m, Ernie4_5Attention) and isinstance(m.kernel, ContextParallelKernel)]
+    kernels = [m.kernel for m in swapped]
+    for module, kernel in zip(swapped, kernels):
+        module.kernel = kernel.kernel
+    try:
+        yield
+    finally:
+        for module, kernel in zip(swapped, kernels):
+            module.kernel = kernel
 
 
 def gather_sequence(local: torch.Tensor, shard: SequenceShard, cp_group: dist.ProcessGroup, seq_len: int) -> torch.Tensor:

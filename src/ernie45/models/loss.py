@@ -1,7 +1,8 @@
 """The causal-LM cross-entropy: position t predicts token t+1, labels of -100 are ignored, fp32 math.
 
-One function for both users: the model's ``labels=`` loss (mean, as transformers) and the training
-recipe's ``MaskedCrossEntropy`` (sum, normalised later over the global batch).
+One function for every user: the model's ``labels=`` / ``shift_labels=`` loss (mean, as
+transformers) and the training recipe's ``MaskedCrossEntropy`` (sum, normalised later over the
+global batch).
 """
 
 from __future__ import annotations
@@ -16,19 +17,40 @@ from .decoder import out_of_range_id
 IGNORE_INDEX = -100  # transformers' and PyTorch's "no label here"
 
 
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """logits [..., V] against already aligned targets [...] (-100 = none), in fp32."""
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must match the logits' positions {list(logits.shape[:-1])} (with logits_to_keep=0), "
+            f"got {list(targets.shape)}"
+        )
+    flat = targets.reshape(-1)
+    check_labels(flat, logits.shape[-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
 def shifted_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
 ) -> torch.Tensor:
-    """logits [B,S,V], labels [B,S] -> CE of logits[:, :-1] against labels[:, 1:] in fp32."""
+    """logits [B,S,V], labels [B,S] -> CE of logits[:, :-1] against labels[:, 1:]."""
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels must have the shape of input_ids {list(logits.shape[:-1])} (and logits_to_keep=0), "
             f"got {list(labels.shape)}"
         )
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    check_labels(shift_labels, logits.shape[-1])
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return token_cross_entropy(logits[:, :-1], labels[:, 1:], reduction)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """transformers' causal-LM loss: mean CE; ``shift_labels`` [B,S'] (already aligned with the
+    logits, as context-parallel and packed trainers pass them) wins over shifting ``labels`` [B,S]."""
+    if shift_labels is not None:
+        return token_cross_entropy(logits, shift_labels)
+    return shifted_cross_entropy(logits, labels) if labels is not None else None
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
@@ -39,20 +61,3 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
             f"label {bad} is out of range for vocab_size={vocab_size} "
             f"(valid: 0..{vocab_size - 1}, or {IGNORE_INDEX} to ignore)"
         )
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """transformers' causal-LM loss: mean CE; ``shift_labels`` [B,S'] (already aligned with the
-    logits, as context-parallel and packed trainers pass them) wins over shifting ``labels`` [B,S]."""
-    if shift_labels is None:
-        return shifted_cross_entropy(logits, labels) if labels is not None else None
-    if shift_labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"shift_labels must have the shape of the logits' positions {list(logits.shape[:-1])}, "
-            f"got {list(shift_labels.shape)}"
-        )
-    flat = shift_labels.reshape(-1)
-    check_labels(flat, logits.shape[-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX)

@@ -40,8 +40,8 @@ def compute_dtype(config: RecipeConfig) -> torch.dtype:
 def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
     """The autocast context for forward passes (none when FSDP2 casts, or when computing in fp32)."""
     dtype = compute_dtype(config)
-    # NOTE: FSDP2 shards (and so casts) exactly when there are several data-parallel ranks.
-    if dtype == MASTER_DTYPE or layout.dp_size > 1:
+    # NOTE: FSDP2 shards (and so casts) exactly when there are several data- or context-parallel ranks.
+    if dtype == MASTER_DTYPE or layout.grad_average > 1:
         return contextlib.nullcontext()
     return torch.autocast(runtime.device.type, dtype=dtype)
 
@@ -84,7 +84,14 @@ class Layout:
     dp_size: int = 1
     dp_rank: int = 0
     tp_size: int = 1  # ranks that see the same data (tensor-parallel peers)
-    sharded: bool = False  # FSDP2 (with EP/TP): gradients are reduced inside backward
+    cp_size: int = 1  # ranks that share each sequence (context-parallel peers), each a part of it
+    cp_rank: int = 0
+    sharded: bool = False  # FSDP2 (with EP/TP/CP): gradients are reduced inside backward
+
+    @property
+    def grad_average(self) -> int:
+        """Ranks FSDP2 averages gradients over: the data-parallel ranks and, folded in, the cp ranks."""
+        return self.dp_size * self.cp_size
 
 
 def model_kwargs(config: RecipeConfig, hf_config) -> dict:
@@ -116,13 +123,17 @@ def hf_config_from_recipe(config: RecipeConfig, tokenizer):
 def parallel_config(config: RecipeConfig, runtime: Runtime):
     """The scale-out layout of ``distributed``; checks sizes against the world and the batch."""
     section = config.distributed
-    if runtime.world_size % section.tp_size:
-        raise ConfigError(f"distributed.tp_size={section.tp_size} must divide the world size {runtime.world_size}")
-    dp_size = runtime.world_size // section.tp_size
+    model_parallel = section.tp_size * section.cp_size
+    if runtime.world_size % model_parallel:
+        raise ConfigError(
+            f"distributed.tp_size={section.tp_size} x cp_size={section.cp_size} must divide the world size "
+            f"{runtime.world_size}"
+        )
+    dp_size = runtime.world_size // model_parallel
     if section.dp_size is not None and section.dp_size != dp_size:
         raise ConfigError(
             f"distributed.dp_size={section.dp_size} does not fit {runtime.world_size} ranks with "
-            f"tp_size={section.tp_size}: it must be {dp_size} (or leave it out)"
+            f"tp_size={section.tp_size} and cp_size={section.cp_size}: it must be {dp_size} (or leave it out)"
         )
     if section.tp_size > 1 and config.loss_fn.component is FusedLinearCrossEntropy:
         raise ConfigError(
@@ -139,6 +150,7 @@ def parallel_config(config: RecipeConfig, runtime: Runtime):
     return ParallelConfig(
         dp_shard=-1,
         tp=section.tp_size,
+        cp=section.cp_size,
         ep=section.ep_size,
         param_dtype=None if dtype == MASTER_DTYPE else dtype,
         activation_checkpointing=section.activation_checkpointing,
@@ -150,7 +162,7 @@ def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
     if runtime.distributed:
         return
     section = config.distributed
-    for key in ("dp_size", "tp_size", "ep_size"):
+    for key in ("dp_size", "tp_size", "cp_size", "ep_size"):
         value = getattr(section, key)
         if value is not None and value > 1:
             raise ConfigError(
@@ -181,8 +193,20 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
             parallelize_model(model, parallel)
     if parallel is None:
         return model.train(), Layout()
-    tp = config.distributed.tp_size
-    return model.train(), Layout(dp_size=runtime.world_size // tp, dp_rank=runtime.rank // tp, tp_size=tp, sharded=True)
+    return model.train(), layout_of(config, runtime)
+
+
+def layout_of(config: RecipeConfig, runtime: Runtime) -> Layout:
+    """This rank's place: the world is (dp_replicate, dp_shard, cp, tp) with tp innermost (distributed/mesh.py)."""
+    tp, cp = config.distributed.tp_size, config.distributed.cp_size
+    return Layout(
+        dp_size=runtime.world_size // (tp * cp),
+        dp_rank=runtime.rank // (tp * cp),
+        tp_size=tp,
+        cp_size=cp,
+        cp_rank=(runtime.rank // tp) % cp,
+        sharded=True,
+    )
 
 
 def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:

@@ -286,7 +286,7 @@ class DistributedConfig(Section):
     strategy: Literal["fsdp2"] = Field("fsdp2", description="FSDP2 (fully_shard) over the data-parallel ranks")
     dp_size: PositiveInt | None = None
     tp_size: PositiveInt = 1
-    cp_size: Literal[1] = Field(1, description="context parallelism is not supported")
+    cp_size: PositiveInt = Field(1, description="context parallelism: each sequence split over cp ranks")
     pp_size: Literal[1] = Field(1, description="pipeline parallelism is not supported")
     ep_size: PositiveInt = Field(1, description="expert parallelism (MoE); folds onto the data-parallel ranks")
     sequence_parallel: bool = False

@@ -16,12 +16,28 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Partial
 
-from ..models.loss import IGNORE_INDEX, shifted_cross_entropy
+from ..models.loss import IGNORE_INDEX, token_cross_entropy
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
     """Predicted tokens of a batch (labels [B,S]; the causal shift drops position 0)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def batch_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Predicted tokens of a collated batch (or of a context-parallel rank's share of it)."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != IGNORE_INDEX).sum())
+    return count_label_tokens(batch["labels"])
+
+
+def aligned(tensor: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions of ``tensor`` [B,S',...] that predict something, their targets [B,S']): position t
+    predicts ``labels[t+1]``, or ``shift_labels[t]`` when the batch was shifted before being split
+    (context parallelism: a chunk's last token predicts the next chunk's first)."""
+    if "shift_labels" in batch:
+        return tensor, batch["shift_labels"]
+    return tensor[:, :-1], batch["labels"][:, 1:]
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], **kwargs):
@@ -41,8 +57,8 @@ class MaskedCrossEntropy:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """-> (loss sum, the model's output)."""
         output = _forward(model, batch)
-        loss = shifted_cross_entropy(output.logits, batch["labels"], reduction="sum")
-        return loss, output
+        logits, targets = aligned(output.logits, batch)
+        return token_cross_entropy(logits, targets, reduction="sum"), output
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -150,8 +166,7 @@ class FusedLinearCrossEntropy:
         """-> (loss sum, the model's output)."""
         no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
         output = _forward(model, batch, logits_to_keep=no_logits, output_hidden_states=True)
-        hidden = output.hidden_states[-1][:, :-1]  # [B,S-1,H] after the final norm
-        labels = batch["labels"][:, 1:]
+        hidden, labels = aligned(output.hidden_states[-1], batch)  # [B,S',H] after the final norm
         keep = labels != IGNORE_INDEX
         head = model.get_output_embeddings()
         # NOTE: under FSDP2 the head is resharded once forward ends; it is gathered again here.

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..distributed.context_parallel import local_attention, shard_sequence
 from ..evaluation import evaluate_hellaswag
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, newest_intact, save_checkpoint
@@ -45,7 +46,7 @@ from .components import (
 )
 from .config import RecipeConfig, to_yaml
 from .data import DataLoader, is_multiple_choice, load_records, tokenize_records
-from .loss import count_label_tokens
+from .loss import batch_label_tokens
 from .metrics import MetricsLogger, plot_losses, read_metrics
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from .rundir import checkpoint_dir_of, claim_output_dir, notice
@@ -139,7 +140,23 @@ class Trainer:
 
     # ----- one optimizer step ---------------------------------------------------------------
     def batch(self, loader: DataLoader, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {key: value.to(self.runtime.device) for key, value in loader.collate(indices).items()}
+        """The collated examples on this rank's device; under context parallelism, this rank's share
+        of each sequence (``shard_sequence``: ids, global positions, the 4-D mask, shifted labels)."""
+        batch = {key: value.to(self.runtime.device) for key, value in loader.collate(indices).items()}
+        layout = self.layout
+        if layout.cp_size == 1:
+            return batch
+        shard = shard_sequence(
+            batch["input_ids"], layout.cp_rank, layout.cp_size, attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"), labels=batch["labels"], pad_id=loader.pad_id,
+        )  # fmt: skip
+        return {
+            "input_ids": shard.input_ids,
+            "position_ids": shard.position_ids,
+            "attention_mask": shard.attention_mask,
+            "padding_mask": shard.padding_mask,
+            "shift_labels": shard.shift_labels,
+        }
 
     def train_step(self, step: int) -> tuple[dict, bool, bool]:
         """Forward/backward over this rank's micro-batches of ``step``, then the optimizer step.
@@ -158,12 +175,12 @@ class Trainer:
         started = time.perf_counter()
         for i, indices in enumerate(micro_batches):
             batch = self.batch(self.train_loader, indices)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int((~batch["padding_mask"]).sum())
             set_grad_sync(self.model, layout, last_micro_batch=i == len(micro_batches) - 1)
             with autocast(config, self.runtime, layout):
                 token_loss_sum, output = self.loss_fn(self.model, batch)
-            # NOTE: gradient reduction averages over the dp ranks; x dp_size turns it into a sum.
-            loss = token_loss_sum * (layout.dp_size / label_tokens)
+            # NOTE: gradient reduction averages over the dp (and cp) ranks; x their number makes it a sum.
+            loss = token_loss_sum * (layout.grad_average / label_tokens)
             aux_loss = getattr(output, "aux_loss", None)
             if aux_loss is not None:
                 loss = loss + self.moe.aux_loss_coeff * aux_loss * (layout.dp_size / num_micro)
@@ -199,7 +216,7 @@ class Trainer:
                 update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
             entry.update(load_balance(loads))
             if self.moe.aux_loss_coeff > 0:
-                entry["aux_loss"] = float(totals[1]) / num_micro
+                entry["aux_loss"] = float(totals[1]) / num_micro / layout.cp_size  # cp ranks: parts of one batch
         return entry, finite, float(totals[3]) > 0
 
     def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
@@ -233,7 +250,7 @@ class Trainer:
             with autocast(self.config, self.runtime, self.layout):
                 loss_sum, _ = self.loss_fn(self.model, batch)
             if j < len(batches):
-                totals += torch.stack([loss_sum.float(), torch.tensor(float(count_label_tokens(batch["labels"])))])
+                totals += torch.stack([loss_sum.float(), torch.tensor(float(batch_label_tokens(batch)))])
         self.model.train()
         totals = self.sum_over_data(totals)
         return float(totals[0] / totals[1])
@@ -244,7 +261,8 @@ class Trainer:
         val = self.config.validation_dataset
         if not (settings.multiple_choice and val is not None and is_multiple_choice(val)):
             return None
-        with autocast(self.config, self.runtime, self.layout):
+        # NOTE: scoring runs whole sequences on every rank, so context parallelism is off for it.
+        with autocast(self.config, self.runtime, self.layout), local_attention(self.model):
             result = evaluate_hellaswag(
                 self.model, self.tokenizer, self.val_records, settings.batch_size, settings.num_samples_limit, progress=False
             )
