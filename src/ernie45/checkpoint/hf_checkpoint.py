@@ -10,7 +10,7 @@ onto rank 0 one at a time first, so one ``save_pretrained`` serves both.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from transformers import AutoConfig, GenerationConfig
 from ..models.validation import check_model_config
 from ..sharding import local_index, local_part
 from . import hf_adapter
-from .gather import failure_from_rank0, gather_on_rank0, is_parallel
+from .gather import all_stage_tensors, failure_from_rank0, gather_on_rank0, is_parallel
 from .safetensors_io import CheckpointError, CheckpointFiles, json_object, write_safetensors_stream
 from .staging import CONFIG_FILE, GENERATION_CONFIG_FILE, StagedSave
 
@@ -90,8 +90,14 @@ def native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_key_sets(files: CheckpointFiles, expected: set[str], tied: bool) -> None:
+def _check_key_sets(
+    files: CheckpointFiles, expected: set[str], tied: bool, elsewhere: Callable[[str], bool] | None = None
+) -> None:
+    """Every expected key present, and no key the model has no place for (``elsewhere``: keys that
+    another pipeline stage holds, not this model part)."""
     present = set(files.keys())
+    if elsewhere is not None:
+        present = {key for key in present if key in expected or not elsewhere(key)}
     skipped = sorted(k for k in present if hf_adapter.is_skipped(k))
     if skipped:
         logger.info("skipping %d multi-token-prediction tensors (model.mtp_*) not used by this model", len(skipped))
@@ -131,16 +137,24 @@ def load_hf_weights(model: nn.Module, files: CheckpointFiles, device: torch.devi
     """
     targets = native_tensors(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(name, tuple(t.shape))}
-    _check_key_sets(files, expected, tied)
+    sources = {name: checkpoint_name(name, tied) for name in targets}
+    expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(sources[name], tuple(t.shape))}
+    pipeline = getattr(model, "pipeline", None)
+    _check_key_sets(files, expected, tied, pipeline.held_elsewhere if pipeline is not None else None)
     for name, target in targets.items():
-        shape = tuple(target.shape)
+        shape, source = tuple(target.shape), sources[name]
         if target.is_meta:
-            set_tensor(model, name, hf_adapter.read_native(files, name, shape, dtype=target.dtype, device=device))
+            set_tensor(model, name, hf_adapter.read_native(files, source, shape, dtype=target.dtype, device=device))
         else:
             with torch.no_grad():
-                hf_adapter.read_native_into(files, name, shape, local_part(target), local_index(target))
+                hf_adapter.read_native_into(files, source, shape, local_part(target), local_index(target))
     files.close()
+
+
+def checkpoint_name(name: str, tied: bool) -> str:
+    """The checkpoint tensor that fills ``name``: a tied LM head held without its embedding (on a
+    pipeline's last stage) reads the embedding, all that a tied checkpoint stores."""
+    return "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
 
 
 def hf_sizes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
@@ -152,14 +166,17 @@ def hf_sizes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
     return sizes
 
 
-def hf_items(tensors: dict[str, torch.Tensor], gather: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_items(
+    tensors: dict[str, torch.Tensor], gather: bool, replicated: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF key, whole tensor) in checkpoint order. With ``gather`` it is collective: each tensor is
-    gathered onto rank 0 when its turn comes, the other ranks get nothing, and all must exhaust it."""
+    gathered onto rank 0 when its turn comes, the other ranks get nothing, and all must exhaust it
+    (``replicated=False``: plain tensors too, as pipeline stages hold different ones)."""
     for name, tensor in tensors.items():
-        whole = gather_on_rank0(tensor) if gather else tensor.detach()
+        whole = gather_on_rank0(tensor, replicated) if gather else tensor.detach()
         if whole is None:
             continue
-        gathered = isinstance(tensor, DTensor)
+        gathered = gather and (isinstance(tensor, DTensor) or not replicated)
         for key, part in hf_adapter.to_hf(name, whole.cpu() if gathered else whole):
             # NOTE: a gathered tensor is a temporary: a view of one expert would keep the whole
             # layer alive until its shard file is written; a copy of just the part lets it go now.
@@ -170,8 +187,9 @@ def save_hf_checkpoint(model: nn.Module, path: str | Path, max_shard_size: int |
     """Write config.json, generation_config.json and the weights of ``model`` into ``path`` as
     transformers lays them out, replacing only those files: a tokenizer or README there stays.
 
-    Collective for a parallelised model (one holding DTensors): every rank calls it, rank 0 writes
-    the files a single-process save writes, and an error there (disk full) is raised on every rank.
+    Collective for a parallelised model (one holding DTensors, or some pipeline stages): every
+    rank calls it, rank 0 writes the files a single-process save writes, and an error there (disk
+    full) is raised on every rank.
     """
     if any(is_adapter_tensor(name) for name, _ in model.named_parameters()):
         raise ValueError(
@@ -179,10 +197,13 @@ def save_hf_checkpoint(model: nn.Module, path: str | Path, max_shard_size: int |
             "them into the weights first with ernie45.peft.merge(model) and then save_pretrained"
         )
     tensors = native_tensors(model)
-    if not is_parallel(tensors):
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is None and not is_parallel(tensors):
         _write_checkpoint(model, Path(path), hf_sizes(tensors), hf_items(tensors, gather=False), max_shard_size)
         return
-    items = hf_items(tensors, gather=True)
+    if pipeline is not None:
+        tensors = all_stage_tensors(model, tensors)
+    items = hf_items(tensors, gather=True, replicated=pipeline is None)
     failure = None
     if dist.get_rank() == 0:
         try:

@@ -40,6 +40,9 @@ class Ernie4_5CausalLMBase(nn.Module):
 
     model_type: str = ""
     moe_config: MoEConfig | None = None  # None: a dense model
+    # NOTE: set by ernie45.distributed when this model holds only this rank's pipeline stages
+    # (pp > 1; the others' modules are None or absent): such a model is run by ``pipeline.step``.
+    pipeline = None
 
     def __init__(self, config, model: DecoderModel, lm_head_bias: bool):
         super().__init__()
@@ -66,8 +69,9 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the embedding matrix with the LM head iff the config says so."""
-        if self.config.tie_word_embeddings:
+        """Share the embedding matrix with the LM head iff the config says so (a pipeline stage that
+        holds only one of them keeps it as its own tensor)."""
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ----- forward ----------------------------------------------------------------------------
@@ -100,6 +104,11 @@ class Ernie4_5CausalLMBase(nn.Module):
         """
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: the attention kernels never form the weights")
+        if self.pipeline is not None:
+            raise RuntimeError(
+                f"this model holds {self.pipeline}, so it has no forward of its own: train it with "
+                "model.pipeline.step(...); generation and evaluation need the whole model (load it with pp=1)"
+            )
         body = self.model(
             input_ids,
             position_ids=position_ids,
@@ -159,7 +168,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
                 if module.inv_freq.is_meta:
-                    module.inv_freq = torch.empty(0, device=self.lm_head.weight.device)
+                    module.inv_freq = torch.empty(0, device=self.device)
                 module.reset_inv_freq()
 
     @torch.no_grad()
@@ -198,8 +207,13 @@ class Ernie4_5CausalLMBase(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self._first_weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self._first_weight().device
+
+    def _first_weight(self) -> torch.Tensor:
+        """The embedding, or on a later pipeline stage the first weight it holds (a norm's, in the model dtype)."""
+        embedding = self.model.embed_tokens
+        return embedding.weight if embedding is not None else next(self.parameters())

@@ -39,8 +39,8 @@ class Ernie4_5ForCausalLM(Ernie4_5CausalLMBase):
     @classmethod
     def get_capabilities(cls, config) -> ModelCapabilities:
         return ModelCapabilities(
-            is_moe=False, supports_tp=True, supports_cp=True, supports_fsdp=True, supports_activation_checkpointing=True,
-            supports_kv_cache=True,
+            is_moe=False, supports_tp=True, supports_cp=True, supports_pp=True, supports_fsdp=True,
+            supports_activation_checkpointing=True, supports_kv_cache=True,
         )
 
 

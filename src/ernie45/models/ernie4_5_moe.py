@@ -194,7 +194,7 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
     def get_capabilities(cls, config) -> ModelCapabilities:
         has_moe = any(is_moe_layer(config, i) for i in range(config.num_hidden_layers))
         return ModelCapabilities(
-            is_moe=has_moe, supports_tp=True, supports_cp=True, supports_ep=has_moe, supports_fsdp=True,
+            is_moe=has_moe, supports_tp=True, supports_cp=True, supports_pp=True, supports_ep=has_moe, supports_fsdp=True,
             supports_activation_checkpointing=True, supports_kv_cache=True, expert_backends=EXPERT_BACKENDS,
         )
 
