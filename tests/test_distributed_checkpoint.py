@@ -7,16 +7,12 @@ from every layout reload in transformers bit-exactly and match a single-process 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 import ernie45
 from builders import make_routing_matter, random_hf_model, tiny_dense_config, tiny_moe_config, token_batch
-from dist_checks import assert_close
+from dist_checks import assert_close, count_reads, reloads_bit_exactly, same_files
 from dist_harness import run_ranks
 from ernie45.checkpoint.hf_checkpoint import native_tensors
 from ernie45.checkpoint.safetensors_io import CheckpointFiles
@@ -26,30 +22,10 @@ from ernie45.sharding import local_part
 SHARD_SIZE = "40KB"  # small enough that every checkpoint here spans several files
 
 
-def _count_reads(log: list[int]) -> None:
-    """Record the bytes of every tensor (part) this process reads from safetensors files."""
-    for name in ("get", "get_slice"):
-        original = getattr(CheckpointFiles, name)
-
-        def counted(self, *args, _original=original):
-            tensor = _original(self, *args)
-            log.append(tensor.numel() * tensor.element_size())
-            return tensor
-
-        setattr(CheckpointFiles, name, counted)
-    read_rows_into = CheckpointFiles.read_rows_into
-
-    def counted_rows(self, key, out, start=0):
-        log.append(out.numel() * out.element_size())
-        read_rows_into(self, key, out, start)
-
-    CheckpointFiles.read_rows_into = counted_rows
-
-
 def _load_and_save(rank: int, world: int, source: str, layout: dict, target: str) -> None:
     reference = ernie45.from_pretrained(source, dtype=torch.float32)
     reads: list[int] = []
-    _count_reads(reads)
+    count_reads(reads)
     parallel = ParallelConfig(param_dtype=torch.float32, **layout)
     model = ernie45.from_pretrained(source, dtype=torch.float32, parallel=parallel)
 
@@ -63,23 +39,6 @@ def _load_and_save(rank: int, world: int, source: str, layout: dict, target: str
         reference.save_pretrained(target + "-single", max_shard_size=SHARD_SIZE)
         total = sum(t.numel() * t.element_size() for t in native_tensors(reference).values())
         print(f"load {layout}: logits {diff:.2e}, rank 0 read {sum(reads)} of {total} bytes")
-
-
-def _same_files(directory, single) -> None:
-    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
-    assert index == json.loads((single / "model.safetensors.index.json").read_text())["weight_map"]
-    for name in sorted(set(index.values())):
-        ours, theirs = load_file(directory / name), load_file(single / name)
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
-
-
-def _reloads_bit_exactly(directory, original: torch.nn.Module) -> None:
-    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    expected = original.state_dict()
-    got = reloaded.state_dict()
-    assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in expected), [k for k in expected if not torch.equal(got[k], expected[k])]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +73,8 @@ def test_load_into_layout_and_save_back(checkpoints, tmp_path, kind, world, layo
     source, hf_model = checkpoints[kind]
     target = tmp_path / "saved"
     run_ranks(_load_and_save, world, str(source), layout, str(target))
-    _same_files(target, tmp_path / "saved-single")
-    _reloads_bit_exactly(target, hf_model)
+    same_files(target, tmp_path / "saved-single")
+    reloads_bit_exactly(target, hf_model)
 
 
 @pytest.mark.parametrize(

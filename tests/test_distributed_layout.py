@@ -21,7 +21,6 @@ from ernie45.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
         (dict(dp_shard=-2), LayoutError, "dp_shard=-2 must be a positive integer or -1"),
         (dict(ep=1.5), LayoutError, "ParallelConfig.ep=1.5"),
         (dict(cp=0), LayoutError, "ParallelConfig.cp=0 must be a positive integer"),
-        (dict(pp=2), NotImplementedError, "pipeline parallelism is not supported yet"),
     ],
 )
 def test_invalid_sizes_are_refused(fields, error, message):
@@ -105,6 +104,6 @@ def test_capabilities_report_the_supported_parallelisms():
     moe = Ernie4_5_MoeForCausalLM.get_capabilities(tiny_moe_config())
     for caps in (dense, moe):
         assert caps.supports_tp and caps.supports_fsdp and caps.supports_activation_checkpointing
-        assert caps.supports_cp and not caps.supports_pp
+        assert caps.supports_cp and caps.supports_pp
         assert caps.supports_kv_cache  # generation.py
     assert moe.supports_ep and not dense.supports_ep

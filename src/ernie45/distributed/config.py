@@ -13,11 +13,14 @@ launch fails in the first second instead of deep inside a collective.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..models.dimensions import kv_heads_of
+from ..moe.config import MoEConfig
+from .pipeline_split import SCHEDULES, StageSplit, canonical_schedule, head_cost, layer_costs, num_stages_for, split_layers
 
 _SIZES = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "pp")
 
@@ -36,7 +39,13 @@ class ParallelConfig:
     ep: expert parallelism; folds onto the dp x tp ranks, adds none.
     cp: context parallelism: each sequence split over cp ranks (``context_parallel.py``); parameters
         are FSDP-sharded over dp_shard x cp.
-    pp: pipeline parallelism (not supported yet; must be 1).
+    pp: pipeline parallelism (``torch.distributed.pipelining``): each rank holds the decoder layers
+        of its stages; the world is split ``pp x dp_replicate x dp_shard x cp x tp``.
+    pp_schedule: "1F1B", "GPipe" (one stage per rank) or "Interleaved1F1B" (several).
+    pp_microbatch_size: rows per pipeline micro-batch; it must divide each rank's batch.
+    layers_per_stage: None (split balanced by cost; 2 stages per rank for interleaved schedules),
+        an int (that many stages: ceil(layers / layers_per_stage), still balanced by cost) or a
+        list of layer counts, one per stage.
     param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` (compute in bf16, reduce
         gradients in fp32 by default; ``param_dtype=None`` computes in the stored dtype).
     reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3) when True.
@@ -53,6 +62,9 @@ class ParallelConfig:
     ep: int = 1
     cp: int = 1
     pp: int = 1
+    pp_schedule: str = "1F1B"
+    pp_microbatch_size: int = 1
+    layers_per_stage: int | Sequence[int] | None = None
     param_dtype: torch.dtype | None = torch.bfloat16
     reduce_dtype: torch.dtype = torch.float32
     reshard_after_forward: bool = True
@@ -66,11 +78,31 @@ class ParallelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and not allowed_fill):
                 fill = " or -1 (fill the world)" if name == "dp_shard" else ""
                 raise LayoutError(f"ParallelConfig.{name}={value!r} must be a positive integer{fill}")
-        if self.pp > 1:
-            raise NotImplementedError(
-                f"ParallelConfig.pp={self.pp}: pipeline parallelism is not supported yet; "
-                "use pp=1 (supported: dp_replicate, dp_shard, cp, tp, ep)"
+        self._check_pipeline_fields()
+
+    def _check_pipeline_fields(self) -> None:
+        schedule = canonical_schedule(self.pp_schedule) if isinstance(self.pp_schedule, str) else None
+        if schedule is None:
+            raise LayoutError(
+                f"ParallelConfig.pp_schedule={self.pp_schedule!r} is not a known schedule; "
+                f"valid: {', '.join(SCHEDULES)} (case and '_' ignored)"
             )
+        object.__setattr__(self, "pp_schedule", schedule)  # NOTE: frozen; the canonical spelling
+        if not _positive_int(self.pp_microbatch_size):
+            raise LayoutError(f"ParallelConfig.pp_microbatch_size={self.pp_microbatch_size!r} must be a positive integer")
+        per_stage = self.layers_per_stage
+        if per_stage is not None and not isinstance(per_stage, int):
+            per_stage = tuple(per_stage) if isinstance(per_stage, Sequence) and not isinstance(per_stage, str) else per_stage
+            object.__setattr__(self, "layers_per_stage", per_stage)
+        if per_stage is not None and not (
+            _positive_int(per_stage) or (isinstance(per_stage, tuple) and per_stage and all(map(_positive_int, per_stage)))
+        ):
+            raise LayoutError(
+                f"ParallelConfig.layers_per_stage={self.layers_per_stage!r} must be a positive integer, "
+                "a list of positive layer counts (one per stage) or None (split by cost)"
+            )
+        if self.pp > 1 and self.cp > 1:
+            raise LayoutError(f"pp={self.pp} with cp={self.cp} is not supported yet: use one of them")
 
     @property
     def data_parallel(self) -> int:
@@ -115,6 +147,10 @@ class ParallelConfig:
         return resolved
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _num_experts(config) -> int:
     return int(getattr(config, "moe_num_experts", 0) or 0)
 
@@ -141,3 +177,42 @@ def check_model_fits(parallel: ParallelConfig, config) -> None:
             raise LayoutError(f"ep={parallel.ep} needs a mixture-of-experts model; {config.model_type} has no experts")
         if experts % parallel.ep:
             raise LayoutError(f"ep={parallel.ep} must divide moe_num_experts={experts}")
+    if parallel.pp > 1:
+        plan_stages(parallel, config)
+
+
+def plan_stages(parallel: ParallelConfig, config, moe_config: MoEConfig | None = None) -> StageSplit:
+    """The decoder layers of each pipeline stage for ``parallel`` (see ``pipeline_split.py``)."""
+    pp, schedule, per_stage = parallel.pp, parallel.pp_schedule, parallel.layers_per_stage
+    layers = config.num_hidden_layers
+    stages = num_stages_for(pp, schedule, per_stage, layers)
+    asked = f"layers_per_stage={list(per_stage) if isinstance(per_stage, tuple) else per_stage}"
+    if not SCHEDULES[schedule] and stages != pp:
+        raise LayoutError(
+            f"pp_schedule={schedule} runs one stage per pipeline rank, but {asked} makes {stages} stages "
+            f"for pp={pp}; use pp_schedule=Interleaved1F1B or a layers_per_stage that makes {pp} stages"
+        )
+    if stages % pp:
+        raise LayoutError(f"{asked} makes {stages} stages, not a multiple of pp={pp} ({schedule} gives each rank the same number)")
+    if layers < stages:
+        raise LayoutError(
+            f"{config.model_type} has num_hidden_layers={layers}, fewer than the {stages} pipeline stages of "
+            f"pp={pp} ({schedule}); every stage needs at least one decoder layer: lower pp"
+            + (" or use a one-stage-per-rank schedule (1F1B)" if SCHEDULES[schedule] else "")
+        )
+    if moe_config is None and _num_experts(config):
+        moe_config = MoEConfig.from_hf_config(config)
+    costs = layer_costs(config, moe_config)
+    first, last = sum(costs) // len(costs), head_cost(config)  # the embedding as a mean layer
+    if isinstance(per_stage, tuple):
+        if sum(per_stage) != layers:
+            raise LayoutError(f"{asked} adds up to {sum(per_stage)} layers; {config.model_type} has num_hidden_layers={layers}")
+        counts = list(per_stage)
+    else:
+        counts = split_layers(costs, stages, first, last)
+    bounds = [sum(counts[:s]) for s in range(stages + 1)]
+    ranges = tuple(range(bounds[s], bounds[s + 1]) for s in range(stages))
+    stage_costs = [sum(costs[i] for i in r) for r in ranges]
+    stage_costs[0] += first
+    stage_costs[-1] += last
+    return StageSplit(ranges, pp, tuple(stage_costs))

@@ -7,7 +7,9 @@ Groups (each all-gathered just before it runs and freed after):
     router in its own fp32 group, so ``param_dtype=bf16`` never rounds its weight;
   * untied embedding and LM head, each on its own; a tied pair stays in the root group, which
     is gathered for the whole forward (the weight is used at both ends);
-  * the root (final norm and whatever is left).
+  * the root (final norm and whatever is left); under pipeline parallelism each of this rank's
+    stages is a root instead (the model's own forward never runs), and the embedding, final norm
+    and LM head each get their own group.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from .model_parts import decoder_blocks, is_tied, moe_layer
 ROUTER_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
-    """Shard ``model`` in place with ``fully_shard`` (a no-op without data or expert parallelism)."""
+def apply_fsdp(model: nn.Module, meshes: ParallelMeshes, stages: list[nn.Module] | None = None) -> None:
+    """Shard ``model`` in place with ``fully_shard`` (a no-op without data or expert parallelism).
+
+    ``stages``: this rank's pipeline stages (pp > 1), made the FSDP2 roots.
+    """
     parallel, dp = meshes.parallel, meshes.dp
     policy = MixedPrecisionPolicy(param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype)
     shard = dict(mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
@@ -41,10 +46,29 @@ def apply_fsdp(model: nn.Module, meshes: ParallelMeshes) -> None:
         if mlp is not None:
             fully_shard(mlp.gate, mesh=dp, mp_policy=ROUTER_POLICY, reshard_after_forward=parallel.reshard_after_forward)
         fully_shard(block, mesh=dp, **shard)
+    if stages is not None:
+        shard_stages(model, stages, dp, shard)
+        return
     if not is_tied(model):
         fully_shard(model.model.embed_tokens, mesh=dp, **shard)
         fully_shard(model.lm_head, mesh=dp, **shard)
     fully_shard(model, mesh=dp, **shard)
+
+
+def shard_stages(model: nn.Module, stages: list[nn.Module], dp, shard: dict) -> None:
+    """Pipeline stages as roots, whatever they hold besides blocks in groups of its own.
+
+    NOTE: a stage root's own group would hold tensors of the model's modules, which the model's
+    ``to_empty`` (loading) cannot reach through FSDP2; so the roots hold no tensors themselves.
+    The routing statistics a stage receives stay fp32: the roots cast no inputs.
+    """
+    for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        if module is not None:
+            fully_shard(module, mesh=dp, **shard)
+    policy = shard["mp_policy"]
+    root_policy = MixedPrecisionPolicy(policy.param_dtype, policy.reduce_dtype, cast_forward_inputs=False)
+    for stage in stages:
+        fully_shard(stage, mesh=dp, mp_policy=root_policy, reshard_after_forward=shard["reshard_after_forward"])
 
 
 def fully_shard_experts(experts: nn.Module, meshes: ParallelMeshes, shard: dict) -> None:

@@ -1,11 +1,12 @@
 """Process group start-up and the two device meshes a layout needs.
 
-* ``world``: ``(dp_replicate, dp_shard, cp, tp)``, tp innermost so tensor-parallel peers are
-  neighbouring ranks (same host). Dense parameters are sharded by FSDP2 over the data-parallel
+* ``world``: ``(pp, dp_replicate, dp_shard, cp, tp)``, tp innermost so tensor-parallel peers are
+  neighbouring ranks (same host), pp outermost so each pipeline stage is a block of ranks. Dense parameters are sharded by FSDP2 over the data-parallel
   dims with cp folded in (``dp_shard_cp``: cp peers hold different tokens of the same sequences,
   so their gradients are summed like data-parallel ones) and by TP over ``tp``.
-* ``experts``: ``(ep_shard, ep)`` over the same ranks, ep innermost. Routed experts are split
-  ``Shard(0)`` over ``ep`` and FSDP2-sharded over ``ep_shard``. Built only when ``ep > 1``.
+* ``experts``: ``(pp, ep_shard, ep)`` over the same ranks, ep innermost. Routed experts are split
+  ``Shard(0)`` over ``ep`` and FSDP2-sharded over ``ep_shard``, within each pipeline stage.
+  Built only when ``ep > 1``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class ParallelMeshes:
         return self.world["dp_replicate", shard] if self.parallel.dp_replicate > 1 else self.world[shard]
 
     @property
+    def pp(self) -> DeviceMesh | None:
+        return self.world["pp"] if self.parallel.pp > 1 else None
+
+    @property
     def cp(self) -> DeviceMesh | None:
         return self.world["cp"] if self.parallel.cp > 1 else None
 
@@ -85,12 +90,14 @@ def build_meshes(parallel: ParallelConfig, device_type: str | None = None) -> Pa
     device_type = device_type or default_device().type
     world = init_device_mesh(
         device_type,
-        (parallel.dp_replicate, parallel.dp_shard, parallel.cp, parallel.tp),
-        mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"),
+        (parallel.pp, parallel.dp_replicate, parallel.dp_shard, parallel.cp, parallel.tp),
+        mesh_dim_names=("pp", "dp_replicate", "dp_shard", "cp", "tp"),
     )
     if parallel.cp > 1:
         world["dp_shard", "cp"]._flatten("dp_shard_cp")
     experts = None
     if parallel.ep > 1:
-        experts = init_device_mesh(device_type, (parallel.ep_shard, parallel.ep), mesh_dim_names=("ep_shard", "ep"))
+        experts = init_device_mesh(
+            device_type, (parallel.pp, parallel.ep_shard, parallel.ep), mesh_dim_names=("pp", "ep_shard", "ep")
+        )
     return ParallelMeshes(parallel, world, experts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import LRSchedulerConfig, OptimizerConfig
@@ -49,18 +50,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float | None) -> float:
+def clip_grad_norm(
+    parameters: list[torch.Tensor],
+    max_norm: float | None,
+    group: dist.ProcessGroup | None = None,
+    uncounted: list[torch.Tensor] = (),
+) -> float:
     """The global L2 norm of the gradients, scaled down to ``max_norm`` when above it (None: no clipping).
 
+    Pipeline stages: ``group`` (``model.pipeline.group``) holds the rest of the model, whose squares
+    are added; ``uncounted`` (``model.pipeline.tied_copies()``) are scaled but not counted, as
+    another rank holds the same gradient.
     NOTE: works on plain tensors and on DTensors from different meshes (FSDP2 dense weights and
     expert-parallel experts live on different meshes, which one ``torch.stack`` cannot mix).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
+    skipped = {id(p.grad) for p in uncounted}
     squares = []
-    for grad in grads:
+    for grad in (g for g in grads if id(g) not in skipped):
         square = torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
         squares.append(square.full_tensor() if hasattr(square, "full_tensor") else square)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    total = total.sqrt()
     if max_norm is not None:
         scale = max_norm / (float(total) + 1e-6)
         if scale < 1.0:
