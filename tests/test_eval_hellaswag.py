@@ -164,6 +164,26 @@ def test_sequences_longer_than_the_model_window_are_scored_on_what_fits(tiny_lm_
     assert got == pytest.approx(expected, abs=1e-3)
 
 
+def test_an_ending_longer_than_the_window_is_counted_warned_and_normalised_by_what_is_scored(tokenizer):
+    # A uniform model scores each token -log V. The long ending is cut to the window: counted and
+    # divided by the characters of the tokens scored, so acc_norm picks the dense short ending; dividing
+    # by the whole ending's characters (the old rule) would make the long one win by far.
+    window, short, long = 16, "the the the", " ".join(["a"] * 400)
+    context = "She walks to the door and"
+    _, long_ids = encode_pair(tokenizer, context, " " + long)
+    assert len(long_ids) > 10 * window and len(encode_pair(tokenizer, context, " " + short)[1]) == 3, "premise"
+    model = UniformLM(len(tokenizer))
+    model.config.max_position_embeddings = window
+    with pytest.warns(UserWarning, match="1 of 1 examples exceed the model's window of 16 tokens.* 1 endings"):
+        result = evaluate_hellaswag(model, tokenizer, [HellaSwagExample(context, (short, long), 0)], progress=False)
+    assert (result["truncated_examples"], result["truncated_endings"]) == (1, 1)
+    log_v = math.log(len(tokenizer))
+    scored = long_ids[-window:]  # window + 1 kept, the first has no context left to predict it
+    per_char_long = -window * log_v / len(tokenizer.decode(scored).strip())
+    assert -window * log_v / len(long) > -3 * log_v / len(short) > per_char_long, "premise: the two rules disagree"
+    assert (result["acc"], result["acc_norm"]) == (1.0, 1.0)
+
+
 def test_evaluate_on_real_examples_reports_fractions_and_restores_train_mode(tiny_lm_dir):
     model = ernie45.from_pretrained(tiny_lm_dir).train()
     result = evaluate_hellaswag(model, load_tokenizer(tiny_lm_dir), hellaswag_records(12), batch_size=8, limit=8)

@@ -9,6 +9,14 @@ special tokens added.
 
 Scoring is batched: all (context + ending) sequences are sorted by length, left-padded, and each
 batch is one forward that computes logits only for the last K positions (K = longest ending).
+
+Longer than the model's window (``max_position_embeddings``): a sequence keeps its last
+window + 1 tokens (lm-eval's rule, ``truncate_left``): the context is cut first, and only an ending
+that alone is too long loses its first tokens, so that ending is scored on its last tokens only
+(its first kept token has nothing to predict it from). The result counts both
+(``truncated_examples``: an example with any sequence cut; ``truncated_endings``: endings scored
+on their last tokens only) and one warning says so. ``acc_norm`` divides a cut ending's
+log-likelihood by the characters of the tokens scored, not of the whole ending.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -108,6 +117,16 @@ def truncate_left(context: list[int], continuation: list[int], max_len: int) -> 
     return context[cut:], continuation[max(0, cut - len(context)) :]
 
 
+def scored_chars(tokenizer, ending: str, continuation: list[int], kept: tuple[list[int], list[int]]) -> int:
+    """Characters acc_norm divides by: the ending's, or for an ending cut to the window, those of the
+    tokens scored (the first kept token is not scored when no context is left)."""
+    context, tokens = kept
+    scored = tokens if context else tokens[1:]
+    if len(scored) == len(continuation):
+        return len(ending)
+    return len(tokenizer.decode(scored).strip())
+
+
 def _left_pad(rows: Sequence[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B,width], mask [B,width]) with each row right-aligned; pad id 0 is never attended to."""
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -155,9 +174,9 @@ def loglikelihoods(
     return results
 
 
-def predictions(lls: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:
-    """(argmax of the log-likelihoods, argmax of log-likelihood per character): acc and acc_norm's picks."""
-    per_char = [ll / max(len(ending), 1) for ll, ending in zip(lls, endings)]
+def predictions(lls: Sequence[float], chars: Sequence[int]) -> tuple[int, int]:
+    """(argmax of the log-likelihoods, argmax of log-likelihood per scored character): acc and acc_norm's picks."""
+    per_char = [ll / max(count, 1) for ll, count in zip(lls, chars)]
     return max(range(len(lls)), key=lls.__getitem__), max(range(len(per_char)), key=per_char.__getitem__)
 
 
@@ -183,12 +202,17 @@ def evaluate_hellaswag(
 
     ``examples`` may be ``HellaSwagExample``s or raw JSON records. The model is put in eval mode for
     the call and returned to its previous mode, so training loops can call this for validation.
+    Sequences longer than the model's window: the module docstring says how they are cut and counted.
     """
     examples = [e if isinstance(e, HellaSwagExample) else example_from_record(e) for e in examples]
     examples = examples[:limit] if limit is not None else examples
     if not examples:
         raise ValueError("no HellaSwag examples to evaluate")
-    pairs = [encode_pair(tokenizer, ex.context, " " + ending) for ex in examples for ending in ex.endings]
+    endings = [ending for ex in examples for ending in ex.endings]
+    whole = [encode_pair(tokenizer, ex.context, " " + ending) for ex in examples for ending in ex.endings]
+    window = getattr(model.config, "max_position_embeddings", None)
+    pairs = [truncate_left(ctx, cont, window) for ctx, cont in whole] if window is not None else whole
+    chars = [scored_chars(tokenizer, ending, cont, kept) for ending, (_, cont), kept in zip(endings, whole, pairs)]
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -198,12 +222,21 @@ def evaluate_hellaswag(
         model.train(was_training)
     seconds = time.perf_counter() - start
 
-    correct, correct_norm, offset = [], [], 0
+    correct, correct_norm, cut, offset = [], [], 0, 0
     for ex in examples:
-        pick, pick_norm = predictions(lls[offset : offset + len(ex.endings)], ex.endings)
+        span = slice(offset, offset + len(ex.endings))
+        pick, pick_norm = predictions(lls[span], chars[span])
         correct.append(float(pick == ex.label))
         correct_norm.append(float(pick_norm == ex.label))
+        cut += any(kept != pair for kept, pair in zip(pairs[span], whole[span]))
         offset += len(ex.endings)
+    cut_endings = sum(len(kept[1]) < len(pair[1]) or not kept[0] for kept, pair in zip(pairs, whole))
+    if cut:
+        warnings.warn(
+            f"hellaswag: {cut} of {len(examples)} examples exceed the model's window of {window} tokens; their "
+            f"contexts were cut from the left, and {cut_endings} endings are scored on their last tokens only",
+            stacklevel=2,
+        )
     acc, acc_stderr = _mean_and_stderr(correct)
     acc_norm, acc_norm_stderr = _mean_and_stderr(correct_norm)
     tokens = sum(len(ctx) + len(cont) - 1 for ctx, cont in pairs)
@@ -214,6 +247,8 @@ def evaluate_hellaswag(
         "acc_stderr": acc_stderr,
         "acc_norm": acc_norm,
         "acc_norm_stderr": acc_norm_stderr,
+        "truncated_examples": cut,
+        "truncated_endings": cut_endings,
         "seconds": seconds,
         "examples_per_second": len(examples) / seconds,
         "tokens_per_second": tokens / seconds,
