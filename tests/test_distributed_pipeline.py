@@ -30,6 +30,7 @@ from ernie45.distributed import LayoutError, ParallelConfig, parallelize_model
 from ernie45.distributed.config import plan_stages
 from ernie45.distributed.pipeline_split import split_layers
 from ernie45.models.loss import shifted_cross_entropy
+from ernie45.moe.layer import moe_layers
 from ernie45.sharding import local_part
 from ernie45.training.loss import count_label_tokens
 from ernie45.training.optim import clip_grad_norm
@@ -145,18 +146,21 @@ def _batch(vocab: int, rows: int, step: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def _reference_step(reference, ids, mask, labels, micro_rows: int, aux: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE sum / label tokens, mean aux loss over micro-batches): the pipeline's loss, on one process."""
-    ce, auxes = 0.0, []
+def _reference_step(reference, ids, mask, labels, micro_rows: int, aux: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(CE sum / label tokens, mean aux loss over micro-batches, {MoE layer: tokens per expert}):
+    what the pipeline computes, on one process."""
+    ce, auxes, loads = 0.0, [], {}
     for rows in zip(*(t.split(micro_rows) for t in (ids, mask, labels))):
         out = reference(rows[0], attention_mask=rows[1], output_router_logits=True) if aux else reference(rows[0], attention_mask=rows[1])
         ce = ce + shifted_cross_entropy(out.logits, rows[2], reduction="sum")
         if aux:
             auxes.append(out.aux_loss)
+        for idx, layer in moe_layers(reference).items():
+            loads[idx] = loads.get(idx, 0) + layer.last_record.tokens_per_expert
     loss = ce / count_label_tokens(labels)
     mean_aux = torch.stack(auxes).mean() if aux else torch.zeros(())
     (loss + AUX_WEIGHT * mean_aux).backward()
-    return loss.detach(), mean_aux.detach()
+    return loss.detach(), mean_aux.detach(), loads
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -168,6 +172,13 @@ def _dp_mean(value: torch.Tensor, meshes) -> torch.Tensor:
     value = value.clone()
     if meshes.dp is not None:
         dist.all_reduce(value, op=dist.ReduceOp.AVG, group=meshes.dp.get_group())
+    return value
+
+
+def _dp_sum(value: torch.Tensor, meshes) -> torch.Tensor:
+    value = value.clone()
+    if meshes.dp is not None:
+        dist.all_reduce(value, group=meshes.dp.get_group())
     return value
 
 
@@ -187,7 +198,7 @@ def _train_steps(rank: int, world: int, kind: str, layout: dict, accumulate: int
     micro_rows = meshes.parallel.pp_microbatch_size
     for step in range(3):
         ids, mask, labels = _batch(reference.config.vocab_size, ROWS_PER_RANK * dp, step)
-        ref_loss, ref_aux = _reference_step(reference, ids, mask, labels, micro_rows, aux)
+        ref_loss, ref_aux, ref_loads = _reference_step(reference, ids, mask, labels, micro_rows, aux)
         mine = [t.chunk(dp)[dp_rank] for t in (ids, mask, labels)]
         losses = []
         for part in zip(*(t.chunk(accumulate) for t in mine)):  # gradient accumulation: several steps
@@ -200,6 +211,9 @@ def _train_steps(rank: int, world: int, kind: str, layout: dict, accumulate: int
         assert_close(loss, ref_loss, f"step {step} loss")
         if aux:
             assert_close(_dp_mean(sum(out.aux_loss for out in losses) / accumulate, meshes), ref_aux, f"step {step} aux")
+        if accumulate == 1:  # tokens per expert of this rank's MoE layers, summed over micro-batches and dp
+            for idx, load in pipeline.expert_loads().items():
+                assert torch.equal(_dp_sum(load, meshes), ref_loads[idx]), f"step {step} layer {idx} expert load"
         pipeline.reduce_tied_gradients()
         norm = clip_grad_norm(list(model.parameters()), MAX_NORM, pipeline.group, pipeline.tied_copies())
         ref_norm = clip_grad_norm(list(reference.parameters()), MAX_NORM)
@@ -208,6 +222,12 @@ def _train_steps(rank: int, world: int, kind: str, layout: dict, accumulate: int
             optimizer.step()
             optimizer.zero_grad()
         params = _params_close(model, reference, f"after step {step}")
+        if step == 2:  # validation: forward only, one micro-batch of any size (3 rows here)
+            with torch.no_grad():
+                expected = shifted_cross_entropy(reference(ids[:3], attention_mask=mask[:3]).logits, labels[:3])
+            tokens = count_label_tokens(labels[:3])
+            got = pipeline.step(ids[:3], labels[:3], attention_mask=mask[:3], loss_divisor=tokens, backward=False).loss
+            assert_close(got, expected, "validation loss") and all(p.grad is None for p in model.parameters())
         if rank == 0:
             print(f"{kind} {layout} x{accumulate}: step {step} loss {float(loss):.6f} norm {norm:.4f} params {params:.1e}")
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import get_schedule_class
+from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleLoopedBFS, get_schedule_class
 
 from ..models.loss import shifted_cross_entropy
 from ..moe.aux_loss import AuxStats, aux_loss_stats, load_balancing_loss
@@ -90,10 +90,11 @@ class StageModule(nn.Module):
         self.embed = decoder.embed
         self.layer_inputs = decoder.layer_inputs
         self.activation_dtype = activation_dtype
+        self.expert_loads: dict[int, torch.Tensor] = {}  # tokens per expert of each MoE layer, summed over forwards
         moe = model.moe_config
         self.num_experts = moe.n_routed_experts if moe is not None else 0
         self.top_k = moe.n_activated_experts if moe is not None else 0
-        self.carry_routing = False  # set per schedule: when the MoE aux loss is asked for
+        self.carry_routing = False  # set per step: when the MoE aux loss is asked for
 
     def forward(
         self,
@@ -108,12 +109,19 @@ class StageModule(nn.Module):
         stats = list(routing) if routing else self.no_routing(h.device)
         for block in self.layers:
             h = block(h, rope, mask, padding_mask)
+            self.count_load(block)
             if self.carry_routing:
                 stats = add_routing(stats, block, self.top_k)
         if self.norm is not None:
             h = self.norm(h)
         h = h.to(self.activation_dtype)
         return (h, *stats) if self.carry_routing else h
+
+    def count_load(self, block: nn.Module) -> None:
+        mlp = moe_layer(block)
+        if mlp is not None and mlp.last_record is not None:
+            load = mlp.last_record.tokens_per_expert
+            self.expert_loads[mlp.layer_idx] = self.expert_loads.get(mlp.layer_idx, 0) + load
 
     def no_routing(self, device: torch.device) -> list[torch.Tensor]:
         """Routing statistics before any layer: probability sums [E], counts [E], rows [1] (fp32)."""
@@ -159,8 +167,7 @@ class Pipeline:
             StageModule(model, split.layers[s], s == 0, s == last, self.activation_dtype) for s in self.stage_ids
         ]
         self.tied_group = tied_pair_group(meshes) if is_tied(model) else None
-        self._schedule_key: tuple | None = None
-        self._schedule = None
+        self._schedules: dict[tuple, object] = {}
         self._settings: tuple[HeadLoss, float, float] = (logits_loss, 1.0, 0.0)
         self._losses: list[torch.Tensor] = []
         self._aux_losses: list[torch.Tensor] = []
@@ -205,13 +212,16 @@ class Pipeline:
 
         Each micro-batch's loss is ``loss_fn(lm_head, hidden, labels) / loss_divisor`` (+
         ``aux_loss_weight`` x its MoE aux loss / micro-batches); gradients accumulate into the
-        parameters as a single backward of the summed loss would.
+        parameters as a single backward of the summed loss would. ``backward=False`` (validation):
+        forward only, the whole batch as one micro-batch, so any number of rows works.
         """
         rows, seq = labels.shape
-        schedule = self._schedule_for(rows, seq, labels.device, aux_loss_weight > 0)
-        micro = rows // self.layout.pp_microbatch_size
+        carry_routing = aux_loss_weight > 0
+        schedule, micro = self._schedule_for(rows, seq, labels.device, carry_routing, backward)
         self._settings = (loss_fn, float(loss_divisor), aux_loss_weight / micro)
         self._losses, self._aux_losses = [], []
+        for module in self.stages:
+            module.carry_routing, module.expert_loads = carry_routing, {}
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids.expand(rows, -1)  # NOTE: split into micro-batches along rows
         inputs = dict(attention_mask=attention_mask, padding_mask=padding_mask, position_ids=position_ids)
@@ -223,7 +233,11 @@ class Pipeline:
         else:
             with torch.no_grad():
                 schedule.eval(*args, target=target, **kwargs)
-        return self._gather_losses(labels.device, aux_loss_weight > 0)
+        return self._gather_losses(labels.device, carry_routing)
+
+    def expert_loads(self) -> dict[int, torch.Tensor]:
+        """{MoE layer index: [E] tokens per expert} of this rank's layers, summed over the last step's micro-batches."""
+        return {idx: load for module in self.stages for idx, load in module.expert_loads.items()}
 
     def _microbatch_loss(self, output: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss_fn, on the last stage: head loss / divisor (+ weighted aux loss)."""
@@ -248,10 +262,13 @@ class Pipeline:
         dist.broadcast(totals, src=self.last_rank, group=self.group)
         return StepLosses(totals[0], totals[1] if with_aux else None)
 
-    def _schedule_for(self, rows: int, seq: int, device: torch.device, carry_routing: bool):
-        """The schedule for batches of [rows, seq] (rebuilt when the shape changes: stages send
-        fixed-shape buffers, declared up front so no metadata round trip is needed)."""
-        micro_rows = self.layout.pp_microbatch_size
+    def _schedule_for(self, rows: int, seq: int, device: torch.device, carry_routing: bool, train: bool):
+        """(schedule, micro-batches) for batches of [rows, seq]. Stages send fixed-shape buffers,
+        declared up front (no metadata round trip), so each shape has its own schedule.
+
+        Forward-only steps run the whole batch as one micro-batch (GPipe, or LoopedBFS for several
+        stages per rank): there is no backward to overlap, and any batch size works."""
+        micro_rows = self.layout.pp_microbatch_size if train else rows
         if rows % micro_rows:
             raise LayoutError(
                 f"the batch of {rows} rows on this rank is not divisible by pp_microbatch_size={micro_rows}; "
@@ -259,13 +276,16 @@ class Pipeline:
             )
         if carry_routing and not self.stages[0].num_experts:
             raise ValueError("aux_loss_weight > 0 needs a mixture-of-experts model")
-        key = (rows, seq, device, carry_routing)
-        if key != self._schedule_key:
-            self._schedule = self._build_schedule(rows // micro_rows, micro_rows, seq, device, carry_routing)
-            self._schedule_key = key
-        return self._schedule
+        key = (rows, seq, device, carry_routing, train)
+        if key not in self._schedules:
+            if len(self._schedules) >= 4:  # NOTE: each holds receive buffers; batch shapes rarely repeat beyond a few
+                self._schedules.pop(next(iter(self._schedules)))
+            self._schedules[key] = self._build_schedule(rows // micro_rows, micro_rows, seq, device, carry_routing, train)
+        return self._schedules[key], rows // micro_rows
 
-    def _build_schedule(self, micro: int, micro_rows: int, seq: int, device: torch.device, carry_routing: bool):
+    def _build_schedule(
+        self, micro: int, micro_rows: int, seq: int, device: torch.device, carry_routing: bool, train: bool
+    ):
         hidden = torch.empty(micro_rows, seq, self.model.config.hidden_size, dtype=self.activation_dtype, device="meta")
         sent = (hidden.requires_grad_(),)
         if carry_routing:
@@ -273,19 +293,21 @@ class Pipeline:
             prob_sum = torch.empty(experts, device="meta").requires_grad_()
             sent += (prob_sum, torch.empty(experts, device="meta"), torch.empty(1, device="meta"))
         ids = torch.empty(micro_rows, seq, dtype=torch.long, device="meta")
-        stages = []
-        for index, module in zip(self.stage_ids, self.stages):
-            module.carry_routing = carry_routing
-            stages.append(
-                PipelineStage(
-                    module, index, self.split.num_stages, device,
-                    input_args=(ids,) if index == 0 else sent, output_args=sent, group=self.group,
-                )
+        stages = [
+            PipelineStage(
+                module, index, self.split.num_stages, device,
+                input_args=(ids,) if index == 0 else sent, output_args=sent, group=self.group,
             )
-        schedule_class = get_schedule_class(self.layout.pp_schedule)
+            for index, module in zip(self.stage_ids, self.stages)
+        ]  # fmt: skip
+        several = SCHEDULES[self.layout.pp_schedule]
+        if train:
+            schedule_class = get_schedule_class(self.layout.pp_schedule)
+        else:
+            schedule_class = ScheduleLoopedBFS if several else ScheduleGPipe
         try:
             return schedule_class(
-                stages if SCHEDULES[self.layout.pp_schedule] else stages[0],
+                stages if several else stages[0],
                 n_microbatches=micro,
                 loss_fn=self._microbatch_loss,
                 scale_grads=False,  # NOTE: the losses are sums already divided by loss_divisor
