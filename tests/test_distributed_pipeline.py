@@ -298,6 +298,9 @@ def _bad_layouts(rank: int, world: int, path: str) -> None:
         model.pipeline.step(ids, ids)
     with pytest.raises(LayoutError, match=r"pp_schedule=1F1B cannot run 1 micro-batches .* over 2 stages: Number of microbatches"):
         model.pipeline.step(ids[:2], ids[:2])
+    with pytest.raises(LayoutError, match=r"pp_schedule=1F1B cannot run 1 micro-batches"):
+        model.pipeline.check_batch(2)
+    model.pipeline.check_batch(4)
     with pytest.raises(RuntimeError, match=r"holds pipeline stage \d of 2 \(pp=2, 1F1B\), so it has no forward"):
         model(ids)
     assert model.pipeline.step(ids[:2].repeat(2, 1), ids[:2].repeat(2, 1)).loss > 0  # still usable

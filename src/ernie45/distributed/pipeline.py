@@ -268,12 +268,7 @@ class Pipeline:
 
         Forward-only steps run the whole batch as one micro-batch (GPipe, or LoopedBFS for several
         stages per rank): there is no backward to overlap, and any batch size works."""
-        micro_rows = self.layout.pp_microbatch_size if train else rows
-        if rows % micro_rows:
-            raise LayoutError(
-                f"the batch of {rows} rows on this rank is not divisible by pp_microbatch_size={micro_rows}; "
-                "make the per-rank batch a multiple of it"
-            )
+        micro_rows = self._micro_rows(rows, train)
         if carry_routing and not self.stages[0].num_experts:
             raise ValueError("aux_loss_weight > 0 needs a mixture-of-experts model")
         key = (rows, seq, device, carry_routing, train)
@@ -282,6 +277,22 @@ class Pipeline:
                 self._schedules.pop(next(iter(self._schedules)))
             self._schedules[key] = self._build_schedule(rows // micro_rows, micro_rows, seq, device, carry_routing, train)
         return self._schedules[key], rows // micro_rows
+
+    def check_batch(self, rows: int) -> None:
+        """Raise LayoutError now if training steps cannot run batches of ``rows`` rows per rank (the
+        schedule is built and dropped; nothing runs)."""
+        micro_rows = self._micro_rows(rows, train=True)
+        self._build_schedule(rows // micro_rows, micro_rows, 1, torch.device("cpu"), False, True)
+
+    def _micro_rows(self, rows: int, train: bool) -> int:
+        """Rows per micro-batch: pp_microbatch_size for training (it must divide the batch), all for forward-only."""
+        micro_rows = self.layout.pp_microbatch_size if train else rows
+        if rows % micro_rows:
+            raise LayoutError(
+                f"the batch of {rows} rows on this rank is not divisible by pp_microbatch_size={micro_rows}; "
+                "make the per-rank batch a multiple of it"
+            )
+        return micro_rows
 
     def _build_schedule(
         self, micro: int, micro_rows: int, seq: int, device: torch.device, carry_routing: bool, train: bool
