@@ -60,6 +60,11 @@ class MaskedCrossEntropy:
         logits, targets = aligned(output.logits, batch)
         return token_cross_entropy(logits, targets, reduction="sum"), output
 
+    def head_loss(self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same sum from final hidden states [B,S,H] and labels [B,S] (a pipeline's last stage)."""
+        logits, targets = aligned(head(hidden), {"labels": labels})
+        return token_cross_entropy(logits, targets, reduction="sum")
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W.T + b, target_i), computing gradients chunk by chunk in forward.
@@ -167,9 +172,16 @@ class FusedLinearCrossEntropy:
         no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
         output = _forward(model, batch, logits_to_keep=no_logits, output_hidden_states=True)
         hidden, labels = aligned(output.hidden_states[-1], batch)  # [B,S',H] after the final norm
+        return self.summed(model.get_output_embeddings(), hidden, labels), output
+
+    def head_loss(self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same sum from final hidden states [B,S,H] and labels [B,S] (a pipeline's last stage)."""
+        return self.summed(head, *aligned(hidden, {"labels": labels}))
+
+    def summed(self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CE sum of positions hidden [B,S',H] against their targets [B,S'] through ``head``'s weight."""
         keep = labels != IGNORE_INDEX
-        head = model.get_output_embeddings()
-        # NOTE: under FSDP2 the head is resharded once forward ends; it is gathered again here.
+        # NOTE: under FSDP2 the head is resharded once forward ends (or never gathered, as the
+        # pipeline's last stage does not run it); it is gathered here.
         weight, bias = gathered(head.weight), gathered(head.bias)
-        loss = chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size)
-        return loss, output
+        return chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size)
