@@ -32,9 +32,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..checkpoint import AtomicDirectory
+from ..checkpoint.hf_checkpoint import is_adapter_tensor
+from ..peft import has_adapters
 from .rng import rng_state, set_rng_state
 from .runtime import EXIT_BAD_INPUT, RunStopped, Runtime, broadcast_object, first_message, gather_objects
 
@@ -198,7 +200,7 @@ def save_checkpoint(
 
 def _write_state(tmp: Path, model, optimizer, train_state: dict, config_yaml: str, runtime: Runtime) -> None:
     """The DCP shards (collective), this rank's generators, and on rank 0 the config and train state."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = training_state(model, optimizer)
     with warnings.catch_warnings():
         # NOTE: one process without a process group is a supported DCP mode, not a mistake.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -207,6 +209,22 @@ def _write_state(tmp: Path, model, optimizer, train_state: dict, config_yaml: st
     if runtime.is_main:
         (tmp / CONFIG).write_text(config_yaml)
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2) + "\n")
+
+
+def state_options(model: torch.nn.Module) -> StateDictOptions:
+    """A LoRA model's checkpoint holds only what trains (the adapters) and its optimizer state: the
+    frozen base is the pretrained checkpoint (or, built from config, the seeded initialisation)."""
+    lora = has_adapters(model)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) as checkpointed (see ``state_options``)."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=state_options(model))
+    if has_adapters(model):
+        # NOTE: a tied LM head and buffers (the correction bias) survive ignore_frozen_params; both are base.
+        model_state = {key: value for key, value in model_state.items() if is_adapter_tensor(key)}
+    return model_state, optim_state
 
 
 def _attempt(target: Path, fn, *args) -> str | None:
@@ -282,7 +300,7 @@ def remove_incomplete(checkpoint_dir: Path) -> list[Path]:
 # Recipe keys a resume must keep: they decide the model's shape, the vocabulary and the data order.
 RESUME_KEYS = (
     "model._target_", "model.pretrained_model_name_or_path", "model.config", "tokenizer", "dataset",
-    "step_scheduler.global_batch_size", "dataloader.shuffle", "rng.seed",
+    "step_scheduler.global_batch_size", "dataloader.shuffle", "rng.seed", "peft",
 )
 _PATH_KEYS = ("pretrained_model_name_or_path", "path_or_dataset")
 
@@ -330,7 +348,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
     ``config`` (the resolved recipe, as a dict) must agree with the checkpoint's on ``RESUME_KEYS``
     and the model's tensors with the saved shapes; else a RunStopped saying what differs."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = training_state(model, optimizer)
     differences = config_differences(yaml.safe_load((path / CONFIG).read_text()), config)
     differences += shape_differences(path, model_state)[:3]
     if differences:
@@ -343,7 +361,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=state_options(model)
+    )
     rng_file = path / f"rng_rank{runtime.rank}.pt"
     if not rng_file.is_file():  # resumed on more ranks than saved: rank 0's generators
         rng_file = path / "rng_rank0.pt"

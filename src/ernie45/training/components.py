@@ -24,6 +24,7 @@ from ..distributed import (
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
+from ..peft import LoRALinear, has_adapters, merge, save_adapter
 from ..tokenizer import train_tokenizer
 from .config import ConfigError, RecipeConfig
 from .data import record_texts
@@ -181,6 +182,8 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
     pretrained = section.component is from_pretrained
     hf_config = load_config(section.pretrained_model_name_or_path) if pretrained else hf_config_from_recipe(config, tokenizer)
     kwargs = dict(backend=config.build_backend(), dtype=MASTER_DTYPE, device=runtime.device, **model_kwargs(config, hf_config))
+    if config.peft is not None:
+        kwargs.update(peft_arguments(config))
     check_single_process_layout(config, runtime)
     parallel = parallel_config(config, runtime) if runtime.distributed else None
     if pretrained:
@@ -191,6 +194,7 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
         model = section.component(hf_config, **kwargs)
         if parallel is not None:
             parallelize_model(model, parallel)
+    check_peft_model(config, model)
     if parallel is None:
         return model.train(), Layout()
     return model.train(), layout_of(config, runtime)
@@ -209,6 +213,25 @@ def layout_of(config: RecipeConfig, runtime: Runtime) -> Layout:
     )
 
 
+def peft_arguments(config: RecipeConfig) -> dict:
+    """What a LoRA run adds to the model's construction. The adapters are the trained weights: float32
+    masters (unless ``peft.lora_dtype`` says otherwise), added before the layout so FSDP2 and EP
+    shard them with their layers, drawn from the rng seed. The frozen base is loaded in the compute
+    dtype: it needs no float32 master copy, and FSDP2 would cast it to that dtype anyway."""
+    peft = config.peft.build()
+    peft.lora_dtype = peft.lora_dtype or MASTER_DTYPE
+    return dict(peft=peft, peft_seed=config.rng.seed, dtype=compute_dtype(config))
+
+
+def check_peft_model(config: RecipeConfig, model: nn.Module) -> None:
+    """LoRA settings that only the built model can check."""
+    if config.loss_fn.component is FusedLinearCrossEntropy and isinstance(model.get_output_embeddings(), LoRALinear):
+        raise ConfigError(
+            "loss_fn FusedLinearCrossEntropy reads the LM head's weight directly and would skip its LoRA adapter: "
+            "leave lm_head out of peft.target_modules, or use ernie45.training.loss.MaskedCrossEntropy"
+        )
+
+
 def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:
     """Under FSDP2, reduce gradients only in the last micro-batch's backward."""
     if layout.sharded:
@@ -216,8 +239,16 @@ def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> N
 
 
 # ----- export ----------------------------------------------------------------------------------
+def export_adapter(model: nn.Module, path: Path, config: RecipeConfig) -> None:
+    """A LoRA run's adapters in HF PEFT's format (collective), naming the base checkpoint when there is one."""
+    save_adapter(model, path, base_model=config.model.pretrained_model_name_or_path)
+
+
 def export_hf(model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout) -> None:
-    """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective)."""
+    """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective).
+    A LoRA model is merged first (in place: training is over)."""
+    if has_adapters(model):
+        merge(model)
     if layout.sharded:
         model.save_pretrained(path)  # collective: every rank takes part, rank 0 writes
     elif runtime.is_main:

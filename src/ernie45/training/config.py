@@ -328,6 +328,46 @@ class MoETrainingConfig(Section):
     bias_update_rate: NonNegativeFloat = Field(0.0, description="aux-loss-free bias update per step (0 = off)")
 
 
+class PeftSection(BuiltSection):
+    """LoRA fine-tuning (AutoModel's ``peft:`` keys; see ``ernie45.peft``): only the adapters train,
+    OUTPUT_DIR/adapter/ holds them in HF PEFT's format."""
+
+    target: str = _target_field("peft")
+    target_modules: list[str] | str = Field(
+        [], description="module-name globs, e.g. '*_proj'; '*' also adapts the routed experts (default '*_proj')"
+    )
+    exclude_modules: list[str] | str = Field([], description="adapt every linear layer except these globs")
+    match_all_linear: bool = Field(False, description="adapt every linear layer (not the routed experts)")
+    dim: PositiveInt = Field(8, description="LoRA rank")
+    alpha: Annotated[float, Gt(0)] = Field(32, description="scale = alpha / dim")
+    dropout: Annotated[float, Ge(0), Lt(1)] = Field(0.0, description="dropout on the linear layers' LoRA path")
+    dropout_position: Literal["pre", "post"] = Field("post", description="on the input (pre) or on the update (post)")
+    lora_A_init: Literal["xavier", "kaiming"] = Field("xavier", description="A's init; B starts at zero")
+    lora_dtype: str | None = Field(None, description="adapter dtype (default: the base weights')")
+    moe_rank_scaling: bool = Field(False, description="routed experts get rank dim // moe_k")
+    use_rslora: bool = Field(False, description="scale = alpha / sqrt(dim) (PEFT's rsLoRA)")
+    use_dora: bool = Field(False, description="DoRA: not supported (false only)")
+    use_triton: bool = Field(False, description="AutoModel's kernel choice: accepted, one LoRA kernel here (same math)")
+    use_memory_efficient_lora: bool = Field(True, description="AutoModel's kernel choice: accepted, as use_triton")
+    kind: ClassVar[str] = "peft"
+    _KERNEL_CHOICES: ClassVar[tuple[str, ...]] = ("use_dora", "use_triton", "use_memory_efficient_lora")
+
+    @field_validator("use_dora")
+    @classmethod
+    def _no_dora(cls, value: bool):
+        if value:
+            raise ValueError("DoRA is not supported by ernie45; set it to false (plain LoRA)")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_lora(self):
+        self.build()  # NOTE: PeftConfig's own checks (globs, dtype, exclusive keys) name the key
+        return self
+
+    def arguments(self) -> dict[str, Any]:
+        return {k: v for k, v in super().arguments().items() if k not in self._KERNEL_CHOICES}
+
+
 class EvaluationConfig(Section):
     """Multiple-choice accuracy on the validation set before and after training (HellaSwag-format data)."""
 
@@ -361,6 +401,7 @@ class RecipeConfig(Section):
     rng: RNGConfig = RNGConfig()
     moe: MoETrainingConfig = MoETrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    peft: PeftSection | None = Field(None, description="LoRA: train adapters only (None: full fine-tuning)")
 
     _backend = field_validator("backend")(_canonical_backend)
 
@@ -370,6 +411,19 @@ class RecipeConfig(Section):
             raise ValueError("give the backend either as a top-level `backend` section or as `model.backend`, not both")
         if self.lr_scheduler.min_lr > self.optimizer.lr:
             raise ValueError(f"lr_scheduler.min_lr={self.lr_scheduler.min_lr} must not exceed optimizer.lr={self.optimizer.lr}")
+        return self
+
+    @model_validator(mode="after")
+    def _peft_fits(self):
+        if self.peft is None:
+            return self
+        if self.distributed.tp_size > 1:
+            raise ValueError("peft with distributed.tp_size > 1 is not supported yet; use dp/ep (FSDP2) or tp_size=1")
+        if self.moe.bias_update_rate > 0:
+            raise ValueError(
+                "moe.bias_update_rate must be 0 with peft: the correction bias belongs to the frozen base model "
+                "and is not part of the adapter"
+            )
         return self
 
     def backend_target(self) -> str:

@@ -35,12 +35,14 @@ import yaml
 from ..distributed.context_parallel import local_attention, shard_sequence
 from ..evaluation import evaluate_hellaswag
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
+from ..peft import count_parameters
 from .checkpointing import latest_checkpoint, load_checkpoint, newest_intact, save_checkpoint
 from .components import (
     autocast,
     build_model,
     build_tokenizer,
     check_model_path,
+    export_adapter,
     export_hf,
     set_grad_sync,
 )
@@ -357,6 +359,9 @@ class Trainer:
         finally:
             logger.close()
         hf_dir = self.output_dir / "hf"
+        if config.peft is not None:
+            self.check_weights(state.step)
+            export_adapter(self.model, self.output_dir / "adapter", config)
         if config.checkpoint.save_consolidated:
             self.check_weights(state.step)
             export_hf(self.model, self.tokenizer, hf_dir, config, runtime, self.layout)
@@ -393,10 +398,11 @@ class Trainer:
 
     def describe(self) -> str:
         """One line on what is about to run."""
-        params = sum(p.numel() for p in self.model.parameters())
+        trainable, params = count_parameters(self.model)
         steps = self.config.step_scheduler
+        lora = f" (LoRA: {trainable:,} trainable, {trainable / params:.2%})" if self.config.peft is not None else ""
         return (
-            f"{self.model.config.model_type}: {params / 1e6:.2f}M parameters, {len(self.train_examples)} training "
+            f"{self.model.config.model_type}: {params / 1e6:.2f}M parameters{lora}, {len(self.train_examples)} training "
             f"examples, {self.total_steps} steps x {steps.global_batch_size} examples on {self.runtime.world_size} "
             f"process(es) -> {self.output_dir}"
         )

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from ..auto import from_config, from_pretrained
 from ..models.backend import BackendConfig
+from ..peft.config import PeftConfig
 from ..tokenizer import train_tokenizer
 from .data import DataLoader, HellaSwag, SFTDataset, collate
 from .loss import FusedLinearCrossEntropy, MaskedCrossEntropy
@@ -70,6 +71,7 @@ COMPONENTS: dict[str, tuple[Component, ...]] = {
         ),
     ),
     "rng": (Component("ernie45.training.rng.StatefulRNG", StatefulRNG, (f"{_NEMO}.training.rng.StatefulRNG",)),),
+    "peft": (Component("ernie45.peft.PeftConfig", PeftConfig, (f"{_NEMO}._peft.lora.PeftConfig",)),),
 }
 
 
