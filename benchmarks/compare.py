@@ -13,7 +13,10 @@ How it measures (each number is a ratio ours/transformers, because shared machin
   * the machine's matmul ceiling is measured at the start and the end of the run (the higher
     counts), and training MFU = tokens/s x the model's FLOPs per token / that ceiling.
 Metrics: train_tokens_per_s (forward, loss, backward, AdamW step), peak_rss, forward_tokens_per_s,
-load_seconds, decode_tokens_per_s, train_mfu. A piece of ours that is missing shows as n/a.
+load_seconds, decode_tokens_per_s, train_mfu; LoRA (rank 16 on attention and the routed experts,
+transformers + HF PEFT on the other side): lora_train_tokens_per_s, lora_peak_rss and
+lora_over_full_peak_rss (each side's LoRA peak over its own full fine-tune's). A piece of ours
+that is missing shows as n/a.
 
 ``--dtypes auto`` picks bf16 where the CPU multiplies bf16 natively (bf16 ceiling above fp32's),
 and fp32 (with a note) where bf16 matmuls are emulated and a bf16 run would take hours.
@@ -36,7 +39,7 @@ from workloads import DEFAULT_CACHE, DTYPES, WORKLOADS, Workload, hf_config  # n
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
 IMPLS = ("ours", "hf")
-KINDS = ("train", "forward", "load", "decode")
+KINDS = ("train", "lora_train", "forward", "load", "decode")
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -57,8 +60,8 @@ FULL = Plan(
 # NOTE: sized so that dense-0.3b + mini-moe + tiny in one dtype fit in 20 minutes on 2 cores.
 QUICK = Plan(
     rounds=1,
-    warmup=dict(train=1, forward=1, load=1, decode=1),
-    reps=dict(train=2, forward=2, load=2, decode=1),
+    warmup=dict(train=1, lora_train=1, forward=1, load=1, decode=1),
+    reps=dict(train=2, lora_train=2, forward=2, load=2, decode=1),
     min_seconds=2.0,
     ceiling_budget_s=10.0,
 )
@@ -255,19 +258,28 @@ def workload_rows(
         row("train", "train_tokens_per_s", "tokens/s", values),
         row("train", "peak_rss", "bytes", largest("peak_rss")),
         row("train", "peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
+        row("lora_train", "lora_train_tokens_per_s", "tokens/s", values),
+        row("lora_train", "lora_peak_rss", "bytes", largest("peak_rss")),
+        row("lora_train", "lora_peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
         row("forward", "forward_tokens_per_s", "tokens/s", values),
         row("load", "load_seconds", "s", values),
         row("decode", "decode_tokens_per_s", "tokens/s", values),
     ]
+    rows = [r for r in rows if r is not None]
+    by_metric = {r["metric"]: r for r in rows}
+    if "peak_rss" in by_metric and "lora_peak_rss" in by_metric:
+        full, lora = by_metric["peak_rss"], by_metric["lora_peak_rss"]
+        ours, hf = (lora[impl] / full[impl] if lora[impl] and full[impl] else None for impl in IMPLS)
+        rows.append(make_row(name, "lora_over_full_peak_rss", ours, hf, "fraction"))
     if "train" in results:
-        train = rows[0]
+        train = by_metric["train_tokens_per_s"]
         note = "" if flops else "no FLOP accounting for this model"
         ours, hf = (mfu(train[impl], flops, ceiling) for impl in IMPLS)
         rows.append(make_row(name, "train_mfu", ours, hf, "fraction", note))
         if gpu_peak_gflops:
             ours, hf = (mfu(train[impl], flops, gpu_peak_gflops) for impl in IMPLS)
             rows.append(make_row(name, "train_mfu_vs_gpu_bf16_peak", ours, hf, "fraction", note))
-    return [r for r in rows if r is not None]
+    return rows
 
 
 # ----- main ------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ peak-memory marks. The task is a JSON object; the last stdout line is a JSON res
     {"unavailable": "why"}        (a piece of ours is not there yet: never a made-up number)
 
 Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an HF checkpoint),
-"train" (forward + loss + backward + AdamW step, tokens/s and peak memory), "forward" (inference
+"train" (forward + loss + backward + AdamW step, tokens/s and peak memory), "lora_train" (the same
+step with the base frozen in the measured dtype and rank-16 float32 LoRA adapters on attention and
+the routed experts: ours with ``ernie45.peft``, transformers with HF PEFT), "forward" (inference
 tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
 new tokens/s). Precision: bf16 training is mixed precision as in our recipe and HF Trainer's
 ``bf16=True`` (fp32 weights and AdamW state, forward under ``torch.autocast``); inference and
@@ -164,6 +166,51 @@ def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: to
     return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
 
 
+LORA_RANK, LORA_ALPHA = 16, 32
+
+
+def lora_model(impl: str, workload: Workload, path: str, dtype: torch.dtype, device: torch.device):
+    """The base in ``dtype`` (frozen) with float32 rank-16 adapters on q/k/v/o and, in a MoE model,
+    both routed-expert tensors of every MoE layer: the same targets on both sides."""
+    moe = workload.kind == "moe"
+    if impl == "hf":
+        from peft import LoraConfig, get_peft_model
+
+        experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None
+        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                            target_parameters=experts)  # fmt: skip
+        # NOTE: PEFT keeps adapters float32 over a bf16 base by default (autocast_adapter_dtype).
+        return get_peft_model(load_model(impl, workload, path, dtype, device), config)
+    import ernie45
+
+    try:
+        from ernie45.peft import PeftConfig
+    except ImportError as err:
+        raise Unavailable(f"ernie45 has no LoRA yet: {err}") from None
+    targets = ["*.self_attn.*_proj"] + (["*.experts"] if moe else [])
+    peft = PeftConfig(target_modules=targets, dim=LORA_RANK, alpha=LORA_ALPHA, lora_dtype=torch.float32)
+    return ernie45.from_pretrained(path, dtype=dtype, device=device, peft=peft)
+
+
+def measure_lora_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """tokens/s of LoRA training steps (forward, loss, backward, fused AdamW over the adapters only)."""
+    model = lora_model(task["impl"], workload, task["checkpoint"], dtype, device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    compute_loss = ours_loss_fn(model) if task["impl"] == "ours" else (lambda ids: model(ids, labels=ids).loss)
+    ids = random_tokens(workload, workload.seq_len, device)
+
+    def step() -> None:
+        with autocast_for(dtype, device):
+            loss = compute_loss(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    info = {"trainable_parameters": sum(p.numel() for p in params), "adapter_dtypes": sorted({str(p.dtype) for p in params})}
+    return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s", "info": info}
+
+
 @torch.no_grad()
 def measure_forward(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
     """tokens/s of an inference forward over the whole sequence (all logits, as both default to)."""
@@ -201,7 +248,13 @@ def measure_ceiling(task: dict, device: torch.device) -> dict:
     return {"values": [], "unit": "GFLOP/s", "info": info}
 
 
-MEASUREMENTS = {"train": measure_train, "forward": measure_forward, "load": measure_load, "decode": measure_decode}
+MEASUREMENTS = {
+    "train": measure_train,
+    "lora_train": measure_lora_train,
+    "forward": measure_forward,
+    "load": measure_load,
+    "decode": measure_decode,
+}
 
 
 def run_task(task: dict) -> dict:

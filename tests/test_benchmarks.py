@@ -68,3 +68,26 @@ def test_gpu_peak_by_name_prefers_the_specific_variant():
     assert compare.gpu_bf16_peak_gflops("NVIDIA H100 PCIe") == 756e3
     assert compare.gpu_bf16_peak_gflops("NVIDIA H100 80GB HBM3") == 989e3
     assert compare.gpu_bf16_peak_gflops("Tesla T4") is None
+
+
+def test_tiny_lora_train_one_rep_trains_the_same_adapters_on_both_sides(tmp_path):
+    """LoRA steps (ours: ernie45.peft, theirs: HF PEFT) on the same targets: same trainable count, rows."""
+    common = dict(workload="tiny", dtype="float32", threads=2)
+    written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
+    results, trainable = {"train": {}, "lora_train": {}}, {}
+    for kind in results:
+        for impl in compare.IMPLS:
+            task = dict(common, kind=kind, impl=impl, checkpoint=written["info"]["path"], warmup=0, reps=1)
+            out = measure.run_task(task)
+            assert out["values"][0] > 0, out
+            results[kind][impl] = {"values": out["values"], "peak_rss": [out["peak_rss"]], "unavailable": None}
+            if kind == "lora_train":
+                trainable[impl] = out["info"]["trainable_parameters"]
+                assert out["info"]["adapter_dtypes"] == ["torch.float32"]
+    # 2 layers x rank 16 x (q and o: 64 in + 64 out; k and v: 64 in + 32 out)
+    assert trainable["ours"] == trainable["hf"] == 2 * 16 * (2 * (64 + 64) + 2 * (64 + 32))
+    rows = compare.workload_rows(WORKLOADS["tiny"], "float32", results, 50.0, None)
+    metrics = [r["metric"] for r in rows]
+    assert metrics[:4] == ["train_tokens_per_s", "peak_rss", "lora_train_tokens_per_s", "lora_peak_rss"]
+    over = next(r for r in rows if r["metric"] == "lora_over_full_peak_rss")
+    assert over["ours"] == pytest.approx(rows[3]["ours"] / rows[1]["ours"])
