@@ -301,6 +301,44 @@ def finetune_command(
     finetune(config, ctx.args, output_dir, resume, nproc_per_node, overwrite)
 
 
+# ----- plan (logic in planner.py) -----------------------------------------------------------------
+@app.command("plan")
+def plan_command(
+    model: str = typer.Option(..., "--model", help="0.3b, 21b-a3b, 300b-a47b, an HF checkpoint directory, or a hub id in the local HF cache."),
+    gpus: int = typer.Option(..., "--gpus", help="GPUs the run gets."),
+    gpu: str = typer.Option("H100", "--gpu", help="H100, H200, A100-80GB, A100-40GB or L40S: peak bf16, memory, bandwidth."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="Memory per GPU, e.g. 80GB (10^9 bytes) or 80GiB (default: the --gpu's)."),
+    seq_len: int = typer.Option(4096, "--seq-len", help="Tokens per sequence."),
+    global_batch: int = typer.Option(128, "--global-batch", help="Sequences per optimizer step, all GPUs together."),
+    method: str = typer.Option("full", "--method", help="full, or lora (frozen bf16 base, fp32 adapters)."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank (attention, MLPs, shared and routed experts)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype: bf16 or fp32."),
+    layouts: str = typer.Option("all", "--layouts", help='all, or sizes to fix, e.g. "ep=8,dp_shard=8" (dp_replicate, dp_shard, cp, tp, ep, pp, ac=on|off, mb).'),
+    loss: str = typer.Option("fused", "--loss", help="fused (chunked linear + cross-entropy where the recipe allows it) or masked (full logits)."),
+    peak_tflops: float = typer.Option(None, "--peak-tflops", help="Override the GPU's dense bf16 peak (TFLOP/s)."),
+    bandwidth: float = typer.Option(None, "--bandwidth", help="Override the per-GPU collective bandwidth inside a node (GB/s)."),
+    inter_node_bandwidth: float = typer.Option(None, "--inter-node-bandwidth", help="Override it between nodes (GB/s per GPU)."),
+    efficiency: float = typer.Option(0.4, "--efficiency", help="Fraction of the peak the matmuls reach."),
+    limit: int = typer.Option(15, "--limit", help="Table rows to print (0 = all)."),
+    as_json: bool = typer.Option(False, "--json", help="Every row as JSON instead of the table."),
+) -> None:
+    """Which parallel layouts fit, the memory each GPU needs and the predicted speed (no GPU needed)."""
+    from .planner import format_table, make_plan, to_json
+
+    if limit < 0:
+        raise _fail(f"--limit {limit} must be >= 0 (0 prints every row)")
+    options = dict(
+        gpu=gpu, gpu_memory=gpu_memory, seq_len=seq_len, global_batch=global_batch, method=method, lora_rank=lora_rank,
+        dtype=dtype, layouts=layouts, loss=loss, peak_tflops=peak_tflops, bandwidth=bandwidth,
+        inter_node_bandwidth=inter_node_bandwidth, efficiency=efficiency,
+    )
+    try:
+        result = make_plan(model, gpus, **options)
+    except (ValueError, OSError) as err:
+        raise _fail(" ".join(str(err).split())) from None
+    typer.echo(to_json(result) if as_json else format_table(result, limit))
+
+
 def main() -> None:
     app()
 

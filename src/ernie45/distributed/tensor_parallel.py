@@ -47,18 +47,19 @@ def block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sharded_logits: bool = False) -> None:
-    """Shard ``model`` in place over ``tp_mesh``."""
-    for block in decoder_blocks(model):
-        parallelize_module(block, tp_mesh, block_plan(block))
+def vocab_plan(sharded_logits: bool = False) -> dict[str, ParallelStyle]:
+    """The TP plan of the embedding (row-parallel: vocab-sharded) and the LM head (colwise)."""
     head = ColwiseParallel(
         output_layouts=Shard(-1) if sharded_logits else Replicate(),
         use_local_output=not sharded_logits,
     )
-    parallelize_module(
-        model,
-        tp_mesh,
-        {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()), "lm_head": head},
-    )
+    return {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()), "lm_head": head}
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sharded_logits: bool = False) -> None:
+    """Shard ``model`` in place over ``tp_mesh``."""
+    for block in decoder_blocks(model):
+        parallelize_module(block, tp_mesh, block_plan(block))
+    parallelize_module(model, tp_mesh, vocab_plan(sharded_logits))
     if is_tied(model):
         model.tie_weights()  # the head's fresh DTensor is replaced by the (equally sharded) embedding
