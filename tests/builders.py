@@ -143,16 +143,27 @@ def training_texts() -> list[str]:
     return texts + ["User: hello there, how are you?\nAssistant: I am fine, thank you."] * 5
 
 
-def save_tiny_lm(path: Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a tiny random dense model (our save_pretrained) and a trained tokenizer to ``path``."""
+def save_tiny_lm(path: Path, seed: int = 0, moe: bool = False, **config_overrides) -> Path:
+    """Save a tiny random dense (or MoE) model (our save_pretrained) and a trained tokenizer to ``path``."""
     tokenizer = train_tokenizer(training_texts(), vocab_size=TOKENIZER_VOCAB)
     values = dict(vocab_size=TOKENIZER_VOCAB, **VARIED)
     values.update(config_overrides)
     torch.manual_seed(seed)
-    model = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config(**values))
-    model.save_pretrained(path)
+    config = tiny_moe_config(**values) if moe else tiny_dense_config(**values)
+    ernie45.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def hub_cache_snapshot(hub_cache: Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """The (new, empty) snapshot folder of ``repo_id`` in a Hugging Face hub cache, laid out as
+    huggingface_hub lays it out: ``models--{namespace}--{name}/refs/main`` names ``snapshots/{commit}``."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
 
 
 def load_tokenizer(path: Path):

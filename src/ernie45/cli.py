@@ -295,10 +295,14 @@ def finetune_command(
         False, "--overwrite", help="Start afresh in an OUTPUT_DIR that holds a run, after moving that run to OUTPUT_DIR.old-<time>."
     ),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", "--nproc_per_node", help="Local ranks to start (torchrun's machinery)."),
+    strict: bool = typer.Option(
+        False, "--strict", help="A recipe component that cannot run here (attn: te, dispatcher: deepep, nccl without a GPU, ...) "
+        "is an error, instead of the nearest one that can (printed as a notice)."
+    ),
 ) -> None:
     from .training.launch import finetune
 
-    finetune(config, ctx.args, output_dir, resume, nproc_per_node, overwrite)
+    finetune(config, ctx.args, output_dir, resume, nproc_per_node, overwrite, strict)
 
 
 # ----- plan (logic in planner.py) -----------------------------------------------------------------

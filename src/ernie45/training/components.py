@@ -47,14 +47,42 @@ def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
     return torch.autocast(runtime.device.type, dtype=dtype)
 
 
-def check_model_path(config: RecipeConfig) -> None:
-    """from_pretrained reads a local HF checkpoint directory; say so before anything tries the hub."""
+# What a checkpoint needs from a hub repo: config, weights, tokenizer (not the repo's remote code).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model_path(config: RecipeConfig) -> None:
+    """A from_pretrained model named by a hub id (``baidu/ERNIE-4.5-0.3B-PT``) is read from its local
+    snapshot: ``model.pretrained_model_name_or_path`` becomes that directory (a local one stays)."""
     path = config.model.pretrained_model_name_or_path
     if config.model.component is from_pretrained and not Path(path).is_dir():
-        raise ConfigError(
-            f"model.pretrained_model_name_or_path={path!r} is not a directory: ernie45 loads local HF checkpoint "
-            "directories (e.g. `huggingface-cli download baidu/ERNIE-4.5-0.3B-PT --local-dir DIR`, then pass DIR)"
-        )
+        config.model.pretrained_model_name_or_path = hub_snapshot(path)
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The directory of ``repo_id``'s snapshot: from the Hugging Face cache when it is there (so it works
+    offline, HF_HUB_OFFLINE=1), else downloaded into it; a ConfigError naming the id and HF_HOME if neither."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    where = f"model.pretrained_model_name_or_path={repo_id!r}"
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except HFValidationError:
+        raise ConfigError(f"{where} is neither a directory nor a hub id (namespace/name); pass an HF checkpoint directory") from None
+    except FileNotFoundError:
+        pass  # NOTE: not in the cache (LocalEntryNotFoundError)
+    reason = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+        except Exception as err:  # NOTE: network, authentication, a missing repo: all end in the same advice
+            reason = f"downloading it failed: {' '.join(str(err).split())[:300]}"
+    raise ConfigError(
+        f"{where} is not a local directory; as a hub id it is not in the Hugging Face cache "
+        f"(HF_HOME={constants.HF_HOME}), and {reason}. Download it where there is a network "
+        f"(`hf download {repo_id}`, with the same HF_HOME) or pass a local HF checkpoint directory"
+    )
 
 
 # ----- tokenizer -------------------------------------------------------------------------------
@@ -244,16 +272,20 @@ def export_adapter(model: nn.Module, path: Path, config: RecipeConfig) -> None:
     save_adapter(model, path, base_model=config.model.pretrained_model_name_or_path)
 
 
-def export_hf(model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout) -> None:
+def export_hf(
+    model: nn.Module, tokenizer, path: Path, config: RecipeConfig, runtime: Runtime, layout: Layout, final: bool = True
+) -> None:
     """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective).
+
+    ``final=False`` (mid-run, ``save_consolidated: every``): the weights as they are (float32 masters).
     A LoRA model is merged first (in place: training is over)."""
     if has_adapters(model):
         merge(model)
     if layout.sharded:
         model.save_pretrained(path)  # collective: every rank takes part, rank 0 writes
     elif runtime.is_main:
-        # NOTE: training is over, so the master weights can be cast in place (fp32-only tensors
+        # NOTE: once training is over the master weights can be cast in place (fp32-only tensors
         # such as the router weight and RoPE frequencies are protected by the model code).
-        model.to(compute_dtype(config)).save_pretrained(path)
+        (model.to(compute_dtype(config)) if final else model).save_pretrained(path)
     if runtime.is_main:
         tokenizer.save_pretrained(str(path))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError
 from pydantic import field_validator, model_validator
 
 from ..auto import from_config, from_pretrained
@@ -272,8 +273,26 @@ class CheckpointConfig(Section):
     enabled: bool = True
     checkpoint_dir: str | None = Field(None, description="default OUTPUT_DIR/checkpoints; relative = under OUTPUT_DIR")
     keep_last_n: PositiveInt | None = Field(3, description="delete older step_N checkpoints (null keeps all)")
-    model_save_format: Literal["safetensors"] = "safetensors"
-    save_consolidated: bool = Field(True, description="write the final model + tokenizer in HF format to OUTPUT_DIR/hf")
+    model_save_format: Literal["safetensors"] = Field("safetensors", description="HF safetensors (torch_save is not supported)")
+    save_consolidated: Literal["final", "every", "false"] = Field(
+        "final",
+        description="the model + tokenizer in HF format in OUTPUT_DIR/hf: at the end (final), also at every "
+        "checkpoint (every, = true as in AutoModel), or never (false)",
+    )
+    is_async: bool = Field(False, description="asynchronous checkpoint writing: not implemented (false only)")
+
+    @field_validator("save_consolidated", mode="before")
+    @classmethod
+    def _consolidated_mode(cls, value):
+        # NOTE: AutoModel's legacy booleans: true means every checkpoint, false none.
+        return {True: "every", False: "false"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("is_async")
+    @classmethod
+    def _synchronous(cls, value: bool):
+        if value:
+            raise ValueError("asynchronous checkpointing is not implemented: checkpoints are written before the next step; set it to false")
+        return value
 
 
 class ClipGradNormConfig(Section):
@@ -289,8 +308,16 @@ class DistributedConfig(Section):
     cp_size: PositiveInt = Field(1, description="context parallelism: each sequence split over cp ranks")
     pp_size: Literal[1] = Field(1, description="pipeline parallelism is not supported")
     ep_size: PositiveInt = Field(1, description="expert parallelism (MoE); folds onto the data-parallel ranks")
-    sequence_parallel: bool = False
+    sequence_parallel: bool = Field(False, description="not implemented (false only)")
     activation_checkpointing: bool = False
+    @field_validator("sequence_parallel")
+    @classmethod
+    def _no_sequence_parallel(cls, value: bool):
+        if value:
+            raise ValueError(
+                "sequence parallelism is not implemented: tensor-parallel ranks keep whole activations; set it to false"
+            )
+        return value
 
 
 class DistEnvConfig(Section):
@@ -376,6 +403,40 @@ class EvaluationConfig(Section):
     batch_size: PositiveInt = 16
 
 
+class PackedSequenceConfig(Section):
+    """Training examples packed into rows (AutoModel's keys); each document still attends only to itself."""
+
+    packed_sequence_size: NonNegativeInt = Field(0, description="tokens per packed row (0: no packing)")
+    split_across_pack: bool = Field(False, description="cut examples across rows instead of packing whole ones")
+
+
+class WandbConfig(Section):
+    """Weights & Biases: the metrics.jsonl entries logged to a run (pip install 'ernie45[wandb]')."""
+
+    enable: bool = Field(True, description="false: the section is kept but nothing is logged")
+    project: str = "ernie45"
+    entity: str | None = None
+    name: str | None = Field(None, description="run name (default: the output directory's name)")
+    group: str | None = None
+    tags: list[str] = []
+    notes: str | None = None
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline: a local run dir to `wandb sync` later")
+    dir: str | None = Field(
+        None, validation_alias=AliasChoices("dir", "save_dir"), description="where wandb/ goes (default OUTPUT_DIR; or save_dir)"
+    )
+
+
+class MLflowConfig(Section):
+    """MLflow: the metrics.jsonl entries logged to a run (pip install 'ernie45[mlflow]')."""
+
+    experiment_name: str = "ernie45"
+    run_name: str | None = Field(None, description="default: the output directory's name")
+    tracking_uri: str | None = Field(None, description="default: a local store, OUTPUT_DIR/mlflow.db (SQLite)")
+    artifact_location: str | None = None
+    tags: dict[str, str] = {}
+    description: str | None = None
+
+
 class RecipeConfig(Section):
     """The whole recipe. Sections left out take their defaults."""
 
@@ -402,8 +463,17 @@ class RecipeConfig(Section):
     moe: MoETrainingConfig = MoETrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     peft: PeftSection | None = Field(None, description="LoRA: train adapters only (None: full fine-tuning)")
+    packed_sequence: PackedSequenceConfig = PackedSequenceConfig()
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
 
     _backend = field_validator("backend")(_canonical_backend)
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        """What ``load_recipe`` mapped to something that runs here, one line each (``compat``)."""
+        return self._notices
 
     @model_validator(mode="after")
     def _consistent_sections(self):
@@ -484,9 +554,24 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int] | None = None, open_nod
     return total
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading numbers as YAML 1.2 does: ``1e-7`` and ``1.0e5`` are floats.
+
+    NOTE: YAML 1.1 (PyYAML) wants a dot and a signed exponent, so AutoModel's ``eps: 1e-7`` would be
+    the string "1e-7" and then refused as a float."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` with one-line errors naming ``source``, refusing alias bombs and self-references."""
-    loader = yaml.SafeLoader(text)
+    """``yaml.safe_load`` (with YAML 1.2 floats) and one-line errors naming ``source``, refusing alias
+    bombs and self-references."""
+    loader = RecipeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -598,11 +683,19 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> RecipeConfig:
         raise ConfigError(f"invalid {source}:\n  {lines}") from None
 
 
-def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RecipeConfig:
-    """Read a recipe file (default: the embedded one), apply ``--a.b=v`` overrides, validate."""
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None, strict: bool = False) -> RecipeConfig:
+    """Read a recipe file (default: the embedded one), apply ``--a.b=v`` overrides, map what of
+    AutoModel's recipes cannot run here to the nearest that can (``compat``; ``strict``: refuse it
+    instead), validate. ``config.notices`` holds the lines that say what was mapped."""
+    from .compat import adapt_recipe
+
     path = Path(path) if path is not None else DEFAULT_RECIPE
-    raw = apply_overrides(read_yaml(path), overrides or {})
+    try:
+        raw, notices = adapt_recipe(apply_overrides(read_yaml(path), overrides or {}), strict, ConfigError)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     config = validate(raw, source=str(path))
+    config._notices = notices
     return resolve_paths(config, path.parent if path != DEFAULT_RECIPE else None)
 
 

@@ -55,14 +55,22 @@ class TokenizedExample:
 
 # ----- reading records -------------------------------------------------------------------------
 def read_hub(name: str, split: str, limit: int | None) -> list[dict]:
+    """A hub dataset's ``split`` through ``datasets``: from the Hugging Face cache, else downloaded."""
+    from huggingface_hub import constants
+
+    advice = f"or pass a local JSONL file (the cache is under HF_HOME={constants.HF_HOME})"
     try:
         import datasets
     except ImportError:
         raise ValueError(
             f"path_or_dataset={name!r} is not a local file, and reading hub datasets needs the `datasets` "
-            "package (pip install datasets) and a network connection; or pass a local JSONL file"
+            f"package (pip install datasets), which reads them from the cache or downloads them; {advice}"
         ) from None
-    data = datasets.load_dataset(name, split=split)
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except Exception as err:  # NOTE: offline, not cached, no such dataset or split: one advice for all
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"path_or_dataset={name!r} (split {split!r}) cannot be read from the cache or the hub ({reason}); {advice}") from None
     rows = data if limit is None else data.select(range(min(limit, len(data))))
     return [dict(row) for row in rows]
 

@@ -35,6 +35,7 @@ from .runtime import (
     check_backend,
     launched_by_torchrun,
 )
+from .tracking import check_trackers
 
 
 def fail(message: str) -> None:
@@ -47,9 +48,17 @@ def default_output_dir() -> str:
 
 
 def finetune(
-    config_path: str | None, extra_args: list[str], output_dir: str | None, resume: bool, nproc_per_node: int, overwrite: bool = False
+    config_path: str | None,
+    extra_args: list[str],
+    output_dir: str | None,
+    resume: bool,
+    nproc_per_node: int,
+    overwrite: bool = False,
+    strict: bool = False,
 ) -> None:
-    """The whole command: validate everything first, then train (or launch the ranks that will)."""
+    """The whole command: validate everything first, then train (or launch the ranks that will).
+
+    ``strict``: a component that cannot run here is an error instead of the nearest one (``compat``)."""
     if config_path is not None and config_path.startswith("--"):
         # NOTE: click hands the first unknown option to the optional CONFIG argument; it is an override.
         config_path, extra_args = None, [config_path, *extra_args]
@@ -59,18 +68,25 @@ def finetune(
         overrides = parse_overrides(extra_args)
         if output_dir is not None:
             overrides["output_dir"] = output_dir
-        config = load_recipe(Path(config_path) if config_path else None, overrides)
+        config = load_recipe(Path(config_path) if config_path else None, overrides, strict)
+        check_trackers(config)
     except ConfigError as err:
         fail(str(err))
+    spawning = nproc_per_node > 1 and not launched_by_torchrun()
+    if not spawning and int(os.environ.get("RANK", 0)) == 0:
+        # NOTE: once per run: by the process that trains, or by rank 0 of the ranks the launcher starts.
+        for line in config.notices:
+            typer.echo(line, err=True)
     check_output_dir(config.output_dir, resume)
     config.output_dir = config.output_dir or default_output_dir()
-    command = resume_command(config_path, extra_args, config.output_dir, nproc_per_node)
+    rank_args = [*extra_args, *(["--strict"] if strict else [])]  # NOTE: what each rank and a resume repeat
+    command = resume_command(config_path, rank_args, config.output_dir, nproc_per_node)
     if not launched_by_torchrun():
         # NOTE: before building anything or starting ranks; the run checks again holding the lock.
         check_run_dir(config, resume, overwrite)
-    if nproc_per_node > 1 and not launched_by_torchrun():
+    if spawning:
         check_layout(config, nproc_per_node)
-        launch_ranks(config_path, extra_args, config, resume, nproc_per_node, command)
+        launch_ranks(config_path, rank_args, config, resume, nproc_per_node, command)
         return
     from .recipe import run
 
@@ -127,12 +143,12 @@ def check_layout(config: RecipeConfig, nproc: int) -> None:
     before starting any of them (each rank would report it with its own stack trace)."""
     import torch
 
-    from .components import check_model_path, parallel_config
+    from .components import parallel_config, resolve_model_path
 
     try:
         parallel_config(config, Runtime(rank=0, world_size=nproc, local_rank=0, device=torch.device("cpu")))
         check_backend(config.dist_env)
-        check_model_path(config)
+        resolve_model_path(config)
     except ConfigError as err:
         fail(str(err))
 

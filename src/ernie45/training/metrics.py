@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind: a progress bar, ``metrics.jsonl``, TensorBoard, ``loss.png``.
+"""What a run shows and leaves behind: a progress bar, ``metrics.jsonl``, TensorBoard, ``loss.png``
+(and, when the recipe asks, the same numbers in Weights & Biases or MLflow: ``tracking.py``).
 
 ``metrics.jsonl`` has one JSON object per optimizer step (``step``, ``loss``, ``lr``,
 ``grad_norm``, ``tokens_per_s``, ...), one per validation (``step``, ``val_loss``) and one per
@@ -31,6 +32,11 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
 
 
+def numbers(entry: dict) -> dict[str, float]:
+    """The finite numbers of a metrics entry, without its ``step`` (what TensorBoard and trackers get)."""
+    return {key: value for key, value in entry.items() if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+
+
 def _tensorboard_writer(log_dir: Path):
     """A SummaryWriter when the tensorboard package is installed, else None."""
     try:
@@ -42,11 +48,12 @@ def _tensorboard_writer(log_dir: Path):
 
 
 class MetricsLogger:
-    """Progress bar + metrics.jsonl + TensorBoard, on the main rank only (elsewhere a no-op)."""
+    """Progress bar + metrics.jsonl + TensorBoard (+ ``trackers``), on the main rank only (elsewhere a no-op)."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, trackers: list | None = None):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
+        self.trackers = trackers or []
         if not enabled:
             return
         if start_step:
@@ -64,9 +71,10 @@ class MetricsLogger:
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         if self.writer is not None:
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, entry["step"])
+            for key, value in numbers(entry).items():
+                self.writer.add_scalar(key, value, entry["step"])
+        for tracker in self.trackers:
+            tracker.log(numbers(entry), entry["step"])
         if advance:
             if "loss" in entry:  # NOTE: a skipped step (non-finite loss) has none
                 self.bar.set_postfix(
@@ -88,6 +96,8 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:

@@ -41,16 +41,17 @@ from .components import (
     autocast,
     build_model,
     build_tokenizer,
-    check_model_path,
     export_adapter,
     export_hf,
+    resolve_model_path,
     set_grad_sync,
 )
 from .config import RecipeConfig, to_yaml
-from .data import DataLoader, is_multiple_choice, load_records, tokenize_records
+from .data import DataLoader, is_multiple_choice, load_records, pack_examples, tokenize_records
 from .loss import batch_label_tokens
 from .metrics import MetricsLogger, plot_losses, read_metrics
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from .tracking import build_trackers
 from .rundir import checkpoint_dir_of, claim_output_dir, notice
 from .runtime import (
     EXIT_FAILED,
@@ -119,11 +120,14 @@ class Trainer:
         self.signals = signals
         config.rng.build(rank=runtime.rank)  # NOTE: seeds Python and torch now; checkpoints save their states
 
-        check_model_path(config)
+        resolve_model_path(config)
         train_records = load_records(config.dataset)
         self.tokenizer = build_tokenizer(config, train_records, self.output_dir / "tokenizer", runtime)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_examples = tokenize_records(config.dataset, train_records, self.tokenizer)
+        packing = config.packed_sequence
+        if packing.packed_sequence_size:
+            self.train_examples = pack_examples(self.train_examples, packing.packed_sequence_size, packing.split_across_pack)
         val = config.validation_dataset
         self.val_records = load_records(val) if val is not None else []
         self.val_examples = tokenize_records(val, self.val_records, self.tokenizer) if val is not None else []
@@ -268,7 +272,7 @@ class Trainer:
             result = evaluate_hellaswag(
                 self.model, self.tokenizer, self.val_records, settings.batch_size, settings.num_samples_limit, progress=False
             )
-        return {key: result[key] for key in ("acc", "acc_norm", "num_examples")}
+        return {key: result[key] for key in ("acc", "acc_norm", "num_examples", "truncated_examples")}
 
     # ----- checkpoints ----------------------------------------------------------------------
     def save(self, state: RunState, stopped_by: str | None = None) -> Path:
@@ -342,12 +346,15 @@ class Trainer:
         state = state or RunState(run_id=broadcast_object(uuid.uuid4().hex[:12], runtime))
         if runtime.is_main:
             (self.output_dir / "config.yaml").write_text(to_yaml(config))
-        logger = MetricsLogger(self.output_dir, self.total_steps, state.step, enabled=runtime.is_main)
+        trackers = build_trackers(config, self.output_dir, yaml.safe_load(to_yaml(config))) if runtime.is_main else []
+        logger = MetricsLogger(self.output_dir, self.total_steps, state.step, enabled=runtime.is_main, trackers=trackers)
         if resumed_from is not None:
             logger.write(f"resumed from {self.checkpoint_dir / f'step_{resumed_from}'}")
         elif resume:
             logger.write(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
         logger.write(self.describe())
+        if self.moe is not None:
+            logger.write(self.describe_aux_loss())
         started = time.perf_counter()
         try:
             if state.step == 0:
@@ -362,7 +369,7 @@ class Trainer:
         if config.peft is not None:
             self.check_weights(state.step)
             export_adapter(self.model, self.output_dir / "adapter", config)
-        if config.checkpoint.save_consolidated:
+        if config.checkpoint.save_consolidated != "false":
             self.check_weights(state.step)
             export_hf(self.model, self.tokenizer, hf_dir, config, runtime, self.layout)
         summary = self.summary(state, time.perf_counter() - started, mc_after, resumed_from, hf_dir)
@@ -392,6 +399,9 @@ class Trainer:
             saved = None
             if checkpoint.enabled and (stop or last or (steps.ckpt_every_steps and state.step % steps.ckpt_every_steps == 0)):
                 saved = self.save(state, received)
+                if checkpoint.save_consolidated == "every":
+                    # NOTE: the float32 master weights as they are now, beside (not in) the manifest's files.
+                    export_hf(self.model, self.tokenizer, saved / "hf", self.config, self.runtime, self.layout, final=False)
             if stop:
                 what = f"saved {saved}" if saved else "checkpoint.enabled=false, so nothing was saved"
                 raise Preempted(f"stopped by {received} after step {state.step}: {what}", str(saved) if saved else None)
@@ -407,6 +417,20 @@ class Trainer:
             f"process(es) -> {self.output_dir}"
         )
 
+    def describe_aux_loss(self) -> str:
+        """The MoE load-balancing loss weight in use and where it comes from (it differs from AutoModel's default)."""
+        coefficient = self.moe.aux_loss_coeff
+        if self.config.moe.aux_loss_coef is not None:
+            source = "moe.aux_loss_coef"
+        else:
+            hf = self.model.config
+            source = (
+                f"the model config: router_aux_loss_coef={hf.router_aux_loss_coef} counts only when "
+                f"output_router_logits is true (here {str(hf.output_router_logits).lower()}), as in transformers; "
+                "AutoModel always applies it: set moe.aux_loss_coef for that"
+            )
+        return f"MoE aux-loss coefficient {coefficient:g} ({source})"
+
     def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
         validation = [(e["step"], e["val_loss"]) for e in read_metrics(self.output_dir / "metrics.jsonl") if "val_loss" in e]
         return {
@@ -421,7 +445,7 @@ class Trainer:
             "val_loss_after": validation[-1][1] if validation else None,
             "multiple_choice_before": state.mc_before,
             "multiple_choice_after": mc_after,
-            "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated else None,
+            "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated != "false" else None,
             "nonfinite_skips": state.nonfinite_skips,
         }
 
