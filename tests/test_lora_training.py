@@ -19,7 +19,10 @@ import ernie45
 from builders import HELLASWAG, random_hf_moe, tiny_moe_config, token_batch
 from ernie45.cli import app
 from ernie45.jsonl import read_jsonl
+from ernie45.peft import PeftConfig
 from ernie45.tokenizer import train_tokenizer
+from ernie45.training.components import check_peft_model
+from ernie45.training.config import ConfigError, load_recipe
 from ernie45.training.data import record_texts
 from test_finetune_cli import finetune, finetune_process, train_losses, twin
 
@@ -124,6 +127,30 @@ def test_two_ranks_write_the_adapter_one_process_writes(tmp_path, moe_dir, layou
     assert sorted(adapter_tensors(two)) == sorted(reference)
     for key, tensor in adapter_tensors(two).items():
         torch.testing.assert_close(tensor, reference[key], atol=1e-6, rtol=0, msg=key)
+    merged = load_file(one / "hf" / "model.safetensors")  # folded on each rank's shards, then gathered
+    for key, tensor in load_file(two / "hf" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, merged[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_bf16_compute_keeps_the_base_in_bf16_and_trains_float32_adapters(tmp_path):
+    out = tmp_path / "run"
+    args = [f"--output_dir={out}", EVERYTHING, "--model.torch_dtype=bfloat16", "--step_scheduler.max_steps=3",
+            "--evaluation.multiple_choice=false"]  # fmt: skip
+    result = CliRunner().invoke(app, ["finetune", *args])
+    assert result.exit_code == 0, result.output
+    assert {t.dtype for t in adapter_tensors(out).values()} == {torch.float32}
+    saved = FileSystemReader(str(out / "checkpoints" / "step_3")).read_metadata().state_dict_metadata
+    assert {meta.properties.dtype for meta in saved.values() if hasattr(meta, "properties")} == {torch.float32}
+    merged = load_file(out / "hf" / "model.safetensors")
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert merged["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # the router stays fp32
+
+
+def test_the_fused_loss_refuses_an_adapted_lm_head():
+    config = load_recipe(None, {"loss_fn._target_": "ernie45.training.loss.FusedLinearCrossEntropy", "peft.dim": 4})
+    model = ernie45.from_config(tiny_moe_config(tie_word_embeddings=False), peft=PeftConfig(target_modules=["lm_head"]))
+    with pytest.raises(ConfigError, match="FusedLinearCrossEntropy reads the LM head's weight directly"):
+        check_peft_model(config, model)
 
 
 @pytest.mark.parametrize(

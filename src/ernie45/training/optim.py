@@ -16,11 +16,16 @@ from .config import LRSchedulerConfig, OptimizerConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms and biases (1-D) are not decayed."""
+    """Weight decay on matrices only; norms and biases (1-D) are not decayed. Only the parameters that
+    train (a LoRA model: its adapters), and no empty group.
+
+    NOTE: DCP's flattened optimizer state cannot be loaded back into an empty group (a LoRA model
+    has no 1-D parameter that trains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
