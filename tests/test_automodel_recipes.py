@@ -300,22 +300,55 @@ def test_automodels_recipe_runs_with_only_data_and_scale_changed(recipe_file, hf
     assert strict.returncode == 2 and "model.backend.attn='te' cannot run here" in strict.stderr, strict.stderr[-2000:]
 
 
-# ----- experiment tracking -------------------------------------------------------------------------
-def tracked_run(tmp_path: Path, *args: str) -> Path:
+# ----- runs of the 0.3B CPU example -----------------------------------------------------------------
+def tracked_run(tmp_path: Path, *args: str, out: Path | None = None) -> Path:
     """Two steps of the 0.3B CPU example on a tiny dense model and the fixture, with ``args``."""
-    model = save_tiny_lm(tmp_path / "model")
-    out = tmp_path / "run"
+    model = tmp_path / "model"
+    if not model.exists():
+        save_tiny_lm(model)
+    out = out or tmp_path / "run"
     result = CliRunner().invoke(
         app,
         [
             "finetune", str(ROOT / "examples" / "ernie4_5_0p3b_hellaswag_cpu.yaml"),
             f"--model.pretrained_model_name_or_path={model}", f"--dataset.path_or_dataset={HELLASWAG}",
             f"--validation_dataset.path_or_dataset={HELLASWAG}", "--validation_dataset.sample_offset=200",
-            "--step_scheduler.max_steps=2", "--checkpoint.enabled=false", f"--output_dir={out}", *args,
+            "--step_scheduler.max_steps=2", f"--output_dir={out}", *args,
         ],
     )  # fmt: skip
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return out
+
+
+def test_save_consolidated_every_exports_each_checkpoint_and_resume_still_works(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    every = ["--checkpoint.save_consolidated=every", "--step_scheduler.ckpt_every_steps=1", "--checkpoint.keep_last_n=1"]
+    out = tracked_run(tmp_path, *every)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # step_1 pruned, its hf/ with it
+    exported = out / "checkpoints" / "step_2" / "hf"
+    reference = AutoModelForCausalLM.from_pretrained(str(exported))
+    final = AutoModelForCausalLM.from_pretrained(str(out / "hf"))  # the same weights (the example computes in float32)
+    for (name, got), (_, want) in zip(reference.state_dict().items(), final.state_dict().items()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    resumed = tracked_run(tmp_path, *every, "--step_scheduler.max_steps=3", "--lr_scheduler.lr_decay_steps=2", "--resume", out=out)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 2
+
+
+def test_packed_sequence_packs_the_training_examples(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ernie45.training.data import pack_examples, tokenize_records
+
+    out = tracked_run(tmp_path, "--packed_sequence.packed_sequence_size=256", "--checkpoint.enabled=false")
+    config = load_recipe(out / "config.yaml")
+    records = config.dataset.build().load()
+    examples = tokenize_records(config.dataset, records, AutoTokenizer.from_pretrained(tmp_path / "model"))
+    rows = pack_examples(examples, 256)
+    assert len(rows) < len(examples) / 2
+    [first] = [e for e in read_metrics(out / "metrics.jsonl") if e.get("step") == 1 and "loss" in e]
+    mean = sum(e.num_label_tokens for e in examples) / len(examples)
+    assert first["label_tokens"] > 1.5 * 8 * mean, "a step's 8 rows hold about two examples each"
 
 
 def logged_numbers(out: Path) -> dict[str, dict[int, float]]:
@@ -340,7 +373,7 @@ def test_a_tracker_section_without_its_package_is_one_error(monkeypatch, tmp_pat
 
 def test_mlflow_logs_what_metrics_jsonl_holds_to_a_local_store(tmp_path):
     mlflow = pytest.importorskip("mlflow")
-    out = tracked_run(tmp_path, "--mlflow.experiment_name=ernie45-test", "--mlflow.tags={task: hellaswag}")
+    out = tracked_run(tmp_path, "--mlflow.experiment_name=ernie45-test", "--mlflow.tags={task: hellaswag}", "--checkpoint.enabled=false")
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("ernie45-test").experiment_id])
     assert run.info.run_name == "run" and run.data.tags["task"] == "hellaswag"
@@ -377,7 +410,7 @@ def wandb_history(run_file: Path) -> dict[int, dict[str, float]]:
 
 def test_wandb_offline_writes_the_run_dir_with_the_metrics(tmp_path):
     pytest.importorskip("wandb")
-    out = tracked_run(tmp_path, "--wandb.mode=offline", "--wandb.project=ernie45-test")
+    out = tracked_run(tmp_path, "--wandb.mode=offline", "--wandb.project=ernie45-test", "--checkpoint.enabled=false")
     [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
     expected = logged_numbers(out)

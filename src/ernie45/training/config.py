@@ -411,7 +411,7 @@ class PackedSequenceConfig(Section):
 
 
 class WandbConfig(Section):
-    """Weights & Biases: the metrics.jsonl entries logged to a run (pip install 'ernie45[wandb]')."""
+    """Weights & Biases: the metrics.jsonl entries logged to a run (needs the wandb package: the ernie45 wandb extra)."""
 
     enable: bool = Field(True, description="false: the section is kept but nothing is logged")
     project: str = "ernie45"
@@ -427,7 +427,7 @@ class WandbConfig(Section):
 
 
 class MLflowConfig(Section):
-    """MLflow: the metrics.jsonl entries logged to a run (pip install 'ernie45[mlflow]')."""
+    """MLflow: the metrics.jsonl entries logged to a run (needs the mlflow package: the ernie45 mlflow extra)."""
 
     experiment_name: str = "ernie45"
     run_name: str | None = Field(None, description="default: the output directory's name")
