@@ -236,31 +236,16 @@ def _decode(
         tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
 
 
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-) -> torch.Tensor:
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings) -> torch.Tensor:
     """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens.
 
+    ``settings`` are ``stream_tokens``' keywords: max_new_tokens (20), do_sample (False),
+    temperature, top_k, top_p, eos_token_id, pad_token_id, generator, seed.
     eos_token_id / pad_token_id default to the model's generation config (else its config);
     ``eos_token_id=[]`` disables ending. Rows that have ended are padded with pad_token_id and
     decoding stops once all rows have ended.
     Sampling (do_sample=True) applies temperature, then top_k, then top_p; ``seed`` or
     ``generator`` makes it reproducible. Greedy decoding ignores (but still checks) the sampling values.
     """
-    steps = stream_tokens(
-        model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-        eos_token_id, pad_token_id, generator, seed,
-    )  # fmt: skip
-    new_tokens = torch.stack(list(steps), dim=1)  # [B,N]
+    new_tokens = torch.stack(list(stream_tokens(model, input_ids, attention_mask, **settings)), dim=1)  # [B,N]
     return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)

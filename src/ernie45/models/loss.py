@@ -21,11 +21,7 @@ def token_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
 ) -> torch.Tensor:
     """logits [..., V] against already aligned targets [...] (-100 = none), in fp32."""
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels must match the logits' positions {list(logits.shape[:-1])} (with logits_to_keep=0), "
-            f"got {list(targets.shape)}"
-        )
+    _check_shape(targets, logits)
     flat = targets.reshape(-1)
     check_labels(flat, logits.shape[-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction=reduction)
@@ -35,11 +31,7 @@ def shifted_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
 ) -> torch.Tensor:
     """logits [B,S,V], labels [B,S] -> CE of logits[:, :-1] against labels[:, 1:]."""
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels must have the shape of input_ids {list(logits.shape[:-1])} (and logits_to_keep=0), "
-            f"got {list(labels.shape)}"
-        )
+    _check_shape(labels, logits)
     return token_cross_entropy(logits[:, :-1], labels[:, 1:], reduction)
 
 
@@ -51,6 +43,14 @@ def causal_lm_loss(
     if shift_labels is not None:
         return token_cross_entropy(logits, shift_labels)
     return shifted_cross_entropy(logits, labels) if labels is not None else None
+
+
+def _check_shape(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have the shape of input_ids {list(logits.shape[:-1])} (and logits_to_keep=0), "
+            f"got {list(labels.shape)}"
+        )
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
