@@ -55,7 +55,7 @@ def _reference(kind: str, ids, mask, positions, labels):
     return model, logits.detach(), loss.detach()
 
 
-def _cp_case(rank, world, kind, seq, cp, ep, packed):
+def _cp_case(rank, world, kind, seq, cp, ep, packed, checkpointing=False):
     ids = token_batch(160, 2, seq, seed=seq)
     mask = torch.ones_like(ids)
     mask[1, seq - 7 :] = 0  # row 1 ends in padding
@@ -68,7 +68,8 @@ def _cp_case(rank, world, kind, seq, cp, ep, packed):
     reference, expected, expected_loss = _reference(kind, ids, mask, positions, labels)
 
     model = dense_model(**LONG) if kind == "dense" else moe_model(favourite_experts=(1,), **LONG)
-    meshes = parallelize_model(model, ParallelConfig(cp=cp, ep=ep, param_dtype=None))
+    layout = ParallelConfig(cp=cp, ep=ep, param_dtype=None, activation_checkpointing=checkpointing)
+    meshes = parallelize_model(model, layout)
     cp_group = meshes.cp.get_group()
     cp_rank = dist.get_rank(cp_group)
     shard = shard_sequence(ids, cp_rank, cp, attention_mask=mask, position_ids=positions, labels=labels)
@@ -109,3 +110,9 @@ def test_context_parallel_keeps_packed_documents_apart():
 def test_context_parallel_with_expert_parallel_and_fsdp_on_four_ranks():
     # cp=2 x dp_shard=2 = 4 ranks, experts split over ep=2 folded onto them
     run_ranks(_cp_case, 4, "moe", 256, 2, 2, False)
+
+
+@pytest.mark.multiprocess
+def test_context_parallel_with_activation_checkpointing():
+    # the recompute gathers K/V again and replays the MoE routing of the forward
+    run_ranks(_cp_case, 2, "moe", 256, 2, 1, False, True)
