@@ -99,9 +99,10 @@ def load_records(config: DatasetConfig) -> list[dict]:
 
 
 def record_texts(record: dict) -> list[str]:
-    """The texts of a record (HellaSwag, prompt/completion or chat), to train a tokenizer on."""
-    texts = [record.get("ctx"), *record.get("endings", []), record.get("prompt"), record.get("completion")]
-    texts += [m.get("content") for m in record.get("messages", []) if isinstance(m, dict)]
+    """The texts of a record (HellaSwag, prompt/completion, chat or preference pairs), to train a tokenizer on."""
+    texts = [record.get("ctx"), *record.get("endings", []), *(record.get(key) for key in ("prompt", "completion", "chosen", "rejected"))]
+    lists = [record.get(key) for key in ("messages", "prompt", "chosen", "rejected")]  # NOTE: preference records may hold chats
+    texts += [m.get("content") for messages in lists if isinstance(messages, list) for m in messages if isinstance(m, dict)]
     return [t for t in texts if isinstance(t, str)]
 
 
@@ -156,18 +157,22 @@ def chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str
     return [(text, trained) for text, trained in segments if text]
 
 
+def check_messages(messages, where: str, field: str = "messages") -> None:
+    """``messages`` (a record's ``field``) must be a non-empty list of {role, content} strings."""
+    if not (isinstance(messages, list) and messages):
+        raise ValueError(f"{where}: {field} must be a non-empty list of {{role, content}} objects, got {json_type(messages)}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: {field}[{i}] must be an object with role and content, got {json_type(message)}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f"{where}: {field}[{i}].{key} must be a string, got {json_type(message.get(key))}")
+
+
 def check_sft_record(record: dict, where: str) -> None:
     """A prompt/completion record, or a chat record of {role, content} messages, with string fields."""
     if "messages" in record:
-        messages = record["messages"]
-        if not (isinstance(messages, list) and messages):
-            raise ValueError(f"{where}: messages must be a non-empty list of {{role, content}} objects, got {json_type(messages)}")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise ValueError(f"{where}: messages[{i}] must be an object with role and content, got {json_type(message)}")
-            for key in ("role", "content"):
-                if not isinstance(message.get(key), str):
-                    raise ValueError(f"{where}: messages[{i}].{key} must be a string, got {json_type(message.get(key))}")
+        check_messages(record["messages"], where)
     elif "prompt" in record and "completion" in record:
         for key in ("prompt", "completion"):
             text_field(record, key, where)
@@ -225,14 +230,19 @@ class RecordDataset(ABC):
         examples = []
         for i, record in enumerate(records):
             segments = self.segments(tokenizer, record, f"{self.name} record {i}")
-            example = encode_segments(tokenizer, segments, first_with_special="messages" not in record)
-            if self.seq_length is not None:
-                example = TokenizedExample(example.input_ids[: self.seq_length], example.labels[: self.seq_length])
+            example = self.encode(tokenizer, segments, chat="messages" in record)
             if example.num_label_tokens:
                 examples.append(example)
         if not examples:
             raise ValueError(f"dataset {self.name}: no example has a label token left (seq_length={self.seq_length})")
         return examples
+
+    def encode(self, tokenizer, segments: list[tuple[str, bool]], chat: bool) -> TokenizedExample:
+        """Token ids + labels of ``segments``, cut to ``seq_length`` (a chat template writes its own BOS)."""
+        example = encode_segments(tokenizer, segments, first_with_special=not chat)
+        if self.seq_length is None:
+            return example
+        return TokenizedExample(example.input_ids[: self.seq_length], example.labels[: self.seq_length])
 
 
 @dataclass(frozen=True, kw_only=True)
