@@ -15,6 +15,7 @@ from ernie45.training.config import ConfigError, DatasetConfig, LossConfig, appl
 from ernie45.training.config import DEFAULT_RECIPE
 from ernie45.training.data import DataLoader, HellaSwag, TokenizedExample, collate
 from ernie45.training.loss import FusedLinearCrossEntropy, MaskedCrossEntropy
+from ernie45.training.preference import PreferenceDataset, SyntheticPreference
 from ernie45.training.rng import StatefulRNG
 from ernie45.training.synthetic import SyntheticMultipleChoice, make_examples
 
@@ -73,7 +74,10 @@ def test_example_recipes_build_their_components_through_the_registry():
     for path in EXAMPLES:
         config = load_recipe(path)
         dataset = config.dataset.build()
-        assert type(dataset) is HellaSwag and dataset.path_or_dataset == config.dataset.path_or_dataset, path
+        if config.dpo is not None:  # preference training
+            assert type(dataset) in (PreferenceDataset, SyntheticPreference), path
+        else:
+            assert type(dataset) is HellaSwag and dataset.path_or_dataset == config.dataset.path_or_dataset, path
         loss = config.loss_fn.build()
         expected = FusedLinearCrossEntropy if config.loss_fn.component is FusedLinearCrossEntropy else MaskedCrossEntropy
         assert type(loss) is expected, path
@@ -85,7 +89,8 @@ def test_example_recipes_build_their_components_through_the_registry():
 
 
 def test_a_key_of_another_component_names_its_owner():
-    with pytest.raises(ValueError, match=r"path_or_dataset is only for \['ernie45.training.data.HellaSwag', 'ernie45.training.data.SFTDataset'\]"):
+    owners = "'ernie45.training.data.HellaSwag', 'ernie45.training.data.SFTDataset', 'ernie45.training.preference.PreferenceDataset'"
+    with pytest.raises(ValueError, match=rf"path_or_dataset is only for \[{owners}\]"):
         DatasetConfig(_target_="ernie45.training.synthetic.SyntheticMultipleChoice", num_examples=4, seed=0, path_or_dataset="x.jsonl")
     with pytest.raises(ValueError, match="ernie45.training.synthetic.SyntheticMultipleChoice needs seed"):
         DatasetConfig(_target_="ernie45.training.synthetic.SyntheticMultipleChoice", num_examples=4)

@@ -27,6 +27,7 @@ from pydantic import field_validator, model_validator
 
 from ..auto import from_config, from_pretrained
 from ..tokenizer import train_tokenizer
+from .preference import check_preference_recipe
 from .registry import allowed_names, canonical_name, check_arguments, default_name, resolve
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
@@ -341,6 +342,33 @@ class DistEnvConfig(Section):
         return threads
 
 
+class DPOConfig(Section):
+    """Preference training (DPO and variants; TRL's and ERNIEKit's names): with this section the finetune
+    recipe trains on chosen/rejected pairs (``ernie45.training.preference``)."""
+
+    beta: Annotated[float, Gt(0)] = Field(0.1, description="how far the policy may move from the reference (IPO: its tau)")
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = Field("sigmoid", description="sigmoid (DPO), ipo, or simpo (no reference)")
+    label_smoothing: Annotated[float, Ge(0), Lt(0.5)] = Field(
+        0.0, description="cDPO: the chance a pair's label is flipped (sigmoid and simpo)"
+    )
+    reference_free: bool = Field(False, description="no reference model: its log-probs count as 0")
+    sft_loss_ratio: NonNegativeFloat = Field(0.0, description="plus this x the chosen answer's mean token NLL")
+    simpo_gamma: NonNegativeFloat | None = Field(None, description="simpo: the target reward margin (default 0.5)")
+    precompute_ref_log_probs: bool = Field(
+        False, description="reference log-probs computed once before training, then the reference model is freed"
+    )
+
+    @model_validator(mode="after")
+    def _settings_fit_the_loss(self):
+        if self.simpo_gamma is not None and self.loss_type != "simpo":
+            raise ValueError(f"simpo_gamma is for loss_type simpo, not {self.loss_type}; remove it")
+        if self.label_smoothing and self.loss_type == "ipo":
+            raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not ipo; set it to 0")
+        if self.precompute_ref_log_probs and (self.reference_free or self.loss_type == "simpo"):
+            raise ValueError("precompute_ref_log_probs: there is no reference model (reference_free or simpo); set it to false")
+        return self
+
+
 class RNGConfig(BuiltSection):
     target: str = _target_field("rng")
     seed: Seed = 42
@@ -455,6 +483,7 @@ class RecipeConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_scheduler: LRSchedulerConfig = LRSchedulerConfig()
     loss_fn: LossConfig = LossConfig()
+    dpo: DPOConfig | None = Field(None, description="preference training on chosen/rejected pairs (None: next-token loss)")
     clip_grad_norm: ClipGradNormConfig = ClipGradNormConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
@@ -506,6 +535,11 @@ class RecipeConfig(Section):
     def build_backend(self):
         """The model's kernels: the backend component (``BackendConfig``) from the section's keys."""
         return resolve("backend", self.backend_target()).from_dict(self.backend_fields())
+
+    @model_validator(mode="after")
+    def _preference_data_fits(self):
+        check_preference_recipe(self)
+        return self
 
 
 def check_model_fields(fields: dict[str, Any]) -> None:

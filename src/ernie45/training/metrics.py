@@ -77,9 +77,10 @@ class MetricsLogger:
             tracker.log(numbers(entry), entry["step"])
         if advance:
             if "loss" in entry:  # NOTE: a skipped step (non-finite loss) has none
-                self.bar.set_postfix(
-                    loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False
-                )
+                shown = {"loss": f"{entry['loss']:.4f}", "lr": f"{entry['lr']:.2e}", "tok_s": f"{entry['tokens_per_s']:.0f}"}
+                if "rewards/accuracies" in entry:  # NOTE: preference training (a dpo: section)
+                    shown.update(reward_acc=f"{entry['rewards/accuracies']:.2f}", margin=f"{entry['rewards/margins']:.3f}")
+                self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
         elif "val_loss" in entry:
             self.bar.write(f"step {entry['step']}: val_loss {entry['val_loss']:.4f}")

@@ -92,7 +92,7 @@ def run(config: RecipeConfig, resume: bool = False, overwrite: bool = False) -> 
         output_dir = resolve_output_dir(config, runtime)
         lock = claim_output_dir(output_dir, checkpoint_dir_of(config, output_dir), resume, overwrite, runtime)
         with StopSignals() as signals:
-            return Trainer(config, runtime, output_dir, signals).train(resume)
+            return trainer_class(config)(config, runtime, output_dir, signals).train(resume)
     except RuntimeError as err:
         message = collective_timeout(err, runtime, config.dist_env.timeout_minutes)
         if message is None:
@@ -103,6 +103,15 @@ def run(config: RecipeConfig, resume: bool = False, overwrite: bool = False) -> 
             lock.release()
         shutdown(runtime)
         torch.set_num_threads(threads)  # NOTE: leave a calling process (e.g. tests) as it was
+
+
+def trainer_class(config: RecipeConfig) -> type[Trainer]:
+    """The Trainer, or with a ``dpo:`` section its preference-training subclass."""
+    if config.dpo is None:
+        return Trainer
+    from .dpo import PreferenceTrainer  # NOTE: it subclasses Trainer, so it imports this module
+
+    return PreferenceTrainer
 
 
 def resolve_output_dir(config: RecipeConfig, runtime: Runtime) -> Path:
@@ -173,10 +182,12 @@ class Trainer:
         global_batch = self.sampler.global_batch(step)
         num_micro = len(global_batch) // config.step_scheduler.local_batch_size
         label_tokens = sum(self.train_examples[i].num_label_tokens for i in global_batch)
+        divisor = self.loss_divisor(global_batch)
         micro_batches = self.sampler.micro_batches(step, layout.dp_rank, layout.dp_size)
         loss_sum = torch.zeros((), device=self.runtime.device)
         aux_sum = torch.zeros((), device=self.runtime.device)
         expert_load: dict[int, torch.Tensor] = {}
+        metric_sums = []  # a loss's own statistics (preference losses: rewards), per micro-batch
         tokens = 0
         started = time.perf_counter()
         for i, indices in enumerate(micro_batches):
@@ -186,13 +197,15 @@ class Trainer:
             with autocast(config, self.runtime, layout):
                 token_loss_sum, output = self.loss_fn(self.model, batch)
             # NOTE: gradient reduction averages over the dp (and cp) ranks; x their number makes it a sum.
-            loss = token_loss_sum * (layout.grad_average / label_tokens)
+            loss = token_loss_sum * (layout.grad_average / divisor)
             aux_loss = getattr(output, "aux_loss", None)
             if aux_loss is not None:
                 loss = loss + self.moe.aux_loss_coeff * aux_loss * (layout.dp_size / num_micro)
                 aux_sum += aux_loss.detach()
             loss.backward()
             loss_sum += token_loss_sum.detach()
+            if getattr(output, "metric_sums", None) is not None:
+                metric_sums.append(output.metric_sums)
             for layer_idx, load in self.expert_loads().items():
                 expert_load[layer_idx] = expert_load.get(layer_idx, 0) + load
         grad_norm = clip_grad_norm(list(self.model.parameters()), config.clip_grad_norm.max_norm)
@@ -200,7 +213,8 @@ class Trainer:
         # NOTE: the one all-reduce of the step's statistics is also the agreement: a NaN/inf loss on
         # any rank makes the sum non-finite everywhere, a signal on any rank stops every rank after
         # this step; the gradient norm is already global.
-        totals = self.sum_over_data(torch.stack([loss_sum, aux_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(stop)]))
+        statistics = torch.stack([loss_sum, aux_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(stop)])
+        totals = self.sum_over_data(torch.cat([statistics, *([torch.stack(metric_sums).sum(0)] if metric_sums else [])]))
         finite = math.isfinite(float(totals[0])) and math.isfinite(float(totals[1])) and math.isfinite(grad_norm)
         lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
         if finite:
@@ -210,12 +224,14 @@ class Trainer:
         entry = {
             "step": step + 1,
             "epoch": self.sampler.epoch_of(step),
-            "loss": float(totals[0]) / label_tokens,
+            "loss": float(totals[0]) / divisor,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": float(totals[2]) / (time.perf_counter() - started),
             "label_tokens": label_tokens,
         }
+        if metric_sums:
+            entry.update(self.loss_fn.step_metrics(totals[4:], len(global_batch)))
         if expert_load:
             loads = self.sum_over_data(torch.stack([expert_load[i] for i in sorted(expert_load)]))  # [L_moe,E]
             if finite and self.moe.gate_bias_update_factor > 0:
@@ -224,6 +240,15 @@ class Trainer:
             if self.moe.aux_loss_coeff > 0:
                 entry["aux_loss"] = float(totals[1]) / num_micro / layout.cp_size  # cp ranks: parts of one batch
         return entry, finite, float(totals[3]) > 0
+
+    def loss_divisor(self, indices: list[int]) -> int:
+        """What a step's summed loss is divided by: the label tokens of its examples, so that every
+        token weighs the same (a preference loss, a mean over pairs: their number)."""
+        return sum(self.train_examples[i].num_label_tokens for i in indices)
+
+    def batch_divisor(self, batch: dict[str, torch.Tensor]) -> int:
+        """``loss_divisor`` for one collated batch (of a context-parallel rank: its share)."""
+        return batch_label_tokens(batch)
 
     def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of per-rank statistics over the data each rank saw.
@@ -256,7 +281,7 @@ class Trainer:
             with autocast(self.config, self.runtime, self.layout):
                 loss_sum, _ = self.loss_fn(self.model, batch)
             if j < len(batches):
-                totals += torch.stack([loss_sum.float(), torch.tensor(float(batch_label_tokens(batch)))])
+                totals += torch.stack([loss_sum.float(), torch.tensor(float(self.batch_divisor(batch)))])
         self.model.train()
         totals = self.sum_over_data(totals)
         return float(totals[0] / totals[1])
@@ -460,6 +485,12 @@ def print_summary(summary: dict) -> None:
     lines = [f"finished {summary['steps']} steps in {summary['wall_time_s']:.1f}s -> {summary['output_dir']}"]
     if summary["first_loss"] is not None:
         lines.append(f"  train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    preference = summary.get("preference")  # NOTE: a dpo: run's (PreferenceTrainer.summary)
+    if preference:
+        lines.append(
+            f"  reward accuracy (chosen over rejected) {preference['accuracies_first']:.0%} -> "
+            f"{preference['accuracies_last']:.0%}, margin {preference['margins_first']:.3f} -> {preference['margins_last']:.3f}"
+        )
     if summary["val_loss_after"] is not None:
         before = f"{summary['val_loss_before']:.4f} -> " if summary["val_loss_before"] is not None else ""
         lines.append(f"  validation loss {before}{summary['val_loss_after']:.4f}")

@@ -22,6 +22,7 @@ from ..peft.config import PeftConfig
 from ..tokenizer import train_tokenizer
 from .data import DataLoader, HellaSwag, SFTDataset, collate
 from .loss import FusedLinearCrossEntropy, MaskedCrossEntropy
+from .preference import PreferenceDataset, SyntheticPreference
 from .rng import StatefulRNG
 from .synthetic import SyntheticMultipleChoice
 
@@ -53,6 +54,8 @@ COMPONENTS: dict[str, tuple[Component, ...]] = {
         Component("ernie45.training.data.HellaSwag", HellaSwag, (f"{_NEMO}.datasets.llm.hellaswag.HellaSwag",)),
         Component("ernie45.training.data.SFTDataset", SFTDataset),
         Component("ernie45.training.synthetic.SyntheticMultipleChoice", SyntheticMultipleChoice),
+        Component("ernie45.training.preference.PreferenceDataset", PreferenceDataset),
+        Component("ernie45.training.preference.SyntheticPreference", SyntheticPreference),
     ),
     "dataloader": (
         Component("ernie45.training.data.DataLoader", DataLoader, ("torchdata.stateful_dataloader.StatefulDataLoader",)),
