@@ -39,7 +39,7 @@ from ..checkpoint.safetensors_io import CheckpointError, json_object
 from ..checkpoint.staging import StagedSave
 from ..moe.experts import EXPERT_PROJECTIONS, GroupedExperts
 from ..sharding import local_index, local_part
-from .lora import LoRALinear, adapter_parameters, freeze_base, lora_modules, place
+from .lora import LoRALinear, adapter_parameters, freeze_base, lora_modules, place, replace_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -376,9 +376,8 @@ def add_adapter_modules(model: nn.Module, adapter: Adapter) -> None:
     for spec in adapter.specs:
         module = model.get_submodule(spec.module)
         if spec.projection is None:
-            parent, _, child = spec.module.rpartition(".")
             lora = LoRALinear(module, spec.rank, spec.scale, adapter.dropout, "pre", adapter_dtype(adapter, spec))
-            setattr(model.get_submodule(parent) if parent else model, child, lora)
+            replace_module(model, spec.module, lora)
         else:
             module.add_lora(spec.projection, spec.rank, spec.scale, adapter_dtype(adapter, spec))
     freeze_base(model)

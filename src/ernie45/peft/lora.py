@@ -99,7 +99,7 @@ def targets(model: nn.Module, config: PeftConfig) -> tuple[list[str], list[str]]
     """(linear layer names, routed-experts module names) that ``config`` adapts in ``model``."""
     linears, experts = [], []
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) or (isinstance(module, GroupedExperts) and module.lora_scales):
+        if is_adapted(module):
             raise ValueError(f"{name} already holds a LoRA adapter; apply_lora runs once per model")
         if isinstance(module, GroupedExperts) and config.target_modules and _named(name, config.target_modules):
             experts.append(name)
@@ -148,7 +148,7 @@ def apply_lora(model: nn.Module, config: PeftConfig) -> list[str]:
     for name in linears:
         base = model.get_submodule(name)
         lora = LoRALinear(base, config.dim, config.scale(config.dim), config.dropout, config.dropout_position, config.lora_dtype)
-        _replace(model, name, lora)
+        replace_module(model, name, lora)
     for name, rank in expert_ranks.items():
         for projection in EXPERT_PROJECTIONS:
             model.get_submodule(name).add_lora(projection, rank, config.scale(rank), config.lora_dtype)
@@ -167,7 +167,8 @@ def _expert_rank(model: nn.Module, name: str, config: PeftConfig) -> int:
     return rank
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule called ``name``."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -252,10 +253,15 @@ def _plain_linear(lora: LoRALinear) -> nn.Linear:
     return linear
 
 
+def is_adapted(module: nn.Module) -> bool:
+    """An adapted linear layer, or routed experts holding an adapter."""
+    return isinstance(module, LoRALinear) or (isinstance(module, GroupedExperts) and bool(module.lora_scales))
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every adapted linear layer and routed-experts module, in model order."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) or (isinstance(module, GroupedExperts) and module.lora_scales):
+        if is_adapted(module):
             yield name, module
 
 
@@ -266,7 +272,7 @@ def merge(model: nn.Module) -> nn.Module:
     for name, module in list(lora_modules(model)):
         if isinstance(module, LoRALinear):
             fold(module.weight, module.lora_A.weight, module.lora_B.weight, module.scale)
-            _replace(model, name, _plain_linear(module))
+            replace_module(model, name, _plain_linear(module))
             continue
         for projection, scale in list(module.lora_scales.items()):
             a = module.get_parameter(f"{projection}_lora_A")
