@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleLoopedBFS, get_schedule_class
 
 from ..models.loss import shifted_cross_entropy
@@ -340,9 +341,12 @@ class Pipeline:
         if self.tied_group is None or not (self.holds_first or self.holds_last):
             return
         weight = self.model.model.embed_tokens.weight if self.holds_first else self.model.lm_head.weight
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(local_part(weight.grad), group=self.tied_group)
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        if isinstance(grad, DTensor) and grad.placements != weight.placements:
+            # NOTE: under TP the vocab-parallel embedding's gradient comes back replicated, the head's sharded.
+            grad = grad.redistribute(weight.device_mesh, weight.placements)
+        dist.all_reduce(local_part(grad), group=self.tied_group)
+        weight.grad = grad
 
 
 def tied_pair_group(meshes: ParallelMeshes) -> dist.ProcessGroup | None:

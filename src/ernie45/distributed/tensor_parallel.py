@@ -56,10 +56,18 @@ def vocab_plan(sharded_logits: bool = False) -> dict[str, ParallelStyle]:
     return {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()), "lm_head": head}
 
 
+def holds(model: nn.Module, name: str) -> bool:
+    """Whether ``model`` holds submodule ``name`` (pipeline stages set the others' to None)."""
+    parent, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(parent) if parent else model, leaf, None) is not None
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sharded_logits: bool = False) -> None:
     """Shard ``model`` in place over ``tp_mesh``."""
     for block in decoder_blocks(model):
         parallelize_module(block, tp_mesh, block_plan(block))
-    parallelize_module(model, tp_mesh, vocab_plan(sharded_logits))
+    # NOTE: a pipeline stage may hold neither (other stages hold the embedding and the head).
+    held = {name: style for name, style in vocab_plan(sharded_logits).items() if holds(model, name)}
+    parallelize_module(model, tp_mesh, held)
     if is_tied(model):
         model.tie_weights()  # the head's fresh DTensor is replaced by the (equally sharded) embedding
