@@ -213,9 +213,13 @@ def _write_state(tmp: Path, model, optimizer, train_state: dict, config_yaml: st
 
 def state_options(model: torch.nn.Module) -> StateDictOptions:
     """A LoRA model's checkpoint holds only what trains (the adapters) and its optimizer state: the
-    frozen base is the pretrained checkpoint (or, built from config, the seeded initialisation)."""
+    frozen base is the pretrained checkpoint (or, built from config, the seeded initialisation).
+
+    NOTE: the optimizer state is stored per parameter name (flattened): the nested form keeps the
+    param_groups of one rank only, which under pipeline parallelism name one stage's parameters, so
+    a checkpoint saved with pp > 1 could not be resumed with another layout (torchtitan flattens too)."""
     lora = has_adapters(model)
-    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora, flatten_optimizer_state_dict=True)
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
