@@ -3,10 +3,12 @@ how fast a step should run, computed from the model's own accounting (no GPU, no
 
 How each number is obtained (T tokens per micro-batch on a rank, H hidden, V vocabulary):
 
-  layouts       every dp_replicate x dp_shard x cp x tp x ep (x pp) that ``ParallelConfig``,
+  layouts       every dp_replicate x dp_shard x cp x tp x ep x pp that ``ParallelConfig``,
                 ``resolve`` and ``check_model_fits`` accept for the GPU count (so "valid" is what
                 ``parallelize_model`` accepts), activation checkpointing off/on, and every
-                micro-batch that divides the per-rank batch.
+                micro-batch that divides the per-rank batch. Pipelines: the default 1F1B schedule,
+                one stage per rank, the layers of each stage from ``plan_stages``; the micro-batch
+                is ``pp_microbatch_size`` and the whole per-rank batch runs in one schedule step.
   parameters    EXACT: each parameter of a meta-device model, split as our code splits it (TP
   gradients     plan of ``distributed.tensor_parallel``, experts Shard(0) over ep, FSDP2 dim-0
   optimizer     chunks padded to ceil(dim0/n) over dp_shard x cp, experts over ep_shard); fp32
@@ -14,13 +16,16 @@ How each number is obtained (T tokens per micro-batch on a rank, H hidden, V voc
                 (its scalar ``step`` lives on the host). Checked against real gloo layouts in
                 tests/test_planner.py.
   accumulation  micro-batches > 1 under FSDP2: the recipe defers the reduce-scatter to the last
-                micro-batch, so every rank keeps its unsharded gradients in fp32 meanwhile.
-  activations   what the model code saves for backward, per layer (measured within 15% on CPU):
+                micro-batch, so every rank keeps its unsharded gradients in fp32 meanwhile (and
+                under pp also the gathered weights: PipelineStage does not reshard between them).
+  activations   what the model code saves for backward, per layer (within 2% of what a CPU forward
+                keeps in tests/test_planner.py, fp32, bf16 and LoRA; the cp and pp cases are derived):
                 norms keep x + fp32 rstd, attention keeps q, k, v, out + fp32 logsumexp (a fused
                 kernel: no [S,S] scores), _SwiGLU keeps gate and up, MoE layers keep the routed
                 rows (x_sorted, gate_up, act, y, weighted y), fp32 router probabilities and logits,
                 and int64 routing indices; with checkpointing only each block's input (plus the
-                MoE routing record). Plus the fused loss's gradients held until backward.
+                MoE routing record). Plus the fused loss's gradients held until backward. A 1F1B
+                stage holds (pp - stage) micro-batches at once (not measured: derived).
   transient     the largest of: FSDP2 buffers of the biggest block in backward (gathered params,
                 their gradients, the fp32 reduce-scatter input, the next block prefetched) plus
                 one layer's backward working set (two with checkpointing: the recomputed block);
@@ -31,8 +36,10 @@ How each number is obtained (T tokens per micro-batch on a rank, H hidden, V voc
                 / (peak x efficiency), plus communication volume / bandwidth: FSDP2 all-gathers
                 (forward and backward, every micro-batch) and the fp32 reduce-scatter (once), HSDP
                 all-reduce, EP all-to-all (4 per MoE layer, 6 with recompute), TP all-reduces and
-                the logits all-gather, CP K/V all-gathers. FSDP traffic is assumed to overlap with
-                compute, the others not: step = max(compute, fsdp) + ep + tp + cp.
+                the logits all-gather, CP K/V all-gathers, PP hidden states. FSDP traffic is assumed
+                to overlap with compute, the others not: step = (max(compute, fsdp) + ep + tp + cp
+                + pp) x (n + pp - 1) / n for n micro-batches (the pipeline bubble); the slowest
+                stage and the fullest rank are shown.
 
 Everything but the exact parameter/gradient/optimizer bytes is an estimate: memory peaks are
 summed (conservative: gradients and activations never peak together), routing is assumed
@@ -58,7 +65,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from transformers import Ernie4_5_MoeConfig, Ernie4_5Config
 
 from .checkpoint.hf_checkpoint import load_config
-from .distributed.config import LayoutError, ParallelConfig, check_model_fits
+from .distributed.config import LayoutError, ParallelConfig, check_model_fits, plan_stages
 from .distributed.model_parts import decoder_blocks, is_tied, moe_layer
 from .distributed.tensor_parallel import block_plan, vocab_plan
 from .models.accounting import flops_per_token
@@ -375,6 +382,13 @@ class ModelInfo:
     moe_flags: tuple[bool, ...]  # which layers are MoE layers
     matmul_flops: int  # training FLOPs per token of the weights (accounting.flops_per_token at length 0)
     attention_flops: int  # ... of attention scores, per token and key position
+    hf_config: object  # the transformers config itself (for the pipeline split)
+    # What one rank runs: all of it, or one pipeline stage (its decoder layers, whether it holds the
+    # embedding / the final norm and LM head, and its share of the model's matmul cost).
+    layers: tuple[int, ...] = ()
+    first: bool = True
+    last: bool = True
+    share: float = 1.0
 
     @classmethod
     def of(cls, config, lora_rank: int | None = None) -> "ModelInfo":
@@ -383,13 +397,47 @@ class ModelInfo:
         counts = model.num_parameters(), model.num_parameters(active_only=True)
         specs = tuple(param_specs(model))
         router = any(s.trainable for s in specs if s.keep_fp32)
-        flags = tuple(moe is not None and is_moe_layer(config, i) for i in range(config.num_hidden_layers))
+        layers = tuple(range(config.num_hidden_layers))
+        flags = tuple(moe is not None and is_moe_layer(config, i) for i in layers)
         matmul = flops_per_token(config, 0, moe)
         flops = (matmul, flops_per_token(config, 1, moe) - matmul)
-        return cls(Dims.of(config), moe, specs, *counts, _adapters_per_layer(model), router, flags, *flops)
+        adapters = _adapters_per_layer(model)
+        return cls(Dims.of(config), moe, specs, *counts, adapters, router, flags, *flops, config, layers)
 
     def is_moe(self, layer: int) -> bool:
         return self.moe_flags[layer]
+
+    def stages(self, layout: ParallelConfig) -> list["ModelInfo"]:
+        """What each pipeline rank runs under ``layout`` (one stage per rank: 1F1B/GPipe)."""
+        if layout.pp == 1:
+            return [self]
+        split = plan_stages(layout, self.hf_config, self.moe)
+        total = sum(split.costs)
+        views = []
+        for stage, layers in enumerate(split.layers):
+            first, last = stage == 0, stage == split.num_stages - 1
+            specs = tuple(spec for spec in _stage_specs(self.specs, set(layers), first, last))
+            views.append(dataclasses.replace(
+                self, specs=specs, layers=tuple(layers), first=first, last=last, share=split.costs[stage] / total,
+            ))  # fmt: skip
+        return views
+
+
+def _stage_specs(specs, layers: set[int], first: bool, last: bool) -> Iterator[ParamSpec]:
+    """A pipeline stage's parameters: its blocks, the embedding on the first, the final norm and LM
+    head on the last (a tied head is a copy of the embedding there); each its own FSDP2 group."""
+    for spec in specs:
+        match = re.match(r"model\.layers\.(\d+)\.", spec.name)
+        if match:
+            if int(match.group(1)) in layers:
+                yield spec
+        elif spec.name.startswith("model.embed_tokens."):
+            if first:
+                yield dataclasses.replace(spec, unit="embed")
+            if last and spec.unit == "root":  # NOTE: tied: the last stage holds its own copy as the head
+                yield dataclasses.replace(spec, name="lm_head.weight", unit="head")
+        elif last:
+            yield dataclasses.replace(spec, unit="norm" if spec.name.startswith("model.norm") else "head")
 
 
 class LayerAdapters(NamedTuple):
@@ -525,18 +573,25 @@ def autocast_copies(info: ModelInfo, layout: ParallelConfig, prec: Precision) ->
     )
 
 
-def activation_bytes(info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision, ac: bool, workload: Workload) -> int:
-    """Bytes held from the end of forward into backward on one rank."""
+def activation_bytes(
+    info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision, ac: bool, workload: Workload, in_flight: int = 1,
+) -> int:
+    """Bytes held from the end of forward into backward on one rank (``in_flight`` micro-batches
+    between their forward and backward on a pipeline stage; the last stage's loss is per micro-batch)."""
     config = info.config
     if ac:
-        layers = sum(checkpointed_layer_bytes(info, i, work, prec) for i in range(config.num_hidden_layers))
+        layers = sum(checkpointed_layer_bytes(info, i, work, prec) for i in info.layers)
     else:
-        layers = sum(layer_bytes(info, i, work, layout, prec) for i in range(config.num_hidden_layers))
+        layers = sum(layer_bytes(info, i, work, layout, prec) for i in info.layers)
     h = config.hidden_size
-    # token ids, RoPE cos/sin (fp32, shared by the layers), final norm (x, rstd) and its output
-    edges = work.tokens * (8 + 2 * head_dim_of(config) * 4 + prec.residual * h + 4 + prec.compute * h)
+    # RoPE cos/sin (fp32, shared by the layers), token ids on the first stage
+    inputs = work.tokens * (2 * head_dim_of(config) * 4 + (8 if info.first else 0))
     cp_mask = work.tokens * (work.keys // work.rows) * (1 + prec.compute) if layout.cp > 1 else 0
-    return layers + edges + cp_mask + loss_held_bytes(info, work, layout, prec, workload) + autocast_copies(info, layout, prec)
+    per_micro_batch = in_flight * (layers + inputs + cp_mask)
+    if not info.last:
+        return per_micro_batch + autocast_copies(info, layout, prec)
+    final_norm = work.tokens * (prec.residual * h + 4 + prec.compute * h)  # its x, rstd and output
+    return per_micro_batch + final_norm + loss_held_bytes(info, work, layout, prec, workload) + autocast_copies(info, layout, prec)
 
 
 @dataclass(frozen=True)
@@ -569,6 +624,9 @@ def unit_sums(info: ModelInfo, layout: ParallelConfig) -> UnitSums:
     return UnitSums(largest_block=largest, **sums)
 
 
+_BACKWARD_WHAT = "backward: FSDP2 buffers of the largest block"
+
+
 def transient_bytes(
     info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision, ac: bool, workload: Workload, sums: UnitSums,
 ) -> tuple[int, str]:
@@ -577,8 +635,10 @@ def transient_bytes(
     full = workload.method == "full"
     per_param = 3 * prec.compute + 4 if full else 2 * prec.compute  # params (+ grads, fp32 RS input) + prefetch
     fsdp = sums.largest_block * per_param + sums.root * prec.compute
-    one_layer = max(layer_bytes(info, i, work, layout, prec) for i in range(config.num_hidden_layers))
+    one_layer = max(layer_bytes(info, i, work, layout, prec) for i in info.layers)
     backward = fsdp + one_layer * (2 if ac else 1)
+    if not info.last:
+        return backward, _BACKWARD_WHAT + (" + its recompute" if ac else "") + " + its gradients"
     v, h = config.vocab_size, config.hidden_size
     if is_fused(layout, workload):
         untied_sharded = not config.tie_word_embeddings and _fsdp_on(layout)
@@ -589,7 +649,7 @@ def transient_bytes(
     else:
         loss = work.tokens * v * (4 + prec.compute)
     candidates = [
-        (backward, "backward: FSDP2 buffers of the largest block" + (" + its recompute" if ac else "") + " + its gradients"),
+        (backward, _BACKWARD_WHAT + (" + its recompute" if ac else "") + " + its gradients"),
         (loss, "loss: " + ("gathered head + logits chunk" if is_fused(layout, workload) else "full-logits gradient")),
     ]
     return max(candidates)
@@ -597,6 +657,7 @@ def transient_bytes(
 
 def memory_bytes(
     info: ModelInfo, layout: ParallelConfig, ac: bool, micro_batch: int, workload: Workload, shards: "Shards",
+    in_flight: int = 1,
 ) -> tuple[dict[str, int], str]:
     """The per-GPU breakdown (it sums to the predicted peak) and what the transient is.
 
@@ -606,9 +667,12 @@ def memory_bytes(
     prec, state = precision(workload.dtype, workload.method, layout), shards.state
     work = work_of(layout, micro_batch, workload.seq_len)
     micro_batches = workload.global_batch // layout.data_parallel // micro_batch
+    accumulation = state.accumulation if micro_batches > 1 else 0
+    if layout.pp > 1 and accumulation:  # NOTE: PipelineStage also keeps FSDP2's gathered weights between micro-batches
+        accumulation += prec.compute * (shards.sums.dense + shards.sums.experts)
     held = dict(
-        accumulation=state.accumulation if micro_batches > 1 else 0,
-        activations=activation_bytes(info, work, layout, prec, ac, workload),
+        accumulation=accumulation,
+        activations=activation_bytes(info, work, layout, prec, ac, workload, in_flight),
         all_to_all=all_to_all_bytes(info, work, layout, prec),
     )
     transient, what = max(
@@ -621,7 +685,7 @@ def memory_bytes(
 
 def all_to_all_bytes(info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision) -> int:
     """EP send + receive buffers of one MoE layer's dispatch (balanced routing)."""
-    if layout.ep == 1 or info.moe is None:
+    if layout.ep == 1 or not any(info.moe_flags[i] for i in info.layers):
         return 0
     return 2 * work.tokens * info.moe.n_activated_experts * info.moe.dim * prec.compute
 
@@ -658,7 +722,7 @@ def flops_per_rank(info: ModelInfo, layout: ParallelConfig, ac: bool, workload: 
     if ac:  # NOTE: one more forward of every block (not of the LM head)
         per_token += ((dense - head) / 3 + attention / 3) / layout.tp + routed / 3
     tokens = workload.global_batch * workload.seq_len / (layout.data_parallel * layout.cp)
-    return tokens * per_token
+    return tokens * per_token * info.share
 
 
 def comm_seconds(
@@ -680,32 +744,39 @@ def comm_seconds(
         sharded = sums.trained_dense / dense_n + sums.trained_experts / expert_n
         fsdp += 2 * _ring(layout.dp_replicate) * 4 * sharded / _bandwidth(world, hw)
     passes = 2 + (1 if ac else 0)  # forward, backward, recompute
-    moe_layers = sum(info.moe_flags)
+    moe_layers = sum(info.moe_flags[i] for i in info.layers)
     ep = 0.0
     if layout.ep > 1 and moe_layers:
         per_layer = 2 * work.tokens * info.moe.n_activated_experts * h * c * _ring(layout.ep)
         ep = micro_batches * moe_layers * passes * per_layer / _bandwidth(layout.ep, hw)
     tp = 0.0
     if layout.tp > 1:
-        has_mlp = sum(not moe or info.moe.n_shared_experts > 0 for moe in info.moe_flags)
-        reduces = passes * (config.num_hidden_layers + has_mlp) + 2  # + embedding forward, head input gradient
-        logits = 2 * work.tokens * config.vocab_size * c * _ring(layout.tp)  # all-gather and its backward
+        has_mlp = sum(not info.moe_flags[i] or info.moe.n_shared_experts > 0 for i in info.layers)
+        reduces = passes * (len(info.layers) + has_mlp) + info.first + info.last  # + embedding, head input gradient
+        logits = 2 * work.tokens * config.vocab_size * c * _ring(layout.tp) * info.last  # all-gather and its backward
         per_mb = reduces * 2 * _ring(layout.tp) * work.tokens * h * c + logits
         tp = micro_batches * per_mb / _bandwidth(layout.tp, hw)
     cp = 0.0
     if layout.cp > 1:
         kv = 2 * work.keys * kv_heads_of(config) // layout.tp * head_dim_of(config) * c * _ring(layout.cp)
-        cp = micro_batches * passes * config.num_hidden_layers * kv / _bandwidth(layout.cp * layout.tp, hw)
-    return dict(fsdp=fsdp, ep=ep, tp=tp, cp=cp)
+        cp = micro_batches * passes * len(info.layers) * kv / _bandwidth(layout.cp * layout.tp, hw)
+    pp = 0.0
+    if layout.pp > 1:  # NOTE: hidden states out and their gradients back, per micro-batch (pp is the outer mesh dim)
+        pp = micro_batches * 2 * work.tokens * h * c / _bandwidth(world, hw)
+    return dict(fsdp=fsdp, ep=ep, tp=tp, cp=cp, pp=pp)
 
 
 def step_seconds(
     info: ModelInfo, layout: ParallelConfig, ac: bool, micro_batch: int, workload: Workload, hw: Hardware, sums: UnitSums,
 ) -> dict[str, float]:
-    """compute, each communication, and the step: FSDP2 overlaps compute, EP/TP/CP do not."""
+    """compute, each communication, and the step: FSDP2 overlaps compute, EP/TP/CP/PP do not; a
+    pipeline idles (pp - 1) of (micro-batches + pp - 1) slots (1F1B's and GPipe's bubble)."""
     compute = flops_per_rank(info, layout, ac, workload) / (hw.gpu.peak_tflops * 1e12 * hw.efficiency)
     comm = comm_seconds(info, layout, ac, micro_batch, workload, hw, sums)
-    return dict(compute=compute, **comm, step=max(compute, comm["fsdp"]) + comm["ep"] + comm["tp"] + comm["cp"])
+    micro_batches = workload.global_batch // layout.data_parallel // micro_batch
+    bubble = (micro_batches + layout.pp - 1) / micro_batches
+    exposed = comm["ep"] + comm["tp"] + comm["cp"] + comm["pp"]
+    return dict(compute=compute, **comm, step=(max(compute, comm["fsdp"]) + exposed) * bubble)
 
 
 # ----- enumerate layouts and plan ---------------------------------------------------------------
@@ -771,7 +842,7 @@ def _divisors(n: int) -> list[int]:
 
 @cache
 def pipeline_accepted() -> bool:
-    """Whether ``ParallelConfig`` takes pp > 1 (the planner does not model pipelines yet)."""
+    """Whether ``ParallelConfig`` takes pp > 1 (ernie45.distributed implements pipelines)."""
     try:
         ParallelConfig(pp=2)
     except NotImplementedError:
@@ -788,22 +859,23 @@ def candidate_layouts(config, gpus: int, fixed: dict) -> tuple[list[ParallelConf
     names = ("dp_replicate", "cp", "tp", "ep", "pp")
     options = {name: [fixed[name]] if name in fixed else _divisors(gpus) for name in names[:3]}
     options["ep"] = [fixed["ep"]] if "ep" in fixed else _divisors(gpus) if getattr(config, "moe_num_experts", 0) else [1]
-    options["pp"] = [fixed.get("pp", 1)]
+    options["pp"] = [fixed["pp"]] if "pp" in fixed else _divisors(gpus) if pipeline_accepted() else [1]
     valid, refused = [], {}
     for sizes in itertools.product(*(options[name] for name in names)):
         layout = dict(zip(names, sizes), dp_shard=fixed.get("dp_shard", -1))
         others = layout["dp_replicate"] * layout["cp"] * layout["tp"] * layout["pp"]
         world = others * layout["dp_shard"] == gpus if layout["dp_shard"] != -1 else gpus % others == 0
-        if not world and not all(name in fixed for name in ("dp_replicate", "cp", "tp", "pp", "dp_shard")):
+        folds = (gpus // layout["pp"]) % layout["ep"] == 0  # NOTE: ep folds onto a stage's ranks
+        if not (world and folds) and not all(name in fixed for name in ("dp_replicate", "cp", "tp", "pp", "dp_shard", "ep")):
             continue
         try:
             resolved = ParallelConfig(**layout).resolve(gpus)
             check_model_fits(resolved, config)
         except (LayoutError, NotImplementedError) as err:
-            refused.setdefault(str(err), None)
+            refused.setdefault(re.sub(r"\d+", "N", str(err)), str(err))  # NOTE: one example of each kind
             continue
         valid.append(resolved)
-    return valid, list(refused)
+    return valid, list(refused.values())
 
 
 def _sizes(layout: ParallelConfig) -> dict[str, int]:
@@ -828,13 +900,30 @@ class Shards:
         return cls(state_bytes(list(info.specs), layout, compute), unit_sums(info, layout))
 
 
+def in_flight(layout: ParallelConfig, stage: int, micro_batches: int) -> int:
+    """Micro-batches a pipeline stage holds between their forward and backward: 1F1B's warm-up
+    (pp - stage), GPipe's all of them; 1 without a pipeline."""
+    if layout.pp == 1:
+        return 1
+    return micro_batches if layout.pp_schedule == "GPipe" else min(micro_batches, layout.pp - stage)
+
+
 def evaluate(
-    info: ModelInfo, layout: ParallelConfig, ac: bool, micro_batch: int, workload: Workload, hw: Hardware, shards: Shards,
+    stages: list[ModelInfo], layout: ParallelConfig, ac: bool, micro_batch: int, workload: Workload, hw: Hardware,
+    shards: list[Shards],
 ) -> PlanRow:
-    """Memory and speed of one layout at one micro-batch size."""
-    memory, what = memory_bytes(info, layout, ac, micro_batch, workload, shards)
-    times = step_seconds(info, layout, ac, micro_batch, workload, hw, shards.sums)
+    """Memory and speed of one layout at one micro-batch size: the fullest pipeline rank's memory
+    and the slowest one's step (a single "stage" without a pipeline)."""
+    micro_batches = workload.global_batch // layout.data_parallel // micro_batch
+    memories = [
+        memory_bytes(info, layout, ac, micro_batch, workload, shard, in_flight(layout, stage, micro_batches))
+        for stage, (info, shard) in enumerate(zip(stages, shards))
+    ]
+    memory, what = max(memories, key=lambda m: sum(m[0].values()))
+    times = max((step_seconds(info, layout, ac, micro_batch, workload, hw, shard.sums) for info, shard in zip(stages, shards)),
+                key=lambda t: t["step"])
     tokens = workload.global_batch * workload.seq_len
+    info = stages[0]
     model_flops = (info.matmul_flops + info.attention_flops * workload.seq_len) * tokens
     peak = sum(memory.values())
     fits = peak <= hw.gpu.memory
@@ -843,7 +932,7 @@ def evaluate(
         layout=_sizes(layout),
         activation_checkpointing=ac,
         micro_batch=micro_batch,
-        micro_batches=workload.global_batch // layout.data_parallel // micro_batch,
+        micro_batches=micro_batches,
         fits=fits,
         why=why,
         memory=memory,
@@ -857,24 +946,28 @@ def evaluate(
 
 
 def rows_for(info: ModelInfo, layout: ParallelConfig, fixed: dict, workload: Workload, hw: Hardware) -> Iterator[PlanRow]:
-    """Every activation-checkpointing choice and micro-batch size of one layout."""
-    dp, shards = layout.data_parallel, None
+    """Every activation-checkpointing choice and micro-batch size (under pp: pp_microbatch_size, the
+    whole per-rank batch in one schedule step) of one layout."""
+    dp, stages, shards = layout.data_parallel, None, None
     for ac in [fixed["ac"]] if "ac" in fixed else [False, True]:
-        if layout.pp > 1:
-            yield PlanRow(_sizes(layout), ac, None, None, False, "the planner does not model pipeline parallelism yet")
-            continue
         if workload.global_batch % dp:
             why = f"--global-batch {workload.global_batch} is not a multiple of the {dp} data-parallel ranks (dp_replicate x dp_shard)"
             yield PlanRow(_sizes(layout), ac, None, None, False, why)
             continue
         per_rank = workload.global_batch // dp
         for micro_batch in [fixed["mb"]] if "mb" in fixed else _divisors(per_rank):
+            why = None
             if per_rank % micro_batch:
                 why = f"micro-batch {micro_batch} does not divide the {per_rank} sequences per data-parallel rank"
+            elif layout.pp > 1 and layout.pp_schedule != "GPipe" and per_rank // micro_batch < layout.pp:
+                why = f"{layout.pp_schedule} needs at least pp={layout.pp} micro-batches per step; {per_rank // micro_batch} here"
+            if why:
                 yield PlanRow(_sizes(layout), ac, micro_batch, None, False, why)
                 continue
-            shards = shards or Shards.of(info, layout, workload)
-            yield evaluate(info, layout, ac, micro_batch, workload, hw, shards)
+            stages = stages or info.stages(layout)
+            shards = shards or [Shards.of(stage, layout, workload) for stage in stages]
+            step_layout = dataclasses.replace(layout, pp_microbatch_size=micro_batch) if layout.pp > 1 else layout
+            yield evaluate(stages, step_layout, ac, micro_batch, workload, hw, shards)
 
 
 def _order(row: PlanRow) -> tuple:
@@ -951,9 +1044,11 @@ def make_plan(
     info = ModelInfo.of(config, lora_rank if method == "lora" else None)
     rows = [row for layout in candidates for row in rows_for(info, layout, fixed, workload, hw)]
     notes = [f"not valid here: {reason}" for reason in refused]
-    if "pp" not in fixed:
-        accepted = "accepted by ParallelConfig but not modelled here" if pipeline_accepted() else "not implemented in ernie45.distributed"
-        notes.append(f"pp (pipeline parallelism): {accepted}; layouts with pp > 1 were not considered")
+    if not pipeline_accepted():
+        notes.append("pp (pipeline parallelism): not implemented in ernie45.distributed; layouts with pp > 1 were not considered")
+    elif any(layout.pp > 1 for layout in candidates):
+        notes.append("pp > 1: the 1F1B schedule, one stage per rank, stages split by ernie45's cost balance; "
+                     "mb = pp_microbatch_size, the whole per-rank batch in one schedule step; the fullest and slowest rank shown")
     return Plan(sorted(rows, key=_order), notes, describe(info, hw, workload))
 
 
