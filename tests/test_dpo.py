@@ -303,7 +303,7 @@ def test_one_full_dpo_step_equals_a_hand_written_one(tmp_path, tokenizer):
     optimizer.step()
 
     entry = next(e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if e.get("step") == 1)
-    assert abs(entry["loss"] - float(loss)) < 1e-6 and summary["first_loss"] == entry["loss"]
+    assert abs(entry["loss"] - float(loss.detach())) < 1e-6 and summary["first_loss"] == entry["loss"]
     assert abs(entry["rewards/margins"] - sum(margins) / 4) < 1e-6 and entry["rewards/margins"] == 0.0  # policy = reference
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "nll_loss"} <= set(entry)
     saved = load_file(tmp_path / "run" / "hf" / "model.safetensors")
