@@ -254,14 +254,16 @@ def test_help_documents_every_section():
     "layout",
     [[], ["--distributed.tp_size=2", "--step_scheduler.local_batch_size=8",
           "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"],
-     ["--distributed.cp_size=2", "--step_scheduler.local_batch_size=8"]],
-    ids=["dp2", "tp2", "cp2"],
+     ["--distributed.cp_size=2", "--step_scheduler.local_batch_size=8"],
+     ["--distributed.pp_size=2", "--step_scheduler.local_batch_size=8"]],
+    ids=["dp2", "tp2", "cp2", "pp2"],
 )
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run, layout):
-    """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy), tensor parallelism (tp=2) or
-    context parallelism (cp=2: each sequence split over the ranks), started by an outside torchrun."""
+    """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy), tensor parallelism (tp=2),
+    context parallelism (cp=2: each sequence split over the ranks) or pipeline parallelism (pp=2:
+    one layer per stage, 1F1B, the fused loss on the last stage), started by an outside torchrun."""
     out = tmp_path / "run"
     args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *layout)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ernie45.cli"]
@@ -271,6 +273,21 @@ def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_p
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_8"]
     assert (out / "hf" / "model.safetensors").is_file()
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(straight_run), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_pipeline_run_resumes_in_one_process(tmp_path, dense_dir, straight_run):
+    """pp=2 (one layer per stage on 2 gloo ranks) for 4 steps, then --resume to 8 in one process: the
+    DCP checkpoint the two stages wrote is read by another layout, and the losses are the straight run's."""
+    out = tmp_path / "run"
+    args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, "--lr_scheduler.lr_decay_steps=8")
+    pipeline = ("--nproc-per-node=2", "--distributed.pp_size=2", "--step_scheduler.local_batch_size=8")
+    first = finetune_process(*args, *pipeline, "--step_scheduler.max_steps=4")
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = finetune(*args, "--resume")
+    assert resumed["resumed_from_step"] == 4 and resumed["world_size"] == 1
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(straight_run), rtol=1e-5, atol=1e-6)
 
 

@@ -72,7 +72,7 @@ def _default_with(overrides: dict) -> RecipeConfig:
         ({"dataset._target_": "evil.module.Dataset"}, ["dataset._target_", "configs never import arbitrary code"]),
         ({"model.torch_dtype": "float8"}, ["model.torch_dtype", "'float32'", "'bfloat16'"]),
         ({"optimizer.betas": [0.9, 1.5]}, ["optimizer.betas", "[0, 1)"]),
-        ({"distributed.pp_size": 2}, ["distributed.pp_size", "1"]),
+        ({"distributed.pipeline.pp_microbatch_size": 0}, ["distributed.pipeline.pp_microbatch_size", "greater than 0"]),
         ({"loss_fn.chunk_size": 64}, ["loss_fn", "chunk_size is only for"]),
         ({"lr_scheduler.min_lr": 1.0}, ["lr_scheduler.min_lr=1.0 must not exceed optimizer.lr=0.003"]),
     ],
@@ -118,3 +118,22 @@ def test_layout_checks_against_the_number_of_ranks():
         parallel_config(_default_with(fused_tp), two_ranks)
     layout = parallel_config(_default_with({"distributed.ep_size": 2}), two_ranks)
     assert (layout.ep, layout.tp, layout.param_dtype) == (2, 1, None)  # fp32 compute: no FSDP2 cast
+
+
+def test_pipeline_keys_are_checked_before_anything_is_built():
+    import torch
+
+    from ernie45.training.components import parallel_config
+    from ernie45.training.runtime import Runtime
+
+    two_ranks = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    pipeline = {"distributed.pp_size": 2, "distributed.pipeline.pp_schedule": "interleaved_1f1b",
+                "distributed.pipeline.layers_per_stage": [1, 1, 1, 1]}
+    layout = parallel_config(_default_with(pipeline), two_ranks)
+    assert (layout.pp, layout.pp_schedule, layout.layers_per_stage, layout.dp_shard) == (2, "Interleaved1F1B", (1, 1, 1, 1), -1)
+    with pytest.raises(ConfigError, match=r"pipeline.pp_schedule\b.*unknown pipeline schedule 'zigzag'; use one of GPipe, 1F1B"):
+        _default_with({"distributed.pipeline.pp_schedule": "zigzag"})
+    with pytest.raises(ConfigError, match=r"local_batch_size=8 must be a multiple of distributed.pipeline.pp_microbatch_size=3"):
+        parallel_config(_default_with({"distributed.pp_size": 2, "distributed.pipeline.pp_microbatch_size": 3}), two_ranks)
+    with pytest.raises(ConfigError, match=r"tp_size=1 x cp_size=1 x pp_size=4 must divide the world size 2"):
+        parallel_config(_default_with({"distributed.pp_size": 4}), two_ranks)

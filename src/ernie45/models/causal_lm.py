@@ -50,6 +50,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.backend = model.backend
         self.model = model
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)
+        self.lm_head_bias = lm_head_bias  # NOTE: known also where a pipeline stage holds no head
         self.vocab_size = config.vocab_size
         self.tie_weights()
 
@@ -193,8 +194,7 @@ class Ernie4_5CausalLMBase(nn.Module):
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count as transformers' ``num_parameters()`` counts it (tied head once; the MoE
         correction bias included). ``active_only``: those one token uses (K of E routed experts)."""
-        head_bias = self.lm_head.bias is not None
-        return accounting.num_parameters(self.config, self.moe_config, active_only, head_bias)
+        return accounting.num_parameters(self.config, self.moe_config, active_only, self.lm_head_bias)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (see ``accounting.flops_per_token``)."""

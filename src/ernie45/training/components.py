@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..auto import from_pretrained
 from ..checkpoint.hf_checkpoint import load_config
 from ..distributed import (
+    LayoutError,
     ParallelConfig,
     parallelize_model,
     prepare_for_final_backward,
@@ -115,6 +116,8 @@ class Layout:
     tp_size: int = 1  # ranks that see the same data (tensor-parallel peers)
     cp_size: int = 1  # ranks that share each sequence (context-parallel peers), each a part of it
     cp_rank: int = 0
+    pp_size: int = 1  # pipeline stages: ranks that see the same data, each running some layers
+    pp_rank: int = 0
     sharded: bool = False  # FSDP2 (with EP/TP/CP): gradients are reduced inside backward
 
     @property
@@ -152,18 +155,21 @@ def hf_config_from_recipe(config: RecipeConfig, tokenizer):
 def parallel_config(config: RecipeConfig, runtime: Runtime):
     """The scale-out layout of ``distributed``; checks sizes against the world and the batch."""
     section = config.distributed
-    model_parallel = section.tp_size * section.cp_size
+    model_parallel = section.tp_size * section.cp_size * section.pp_size
     if runtime.world_size % model_parallel:
         raise ConfigError(
-            f"distributed.tp_size={section.tp_size} x cp_size={section.cp_size} must divide the world size "
-            f"{runtime.world_size}"
+            f"distributed.tp_size={section.tp_size} x cp_size={section.cp_size} x pp_size={section.pp_size} "
+            f"must divide the world size {runtime.world_size}"
         )
     dp_size = runtime.world_size // model_parallel
     if section.dp_size is not None and section.dp_size != dp_size:
         raise ConfigError(
             f"distributed.dp_size={section.dp_size} does not fit {runtime.world_size} ranks with "
-            f"tp_size={section.tp_size} and cp_size={section.cp_size}: it must be {dp_size} (or leave it out)"
+            f"tp_size={section.tp_size}, cp_size={section.cp_size} and pp_size={section.pp_size}: "
+            f"it must be {dp_size} (or leave it out)"
         )
+    if section.pp_size > 1:
+        check_pipeline(config)
     if section.tp_size > 1 and config.loss_fn.component is FusedLinearCrossEntropy:
         raise ConfigError(
             "loss_fn FusedLinearCrossEntropy does not support distributed.tp_size > 1 (a vocabulary-sharded "
@@ -183,7 +189,40 @@ def parallel_config(config: RecipeConfig, runtime: Runtime):
         ep=section.ep_size,
         param_dtype=None if dtype == MASTER_DTYPE else dtype,
         activation_checkpointing=section.activation_checkpointing,
+        pp=section.pp_size,
+        pp_schedule=section.pipeline.pp_schedule,
+        pp_microbatch_size=section.pipeline.pp_microbatch_size,
+        layers_per_stage=section.pipeline.layers_per_stage,
     )
+
+
+def check_pipeline(config: RecipeConfig) -> None:
+    """What pipeline stages (distributed.pp_size > 1) need from the rest of the recipe."""
+    section, steps = config.distributed, config.step_scheduler
+    micro = section.pipeline.pp_microbatch_size
+    if steps.local_batch_size % micro:
+        raise ConfigError(
+            f"step_scheduler.local_batch_size={steps.local_batch_size} must be a multiple of "
+            f"distributed.pipeline.pp_microbatch_size={micro}: each micro-batch is cut into pipeline micro-batches"
+        )
+    if section.cp_size > 1:
+        raise ConfigError(f"distributed.pp_size={section.pp_size} with cp_size={section.cp_size} is not supported yet")
+    if config.peft is not None:
+        raise ConfigError(f"peft (LoRA) with distributed.pp_size={section.pp_size} is not supported yet; use pp_size=1")
+    if not hasattr(config.loss_fn.component, "head_loss"):
+        raise ConfigError(
+            f"loss_fn {config.loss_fn.target} cannot run on a pipeline's last stage (it has no head_loss); with "
+            f"distributed.pp_size={section.pp_size} use ernie45.training.loss.FusedLinearCrossEntropy or MaskedCrossEntropy"
+        )
+
+
+def check_pipeline_batch(config: RecipeConfig, model: nn.Module) -> None:
+    """The pipeline schedule can run a micro-batch of local_batch_size rows (e.g. 1F1B needs at least
+    as many pipeline micro-batches as stages)."""
+    try:
+        model.pipeline.check_batch(config.step_scheduler.local_batch_size)
+    except LayoutError as err:
+        raise ConfigError(f"distributed.pipeline: {err}") from None
 
 
 def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
@@ -191,7 +230,7 @@ def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
     if runtime.distributed:
         return
     section = config.distributed
-    for key in ("dp_size", "tp_size", "cp_size", "ep_size"):
+    for key in ("dp_size", "tp_size", "cp_size", "pp_size", "ep_size"):
         value = getattr(section, key)
         if value is not None and value > 1:
             raise ConfigError(
@@ -223,20 +262,26 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
         if parallel is not None:
             parallelize_model(model, parallel)
     check_peft_model(config, model)
+    if getattr(model, "pipeline", None) is not None:
+        check_pipeline_batch(config, model)
     if parallel is None:
         return model.train(), Layout()
     return model.train(), layout_of(config, runtime)
 
 
 def layout_of(config: RecipeConfig, runtime: Runtime) -> Layout:
-    """This rank's place: the world is (dp_replicate, dp_shard, cp, tp) with tp innermost (distributed/mesh.py)."""
-    tp, cp = config.distributed.tp_size, config.distributed.cp_size
+    """This rank's place: the world is (pp, dp_replicate, dp_shard, cp, tp), tp innermost (distributed/mesh.py)."""
+    tp, cp, pp = config.distributed.tp_size, config.distributed.cp_size, config.distributed.pp_size
+    per_stage = runtime.world_size // pp
+    local = runtime.rank % per_stage
     return Layout(
-        dp_size=runtime.world_size // (tp * cp),
-        dp_rank=runtime.rank // (tp * cp),
+        dp_size=per_stage // (tp * cp),
+        dp_rank=local // (tp * cp),
         tp_size=tp,
         cp_size=cp,
-        cp_rank=(runtime.rank // tp) % cp,
+        cp_rank=(local // tp) % cp,
+        pp_size=pp,
+        pp_rank=runtime.rank // per_stage,
         sharded=True,
     )
 
@@ -261,8 +306,9 @@ def check_peft_model(config: RecipeConfig, model: nn.Module) -> None:
 
 
 def set_grad_sync(model: nn.Module, layout: Layout, last_micro_batch: bool) -> None:
-    """Under FSDP2, reduce gradients only in the last micro-batch's backward."""
-    if layout.sharded:
+    """Under FSDP2, reduce gradients only in the last micro-batch's backward (pipeline stages reduce
+    them at the end of each pipeline step, as torch's schedules do)."""
+    if layout.sharded and layout.pp_size == 1:
         (prepare_for_final_backward if last_micro_batch else prepare_for_grad_accumulation)(model)
 
 

@@ -26,6 +26,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, St
 from pydantic import field_validator, model_validator
 
 from ..auto import from_config, from_pretrained
+from ..distributed.pipeline_split import SCHEDULES, canonical_schedule
 from ..tokenizer import train_tokenizer
 from .preference import check_preference_recipe
 from .registry import allowed_names, canonical_name, check_arguments, default_name, resolve
@@ -300,6 +301,23 @@ class ClipGradNormConfig(Section):
     max_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
 
 
+class PipelineConfig(Section):
+    """Pipeline stages (``distributed.pp_size`` > 1), as AutoModel's ``distributed.pipeline`` keys."""
+
+    pp_schedule: str = Field("1F1B", description=f"one of {', '.join(SCHEDULES)} (case and '_' ignored)")
+    pp_microbatch_size: PositiveInt = Field(1, description="rows per pipeline micro-batch; divides local_batch_size")
+    layers_per_stage: PositiveInt | list[PositiveInt] | None = Field(
+        None, description="null: split balanced by cost; N: ceil(layers / N) stages; a list: the layers of each stage"
+    )
+
+    @field_validator("pp_schedule")
+    @classmethod
+    def _known_schedule(cls, value: str):
+        if canonical_schedule(value) is None:
+            raise ValueError(f"unknown pipeline schedule {value!r}; use one of {', '.join(SCHEDULES)}")
+        return canonical_schedule(value)
+
+
 class DistributedConfig(Section):
     """Parallel layout (AutoModel's keys). dp_size defaults to whatever fills the world."""
 
@@ -307,10 +325,11 @@ class DistributedConfig(Section):
     dp_size: PositiveInt | None = None
     tp_size: PositiveInt = 1
     cp_size: PositiveInt = Field(1, description="context parallelism: each sequence split over cp ranks")
-    pp_size: Literal[1] = Field(1, description="pipeline parallelism is not supported")
+    pp_size: PositiveInt = Field(1, description="pipeline parallelism: the decoder layers in stages over pp ranks")
     ep_size: PositiveInt = Field(1, description="expert parallelism (MoE); folds onto the data-parallel ranks")
     sequence_parallel: bool = Field(False, description="not implemented (false only)")
     activation_checkpointing: bool = False
+    pipeline: PipelineConfig = PipelineConfig()
     @field_validator("sequence_parallel")
     @classmethod
     def _no_sequence_parallel(cls, value: bool):

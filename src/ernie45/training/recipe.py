@@ -34,7 +34,9 @@ import yaml
 
 from ..distributed.context_parallel import local_attention, shard_sequence
 from ..evaluation import evaluate_hellaswag
+from ..distributed.pipeline import StepLosses
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
+from ..moe.config import is_moe_layer
 from ..peft import count_parameters
 from .checkpointing import latest_checkpoint, load_checkpoint, newest_intact, save_checkpoint
 from .components import (
@@ -152,6 +154,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.loss_fn = config.loss_fn.build()
         self.moe = getattr(self.model, "moe_config", None)
+        hf = self.model.config
+        # NOTE: every MoE layer of the whole model, also those other pipeline stages hold
+        self.moe_layer_ids = [i for i in range(hf.num_hidden_layers) if is_moe_layer(hf, i)] if self.moe else []
 
     # ----- one optimizer step ---------------------------------------------------------------
     def batch(self, loader: DataLoader, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -193,27 +198,24 @@ class Trainer:
         for i, indices in enumerate(micro_batches):
             batch = self.batch(self.train_loader, indices)
             tokens += int((~batch["padding_mask"]).sum())
-            set_grad_sync(self.model, layout, last_micro_batch=i == len(micro_batches) - 1)
-            with autocast(config, self.runtime, layout):
-                token_loss_sum, output = self.loss_fn(self.model, batch)
-            # NOTE: gradient reduction averages over the dp (and cp) ranks; x their number makes it a sum.
-            loss = token_loss_sum * (layout.grad_average / divisor)
+            forward_backward = self.micro_batch_step if self.model.pipeline is None else self.pipeline_step
+            token_loss_sum, output = forward_backward(batch, divisor, num_micro, last=i == len(micro_batches) - 1)
             aux_loss = getattr(output, "aux_loss", None)
             if aux_loss is not None:
-                loss = loss + self.moe.aux_loss_coeff * aux_loss * (layout.dp_size / num_micro)
                 aux_sum += aux_loss.detach()
-            loss.backward()
             loss_sum += token_loss_sum.detach()
             if getattr(output, "metric_sums", None) is not None:
                 metric_sums.append(output.metric_sums)
             for layer_idx, load in self.expert_loads().items():
                 expert_load[layer_idx] = expert_load.get(layer_idx, 0) + load
-        grad_norm = clip_grad_norm(list(self.model.parameters()), config.clip_grad_norm.max_norm)
+        grad_norm = self.clip_gradients()
         stop = float(self.signals.received is not None)
         # NOTE: the one all-reduce of the step's statistics is also the agreement: a NaN/inf loss on
         # any rank makes the sum non-finite everywhere, a signal on any rank stops every rank after
         # this step; the gradient norm is already global.
         statistics = torch.stack([loss_sum, aux_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(stop)])
+        if layout.pp_rank > 0:  # NOTE: every pipeline stage saw the same batch and loss: the first one counts them
+            statistics[:3] = 0
         totals = self.sum_over_data(torch.cat([statistics, *([torch.stack(metric_sums).sum(0)] if metric_sums else [])]))
         finite = math.isfinite(float(totals[0])) and math.isfinite(float(totals[1])) and math.isfinite(grad_norm)
         lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
@@ -232,14 +234,56 @@ class Trainer:
         }
         if metric_sums:
             entry.update(self.loss_fn.step_metrics(totals[4:], len(global_batch)))
-        if expert_load:
-            loads = self.sum_over_data(torch.stack([expert_load[i] for i in sorted(expert_load)]))  # [L_moe,E]
+        if self.moe_layer_ids:
+            zeros = torch.zeros(self.moe.n_routed_experts, device=self.runtime.device)  # layers other stages hold
+            loads = self.sum_over_data(torch.stack([expert_load.get(i, zeros) for i in self.moe_layer_ids]))  # [L_moe,E]
             if finite and self.moe.gate_bias_update_factor > 0:
-                update_correction_bias(self.model, dict(zip(sorted(expert_load), loads)))
+                held = {i: load for i, load in zip(self.moe_layer_ids, loads) if i in expert_load}
+                update_correction_bias(self.model, held)
             entry.update(load_balance(loads))
             if self.moe.aux_loss_coeff > 0:
                 entry["aux_loss"] = float(totals[1]) / num_micro / layout.cp_size  # cp ranks: parts of one batch
         return entry, finite, float(totals[3]) > 0
+
+    def micro_batch_step(self, batch: dict[str, torch.Tensor], divisor: int, num_micro: int, last: bool) -> tuple:
+        """Forward and backward of one micro-batch: (its summed token loss, the model's output)."""
+        layout = self.layout
+        set_grad_sync(self.model, layout, last_micro_batch=last)
+        with autocast(self.config, self.runtime, layout):
+            token_loss_sum, output = self.loss_fn(self.model, batch)
+        # NOTE: gradient reduction averages over the dp (and cp) ranks; x their number makes it a sum.
+        loss = token_loss_sum * (layout.grad_average / divisor)
+        aux_loss = getattr(output, "aux_loss", None)
+        if aux_loss is not None:
+            loss = loss + self.moe.aux_loss_coeff * aux_loss * (layout.dp_size / num_micro)
+        loss.backward()
+        return token_loss_sum, output
+
+    def pipeline_step(self, batch: dict[str, torch.Tensor], divisor: int, num_micro: int, last: bool) -> tuple:
+        """The same through this rank's pipeline stages: the schedule runs forward and backward over
+        pipeline micro-batches, the loss on the last stage and the MoE aux loss over the routing of
+        every stage; every pipeline rank gets (summed token loss, ``StepLosses``). Each pipeline step
+        reduces its gradients (``last`` is not needed)."""
+        scale = divisor / self.layout.grad_average
+        coefficient = self.moe.aux_loss_coeff if self.moe is not None else 0.0
+        with autocast(self.config, self.runtime, self.layout):
+            out = self.run_pipeline(batch, loss_divisor=scale, aux_loss_weight=coefficient * self.layout.dp_size / num_micro)
+        return out.loss * scale, out
+
+    def run_pipeline(self, batch: dict[str, torch.Tensor], **kwargs) -> StepLosses:
+        """``model.pipeline.step`` on a collated batch (token ids for the first stage, labels for the last)."""
+        return self.model.pipeline.step(
+            batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], padding_mask=batch["padding_mask"],
+            position_ids=batch.get("position_ids"), loss_fn=self.loss_fn.head_loss, **kwargs,
+        )  # fmt: skip
+
+    def clip_gradients(self) -> float:
+        """The gradient norm of the whole model (pipeline stages: over all of them), clipped to max_norm."""
+        max_norm, pipeline = self.config.clip_grad_norm.max_norm, self.model.pipeline
+        if pipeline is None:
+            return clip_grad_norm(list(self.model.parameters()), max_norm)
+        pipeline.reduce_tied_gradients()
+        return clip_grad_norm(list(self.model.parameters()), max_norm, pipeline.group, pipeline.tied_copies())
 
     def loss_divisor(self, indices: list[int]) -> int:
         """What a step's summed loss is divided by: the label tokens of its examples, so that every
@@ -259,10 +303,13 @@ class Trainer:
         return all_reduce_sum(value, self.runtime) / self.layout.tp_size
 
     def expert_loads(self) -> dict[int, torch.Tensor]:
-        """{MoE layer: [E] tokens per expert} of the last forward (empty for dense models)."""
+        """{MoE layer: [E] tokens per expert} of the last forward (pipeline stages: of this rank's layers,
+        over the last pipeline step's micro-batches) (empty for dense models)."""
         if self.moe is None:
             return {}
-        return {idx: load.detach().float() for idx, load in collect_tokens_per_expert(self.model).items()}
+        pipeline = self.model.pipeline
+        loads = pipeline.expert_loads() if pipeline is not None else collect_tokens_per_expert(self.model)
+        return {idx: load.detach().float() for idx, load in loads.items()}
 
     # ----- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -279,7 +326,10 @@ class Trainer:
             indices = batches[j if j < len(batches) else 0]
             batch = self.batch(self.val_loader, indices)
             with autocast(self.config, self.runtime, self.layout):
-                loss_sum, _ = self.loss_fn(self.model, batch)
+                if self.model.pipeline is None:
+                    loss_sum = self.loss_fn(self.model, batch)[0]
+                else:
+                    loss_sum = self.run_pipeline(batch, backward=False).loss
             if j < len(batches):
                 totals += torch.stack([loss_sum.float(), torch.tensor(float(self.batch_divisor(batch)))])
         self.model.train()
@@ -288,16 +338,19 @@ class Trainer:
 
     def multiple_choice_accuracy(self) -> dict | None:
         """acc / acc_norm on the validation set, when it is multiple choice (HellaSwag format)."""
+        if not self.measures_multiple_choice() or self.model.pipeline is not None:
+            return None  # NOTE: pipeline stages: scoring needs the whole model's forward (said at the start)
         settings = self.config.evaluation
-        val = self.config.validation_dataset
-        if not (settings.multiple_choice and val is not None and is_multiple_choice(val)):
-            return None
         # NOTE: scoring runs whole sequences on every rank, so context parallelism is off for it.
         with autocast(self.config, self.runtime, self.layout), local_attention(self.model):
             result = evaluate_hellaswag(
                 self.model, self.tokenizer, self.val_records, settings.batch_size, settings.num_samples_limit, progress=False
             )
         return {key: result[key] for key in ("acc", "acc_norm", "num_examples", "truncated_examples")}
+
+    def measures_multiple_choice(self) -> bool:
+        settings, val = self.config.evaluation, self.config.validation_dataset
+        return settings.multiple_choice and val is not None and is_multiple_choice(val)
 
     # ----- checkpoints ----------------------------------------------------------------------
     def save(self, state: RunState, stopped_by: str | None = None) -> Path:
@@ -378,6 +431,8 @@ class Trainer:
         elif resume:
             logger.write(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
         logger.write(self.describe())
+        if self.model.pipeline is not None:
+            logger.write(self.describe_pipeline())
         if self.moe is not None:
             logger.write(self.describe_aux_loss())
         started = time.perf_counter()
@@ -434,6 +489,8 @@ class Trainer:
     def describe(self) -> str:
         """One line on what is about to run."""
         trainable, params = count_parameters(self.model)
+        if self.model.pipeline is not None:  # NOTE: this rank holds some stages only (no LoRA with them)
+            trainable = params = self.model.num_parameters()
         steps = self.config.step_scheduler
         lora = f" (LoRA: {trainable:,} trainable, {trainable / params:.2%})" if self.config.peft is not None else ""
         return (
@@ -441,6 +498,18 @@ class Trainer:
             f"examples, {self.total_steps} steps x {steps.global_batch_size} examples on {self.runtime.world_size} "
             f"process(es) -> {self.output_dir}"
         )
+
+    def describe_pipeline(self) -> str:
+        """The stage split (balanced by cost), and what pipeline stages leave out."""
+        pipeline = self.model.pipeline
+        lines = [
+            f"pipeline: {pipeline.split.num_stages} stages over pp_size={pipeline.split.pp} ({pipeline.layout.pp_schedule}, "
+            f"micro-batches of {pipeline.layout.pp_microbatch_size} row(s))",
+            pipeline.split.describe(),
+        ]
+        if self.measures_multiple_choice():
+            lines.append("multiple-choice accuracy is not measured: it needs the whole model (distributed.pp_size=1)")
+        return "\n".join(lines)
 
     def describe_aux_loss(self) -> str:
         """The MoE load-balancing loss weight in use and where it comes from (it differs from AutoModel's default)."""
