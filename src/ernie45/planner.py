@@ -257,11 +257,16 @@ def meta_model(config, lora_rank: int | None = None) -> nn.Module:
 
 
 # ----- per-rank bytes of parameters, gradients and optimizer state (exact) -----------------------
+def _fsdp_on(layout: ParallelConfig) -> bool:
+    """Whether FSDP2 shards the dense parameters (``ParallelMeshes.dp`` exists)."""
+    return layout.data_parallel * layout.cp > 1
+
+
 def fsdp_group(spec: ParamSpec, layout: ParallelConfig) -> int | None:
     """Ranks FSDP2 shards ``spec`` over (None: not managed by FSDP2)."""
     if spec.expert and layout.ep > 1:
         return layout.ep_shard
-    return layout.dp_shard * layout.cp if layout.data_parallel * layout.cp > 1 else None
+    return layout.dp_shard * layout.cp if _fsdp_on(layout) else None
 
 
 def local_numel(spec: ParamSpec, layout: ParallelConfig, shard_index: int = 0) -> tuple[int, int, int]:
@@ -329,7 +334,7 @@ def precision(dtype: str, method: str, layout: ParallelConfig) -> Precision:
     ``torch.autocast`` over fp32 masters; LoRA computes in the dtype of its frozen base."""
     if dtype == "fp32":
         return Precision(4, 4, "fp32")
-    if layout.data_parallel * layout.cp > 1 or method == "lora":
+    if _fsdp_on(layout) or method == "lora":
         return Precision(2, 2, "bf16")
     return Precision(2, 4, "bf16 autocast")
 
@@ -546,8 +551,10 @@ def is_fused(layout: ParallelConfig, workload: Workload) -> bool:
     return workload.loss == "fused" and layout.tp == 1
 
 
-def _fsdp_on(layout: ParallelConfig) -> bool:
-    return layout.data_parallel * layout.cp > 1
+def _head_in_root(info: ModelInfo, layout: ParallelConfig) -> bool:
+    """A tied head is FSDP2's root group, gathered (in the compute dtype) for the whole step; an
+    untied one, or a pipeline's copy, is its own group that the fused loss gathers in fp32."""
+    return info.config.tie_word_embeddings and _fsdp_on(layout) and layout.pp == 1
 
 
 def loss_held_bytes(info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision, workload: Workload) -> int:
@@ -557,7 +564,7 @@ def loss_held_bytes(info: ModelInfo, work: Work, layout: ParallelConfig, prec: P
     v, h = info.config.vocab_size, info.config.hidden_size
     if not is_fused(layout, workload):
         return work.tokens * v * (prec.compute + 4)
-    bf16_head = workload.method == "lora" or (info.config.tie_word_embeddings and _fsdp_on(layout))
+    bf16_head = workload.method == "lora" or _head_in_root(info, layout)
     return work.tokens * (h * prec.compute + 8) + v * h * (prec.compute if bf16_head else 4)
 
 
@@ -641,8 +648,8 @@ def transient_bytes(
         return backward, _BACKWARD_WHAT + (" + its recompute" if ac else "") + " + its gradients"
     v, h = config.vocab_size, config.hidden_size
     if is_fused(layout, workload):
-        untied_sharded = not config.tie_word_embeddings and _fsdp_on(layout)
-        gathered = v * h * (4 if full else prec.compute) if untied_sharded else 0
+        own_group = _fsdp_on(layout) and not _head_in_root(info, layout)
+        gathered = v * h * (4 if full else prec.compute) if own_group else 0
         low = prec.compute != 4  # NOTE: bf16 logits are cast to fp32 and the gradient back
         chunk = min(LOSS_CHUNK, work.tokens) * v * (4 + (2 * prec.compute if low else 0))
         loss = gathered + chunk + (v * h * (4 + prec.compute) if low else 0)
@@ -725,45 +732,88 @@ def flops_per_rank(info: ModelInfo, layout: ParallelConfig, ac: bool, workload: 
     return tokens * per_token * info.share
 
 
+class Traffic(NamedTuple):
+    """What one rank's collectives carry in a step: ``passes`` through the blocks per micro-batch
+    (forward, backward, and the recompute with checkpointing), in ``width``-byte elements."""
+
+    micro_batches: int
+    passes: int
+    work: Work
+    width: int
+
+
+def fsdp_seconds(layout: ParallelConfig, sums: UnitSums, traffic: Traffic, hw: Hardware) -> float:
+    """All-gathers of every unit in forward and backward of each micro-batch (compute dtype), one fp32
+    reduce-scatter of the trained ones, and under HSDP the all-reduce of the shards across replicas."""
+    dense_n, expert_n = layout.dp_shard * layout.cp, layout.ep_shard
+    dense_bw, expert_bw = _bandwidth(dense_n * layout.tp, hw), _bandwidth(hw.gpus, hw)
+    gathered = sums.dense * _ring(dense_n) / dense_bw + sums.experts * _ring(expert_n) / expert_bw
+    reduced = sums.trained_dense * _ring(dense_n) / dense_bw + sums.trained_experts * _ring(expert_n) / expert_bw
+    seconds = 2 * traffic.micro_batches * traffic.width * gathered + 4 * reduced
+    if layout.dp_replicate > 1:
+        sharded = sums.trained_dense / dense_n + sums.trained_experts / expert_n
+        seconds += 2 * _ring(layout.dp_replicate) * 4 * sharded / _bandwidth(hw.gpus, hw)
+    return seconds
+
+
+def ep_seconds(info: ModelInfo, layout: ParallelConfig, traffic: Traffic, hw: Hardware) -> float:
+    """Dispatch and combine all-to-alls of every MoE layer, each pass."""
+    moe_layers = sum(info.moe_flags[i] for i in info.layers)
+    if layout.ep == 1 or not moe_layers:
+        return 0.0
+    rows = traffic.work.tokens * info.moe.n_activated_experts
+    per_layer = 2 * rows * info.moe.dim * traffic.width * _ring(layout.ep)
+    return traffic.micro_batches * moe_layers * traffic.passes * per_layer / _bandwidth(layout.ep, hw)
+
+
+def tp_seconds(info: ModelInfo, layout: ParallelConfig, traffic: Traffic, hw: Hardware) -> float:
+    """All-reduces after attention and after each TP-split MLP (input gradients in backward), the
+    embedding's and the head's, and the logits all-gathered (and reduce-scattered back)."""
+    if layout.tp == 1:
+        return 0.0
+    config, tokens = info.config, traffic.work.tokens
+    split_mlps = sum(not info.moe_flags[i] or info.moe.n_shared_experts > 0 for i in info.layers)
+    reduces = traffic.passes * (len(info.layers) + split_mlps) + info.first + info.last
+    logits = 2 * tokens * config.vocab_size * traffic.width * _ring(layout.tp) * info.last
+    per_micro_batch = reduces * 2 * _ring(layout.tp) * tokens * config.hidden_size * traffic.width + logits
+    return traffic.micro_batches * per_micro_batch / _bandwidth(layout.tp, hw)
+
+
+def cp_seconds(info: ModelInfo, layout: ParallelConfig, traffic: Traffic, hw: Hardware) -> float:
+    """K and V of the whole sequence all-gathered by every attention layer (reduce-scattered back)."""
+    if layout.cp == 1:
+        return 0.0
+    kv = 2 * traffic.work.keys * info.config.num_key_value_heads // layout.tp * info.config.head_dim
+    per_layer = kv * traffic.width * _ring(layout.cp)
+    return traffic.micro_batches * traffic.passes * len(info.layers) * per_layer / _bandwidth(layout.cp * layout.tp, hw)
+
+
+def pp_seconds(info: ModelInfo, layout: ParallelConfig, traffic: Traffic, hw: Hardware) -> float:
+    """Hidden states to the next stage and their gradients back, per micro-batch (pp is the outer
+    mesh dim, so stages sit world/pp ranks apart)."""
+    if layout.pp == 1:
+        return 0.0
+    sent = 2 * traffic.work.tokens * info.config.hidden_size * traffic.width
+    return traffic.micro_batches * sent / _bandwidth(hw.gpus, hw)
+
+
 def comm_seconds(
     info: ModelInfo, layout: ParallelConfig, ac: bool, micro_batch: int, workload: Workload, hw: Hardware, sums: UnitSums,
 ) -> dict[str, float]:
     """Seconds per step of each kind of communication on one rank."""
-    config = info.config
-    prec = precision(workload.dtype, workload.method, layout)
-    micro_batches = workload.global_batch // layout.data_parallel // micro_batch
-    work = work_of(layout, micro_batch, workload.seq_len)
-    c, h, world = prec.compute, config.hidden_size, hw.gpus
-    dp_span = layout.dp_shard * layout.cp * layout.tp
-    dense_n, expert_n = layout.dp_shard * layout.cp, layout.ep_shard
-    dense_bw, expert_bw = _bandwidth(dp_span, hw), _bandwidth(world, hw)
-    gathered = sums.dense * _ring(dense_n) / dense_bw + sums.experts * _ring(expert_n) / expert_bw
-    reduced = sums.trained_dense * _ring(dense_n) / dense_bw + sums.trained_experts * _ring(expert_n) / expert_bw
-    fsdp = 2 * micro_batches * c * gathered + 4 * reduced
-    if layout.dp_replicate > 1:  # HSDP: all-reduce of the sharded fp32 gradients across replicas
-        sharded = sums.trained_dense / dense_n + sums.trained_experts / expert_n
-        fsdp += 2 * _ring(layout.dp_replicate) * 4 * sharded / _bandwidth(world, hw)
-    passes = 2 + (1 if ac else 0)  # forward, backward, recompute
-    moe_layers = sum(info.moe_flags[i] for i in info.layers)
-    ep = 0.0
-    if layout.ep > 1 and moe_layers:
-        per_layer = 2 * work.tokens * info.moe.n_activated_experts * h * c * _ring(layout.ep)
-        ep = micro_batches * moe_layers * passes * per_layer / _bandwidth(layout.ep, hw)
-    tp = 0.0
-    if layout.tp > 1:
-        has_mlp = sum(not info.moe_flags[i] or info.moe.n_shared_experts > 0 for i in info.layers)
-        reduces = passes * (len(info.layers) + has_mlp) + info.first + info.last  # + embedding, head input gradient
-        logits = 2 * work.tokens * config.vocab_size * c * _ring(layout.tp) * info.last  # all-gather and its backward
-        per_mb = reduces * 2 * _ring(layout.tp) * work.tokens * h * c + logits
-        tp = micro_batches * per_mb / _bandwidth(layout.tp, hw)
-    cp = 0.0
-    if layout.cp > 1:
-        kv = 2 * work.keys * kv_heads_of(config) // layout.tp * head_dim_of(config) * c * _ring(layout.cp)
-        cp = micro_batches * passes * len(info.layers) * kv / _bandwidth(layout.cp * layout.tp, hw)
-    pp = 0.0
-    if layout.pp > 1:  # NOTE: hidden states out and their gradients back, per micro-batch (pp is the outer mesh dim)
-        pp = micro_batches * 2 * work.tokens * h * c / _bandwidth(world, hw)
-    return dict(fsdp=fsdp, ep=ep, tp=tp, cp=cp, pp=pp)
+    traffic = Traffic(
+        micro_batches=workload.global_batch // layout.data_parallel // micro_batch,
+        passes=3 if ac else 2,
+        work=work_of(layout, micro_batch, workload.seq_len),
+        width=precision(workload.dtype, workload.method, layout).compute,
+    )
+    return dict(
+        fsdp=fsdp_seconds(layout, sums, traffic, hw),
+        ep=ep_seconds(info, layout, traffic, hw),
+        tp=tp_seconds(info, layout, traffic, hw),
+        cp=cp_seconds(info, layout, traffic, hw),
+        pp=pp_seconds(info, layout, traffic, hw),
+    )
 
 
 def step_seconds(
@@ -794,7 +844,7 @@ class PlanRow:
     transient: str | None = None  # what the transient is
     time_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float | None = None
-    mfu: float | None = None  # model FLOPs (no recompute) / (step x GPUs x peak)
+    mfu: float | None = None  # flops_per_token x tokens (full fine-tuning's count, also for LoRA) / (step x GPUs x peak)
     loss: str | None = None
     precision: str | None = None
 
