@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 import ernie45
 from builders import dense_model, make_routing_matter, moe_model, random_hf_model, tiny_dense_config, tiny_moe_config, token_batch
-from dist_checks import assert_close, count_reads, full, reloads_bit_exactly, same_files
+from dist_checks import assert_close, count_reads, reloads_bit_exactly, same_files
 from dist_harness import run_ranks
 from ernie45 import Ernie4_5_MoeForCausalLM, Ernie4_5ForCausalLM
 from ernie45.checkpoint.hf_checkpoint import native_tensors

@@ -19,7 +19,6 @@ fine-tune recipe passes its fused linear + cross-entropy) divided by ``loss_divi
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleLoopedBFS, get_schedule_class
+from torch.distributed.tensor import DTensor
 
 from ..models.loss import shifted_cross_entropy
 from ..moe.aux_loss import AuxStats, aux_loss_stats, load_balancing_loss
@@ -38,8 +37,6 @@ from .config import LayoutError
 from .mesh import ParallelMeshes
 from .model_parts import is_tied, moe_layer
 from .pipeline_split import SCHEDULES, StageSplit
-
-logger = logging.getLogger(__name__)
 
 HeadLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -107,7 +104,7 @@ class StageModule(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         h = self.embed(x, None) if self.embed_tokens is not None else x
         rope, mask, padding_mask = self.layer_inputs(h, position_ids, attention_mask, padding_mask)
-        stats = list(routing) if routing else self.no_routing(h.device)
+        stats = list(routing) or (self.no_routing(h.device) if self.carry_routing else [])
         for block in self.layers:
             h = block(h, rope, mask, padding_mask)
             self.count_load(block)
@@ -119,6 +116,7 @@ class StageModule(nn.Module):
         return (h, *stats) if self.carry_routing else h
 
     def count_load(self, block: nn.Module) -> None:
+        """Add the tokens per expert that ``block``'s MoE layer (if any) routed just now."""
         mlp = moe_layer(block)
         if mlp is not None and mlp.last_record is not None:
             load = mlp.last_record.tokens_per_expert
