@@ -308,6 +308,7 @@ def test_memory_sizes_and_bad_inputs_are_one_line_errors():
         (dict(layouts="tp=3"), "no layout of 8 GPU(s) matching --layouts 'tp=3' is valid"),
         (dict(seq_len=10**6), "--seq-len 1000000 must be between 2 and the model's max_position_embeddings=131072"),
         (dict(efficiency=2.0), "--efficiency 2.0 must be in (0, 1]"),
+        (dict(method="lora", layouts="tp=2"), "LoRA with tp > 1 is not supported yet"),
     ]:
         options = dict(model="21b-a3b", gpus=8) | bad
         with pytest.raises(ValueError, match=re.escape(message)):

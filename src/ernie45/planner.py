@@ -1088,6 +1088,10 @@ def make_plan(
     hw = hardware(gpus, gpu, gpu_memory, peak_tflops, bandwidth, inter_node_bandwidth, efficiency)
     fixed = parse_layouts(layouts)
     candidates, refused = candidate_layouts(config, gpus, fixed)
+    if method == "lora" and any(layout.tp > 1 for layout in candidates):
+        # NOTE: the recipe refuses peft with tp_size > 1 (LoRA is not tensor-parallel yet)
+        candidates = [layout for layout in candidates if layout.tp == 1]
+        refused.insert(0, "LoRA with tp > 1 is not supported yet (use dp_shard/ep/cp/pp)")
     if not candidates:
         reason = refused[0] if refused else "its sizes do not multiply into that many GPUs"
         raise ValueError(f"no layout of {gpus} GPU(s) matching --layouts {layouts!r} is valid: {reason}")
