@@ -137,3 +137,19 @@ def test_pipeline_keys_are_checked_before_anything_is_built():
         parallel_config(_default_with({"distributed.pp_size": 2, "distributed.pipeline.pp_microbatch_size": 3}), two_ranks)
     with pytest.raises(ConfigError, match=r"tp_size=1 x cp_size=1 x pp_size=4 must divide the world size 2"):
         parallel_config(_default_with({"distributed.pp_size": 4}), two_ranks)
+
+
+def test_activation_checkpointing_in_one_process_recomputes_every_block():
+    """``distributed.activation_checkpointing`` is honoured without a process group too (was ignored)."""
+    import torch
+    from torch.distributed._composable import checkpoint
+
+    from ernie45.training.components import build_model
+    from ernie45.training.runtime import Runtime
+
+    config = load_recipe(overrides={"distributed": {"activation_checkpointing": True}})
+    tokenizer = type("Tok", (), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "__len__": lambda self: 64})()
+    model, _ = build_model(config, tokenizer, Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert all(checkpoint.state(block) is not None for block in model.model.layers)
+    plain, _ = build_model(load_recipe(), tokenizer, Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert all(checkpoint.state(block) is None for block in plain.model.layers)

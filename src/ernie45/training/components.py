@@ -21,6 +21,7 @@ from ..checkpoint.hf_checkpoint import load_config
 from ..distributed import (
     LayoutError,
     ParallelConfig,
+    apply_activation_checkpointing,
     parallelize_model,
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
@@ -265,6 +266,8 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
     if getattr(model, "pipeline", None) is not None:
         check_pipeline_batch(config, model)
     if parallel is None:
+        if config.distributed.activation_checkpointing:  # NOTE: one process recomputes blocks too
+            apply_activation_checkpointing(model)
         return model.train(), Layout()
     return model.train(), layout_of(config, runtime)
 
