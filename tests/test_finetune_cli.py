@@ -26,6 +26,7 @@ from ernie45.tokenizer import train_tokenizer
 from ernie45.training.checkpointing import latest_checkpoint
 from ernie45.jsonl import read_jsonl
 from ernie45.training.data import record_texts
+from ernie45.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -350,3 +351,35 @@ def test_sft_jsonl_with_prompt_completion_and_chat_records(tmp_path, dense_dir):
     summary = finetune(str(tmp_path / "sft.yaml"), f"--output_dir={tmp_path / 'run'}")
     assert summary["steps"] == 3 and summary["multiple_choice_after"] is None  # not a multiple-choice set
     assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+# ----- packed rows -------------------------------------------------------------------------------
+PACKED = "--packed_sequence.packed_sequence_size=256"
+
+
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory, dense_dir) -> Path:
+    out = tmp_path_factory.mktemp("packed")
+    finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, PACKED))
+    return out
+
+
+def test_packed_rows_train_with_less_padding_and_resume_exactly(tmp_path, dense_dir, straight_run, packed_run):
+    packed = [e for e in read_metrics(packed_run / "metrics.jsonl") if "padding_fraction" in e]
+    assert max(e["padding_fraction"] for e in packed) < 0.1  # rows of 256 tokens, examples of ~60-100
+    assert json.loads((packed_run / "summary.json").read_text())["padding_fraction"] < 0.1
+    assert train_losses(packed_run)[-1] < train_losses(packed_run)[0]
+    out = tmp_path / "run"
+    first = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, PACKED, "--step_scheduler.max_steps=4", "--lr_scheduler.lr_decay_steps=8"))
+    assert first["steps"] == 4
+    finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, PACKED, "--lr_scheduler.lr_decay_steps=8", "--resume"))
+    assert train_losses(out) == train_losses(packed_run)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_packed_rows_on_two_ranks_follow_one_process(tmp_path, dense_dir, packed_run):
+    out = tmp_path / "run"
+    run = finetune_process(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, PACKED, "--nproc-per-node=2"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(packed_run)), rtol=1e-5, atol=1e-6)

@@ -193,11 +193,12 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.runtime.device)
         expert_load: dict[int, torch.Tensor] = {}
         metric_sums = []  # a loss's own statistics (preference losses: rewards), per micro-batch
-        tokens = 0
+        tokens = slots = 0  # real tokens, and the positions computed (real + padding)
         started = time.perf_counter()
         for i, indices in enumerate(micro_batches):
             batch = self.batch(self.train_loader, indices)
             tokens += int((~batch["padding_mask"]).sum())
+            slots += batch["padding_mask"].numel()
             forward_backward = self.micro_batch_step if self.model.pipeline is None else self.pipeline_step
             token_loss_sum, output = forward_backward(batch, divisor, num_micro, last=i == len(micro_batches) - 1)
             aux_loss = getattr(output, "aux_loss", None)
@@ -213,9 +214,10 @@ class Trainer:
         # NOTE: the one all-reduce of the step's statistics is also the agreement: a NaN/inf loss on
         # any rank makes the sum non-finite everywhere, a signal on any rank stops every rank after
         # this step; the gradient norm is already global.
-        statistics = torch.stack([loss_sum, aux_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(stop)])
+        counts = [loss_sum.new_tensor(float(n)) for n in (tokens, slots, stop)]
+        statistics = torch.stack([loss_sum, aux_sum, *counts])  # loss, aux, tokens, slots, stop
         if layout.pp_rank > 0:  # NOTE: every pipeline stage saw the same batch and loss: the first one counts them
-            statistics[:3] = 0
+            statistics[:4] = 0
         totals = self.sum_over_data(torch.cat([statistics, *([torch.stack(metric_sums).sum(0)] if metric_sums else [])]))
         finite = math.isfinite(float(totals[0])) and math.isfinite(float(totals[1])) and math.isfinite(grad_norm)
         lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
@@ -229,11 +231,12 @@ class Trainer:
             "loss": float(totals[0]) / divisor,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": float(totals[2]) / (time.perf_counter() - started),
+            "tokens_per_s": float(totals[2]) / (time.perf_counter() - started),  # real tokens, no padding
+            "padding_fraction": 1.0 - float(totals[2]) / max(1.0, float(totals[3])),
             "label_tokens": label_tokens,
         }
         if metric_sums:
-            entry.update(self.loss_fn.step_metrics(totals[4:], len(global_batch)))
+            entry.update(self.loss_fn.step_metrics(totals[5:], len(global_batch)))
         if self.moe_layer_ids:
             zeros = torch.zeros(self.moe.n_routed_experts, device=self.runtime.device)  # layers other stages hold
             loads = self.sum_over_data(torch.stack([expert_load.get(i, zeros) for i in self.moe_layer_ids]))  # [L_moe,E]
@@ -243,7 +246,7 @@ class Trainer:
             entry.update(load_balance(loads))
             if self.moe.aux_loss_coeff > 0:
                 entry["aux_loss"] = float(totals[1]) / num_micro / layout.cp_size  # cp ranks: parts of one batch
-        return entry, finite, float(totals[3]) > 0
+        return entry, finite, float(totals[4]) > 0
 
     def micro_batch_step(self, batch: dict[str, torch.Tensor], divisor: int, num_micro: int, last: bool) -> tuple:
         """Forward and backward of one micro-batch: (its summed token loss, the model's output)."""
@@ -526,7 +529,9 @@ class Trainer:
         return f"MoE aux-loss coefficient {coefficient:g} ({source})"
 
     def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
-        validation = [(e["step"], e["val_loss"]) for e in read_metrics(self.output_dir / "metrics.jsonl") if "val_loss" in e]
+        metrics = read_metrics(self.output_dir / "metrics.jsonl")
+        validation = [(e["step"], e["val_loss"]) for e in metrics if "val_loss" in e]
+        steps = [e for e in metrics if "padding_fraction" in e]
         return {
             "output_dir": str(self.output_dir),
             "steps": state.step,
@@ -541,6 +546,9 @@ class Trainer:
             "multiple_choice_after": mc_after,
             "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated != "false" else None,
             "nonfinite_skips": state.nonfinite_skips,
+            # real (non-padding) tokens per second and the share of computed positions that were padding
+            "tokens_per_s": sum(e["tokens_per_s"] for e in steps) / len(steps) if steps else None,
+            "padding_fraction": sum(e["padding_fraction"] for e in steps) / len(steps) if steps else None,
         }
 
 
@@ -554,6 +562,10 @@ def print_summary(summary: dict) -> None:
     lines = [f"finished {summary['steps']} steps in {summary['wall_time_s']:.1f}s -> {summary['output_dir']}"]
     if summary["first_loss"] is not None:
         lines.append(f"  train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    if summary.get("tokens_per_s") is not None:
+        lines.append(
+            f"  {summary['tokens_per_s']:.0f} real tokens/s, {summary['padding_fraction']:.1%} of computed positions were padding"
+        )
     preference = summary.get("preference")  # NOTE: a dpo: run's (PreferenceTrainer.summary)
     if preference:
         lines.append(
