@@ -18,7 +18,7 @@ from ..checkpoint.hf_checkpoint import save_hf_checkpoint
 from ..moe.config import MoEConfig
 from . import accounting, construction
 from .capabilities import ModelCapabilities
-from .decoder import DecoderModel
+from .decoder import DecoderModel, tuple_when_asked
 from .kv_cache import KVCache
 from .loss import causal_lm_loss
 from .rope import RotaryEmbedding
@@ -76,6 +76,7 @@ class Ernie4_5CausalLMBase(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ----- forward ----------------------------------------------------------------------------
+    @tuple_when_asked
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -93,7 +94,6 @@ class Ernie4_5CausalLMBase(nn.Module):
         use_cache: bool | None = None,
         cache_position: torch.Tensor | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
     ) -> CausalLMOutputWithPast:
         """input_ids [B,S] -> logits [B,S',V], with transformers' arguments and output class.
 
@@ -123,13 +123,12 @@ class Ernie4_5CausalLMBase(nn.Module):
             cache_position=cache_position,
         )
         logits = self.lm_head(keep_logits(body.last_hidden_state, logits_to_keep))
-        out = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=causal_lm_loss(logits, labels, shift_labels),
             logits=logits,
             cache=body.cache,
             hidden_states=body.hidden_states,
         )
-        return out if return_dict is not False else out.to_tuple()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Prompt + new tokens [B,P+N] with a KV cache, like transformers; see ``ernie45.generation.generate``."""

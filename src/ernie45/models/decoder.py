@@ -10,6 +10,9 @@ The MoE model only swaps the feed-forward of some blocks (ernie4_5_moe.py).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -97,6 +100,17 @@ def prepared_mask(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     if mask.is_floating_point():
         raise ValueError("a 4-D attention_mask must be bool or 0/1 integers (True = may attend), not an additive float mask")
     return mask.bool()
+
+
+def tuple_when_asked(forward: Callable) -> Callable:
+    """transformers' ``return_dict=False``: the output as a tuple of its set fields, for any forward."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, return_dict: bool | None = None, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out if return_dict is not False else out.to_tuple()
+
+    return wrapper
 
 
 def resolve_caches(
@@ -212,6 +226,7 @@ class DecoderModel(nn.Module):
         mask = prepare_mask(self.backend.attn, mask, batch, seq, keys, h.device)
         return self.rotary_emb(positions), mask, padding_mask
 
+    @tuple_when_asked
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -225,7 +240,6 @@ class DecoderModel(nn.Module):
         past_key_values: list[KVCache] | None = None,
         use_cache: bool | None = None,
         cache_position: torch.Tensor | None = None,
-        return_dict: bool | None = None,
     ) -> BaseModelOutputWithPast:
         """input_ids [B,S] (or inputs_embeds [B,S,H]) -> ``last_hidden_state`` [B,S,H] after the final norm.
 
@@ -236,7 +250,8 @@ class DecoderModel(nn.Module):
         Packed rows (transformers' padding-free form): ``position_ids`` that restart at 0 for each
         document; every token then attends only within its own document.
         ``cache`` (transformers' older name: ``past_key_values``): the KV caches of earlier calls
-        (``use_cache=True`` starts new ones); they are returned in the output's ``cache``. ``return_dict=False`` gives transformers' tuple instead.
+        (``use_cache=True`` starts new ones); they are returned in the output's ``cache``.
+        ``return_dict=False`` gives transformers' tuple instead (``tuple_when_asked``).
         """
         h = self.embed(input_ids, inputs_embeds)  # [B,S,H]
         caches = resolve_caches(cache, past_key_values, use_cache, len(self.layers))
@@ -251,9 +266,8 @@ class DecoderModel(nn.Module):
         h = self.norm(h)
         if hidden_states is not None:
             hidden_states[-1] = h  # as in transformers: the last entry is after the final norm
-        out = BaseModelOutputWithPast(
+        return BaseModelOutputWithPast(
             last_hidden_state=h,
             cache=caches,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
-        return out if return_dict is not False else out.to_tuple()

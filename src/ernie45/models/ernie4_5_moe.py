@@ -30,7 +30,7 @@ from ..moe.layer import MoELayer, moe_layers
 from .backend import BackendConfig
 from .capabilities import ModelCapabilities
 from .causal_lm import Ernie4_5CausalLMBase
-from .decoder import DecoderModel, Ernie4_5Block
+from .decoder import DecoderModel, Ernie4_5Block, tuple_when_asked
 from .mlp import Ernie4_5MLP
 
 logger = logging.getLogger(__name__)
@@ -110,25 +110,20 @@ class Ernie4_5_MoeModel(DecoderModel):
     def moe_layers(self) -> list[MoELayer]:
         return list(moe_layers(self).values())
 
+    @tuple_when_asked
     def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        self, input_ids: torch.Tensor | None = None, *, output_router_logits: bool = False, **kwargs
     ) -> MoeModelOutputWithPast:
         """The dense body's forward (same keywords); ``output_router_logits`` adds each MoE layer's
         router logits [T,E] fp32 (transformers' ``MoeModelOutputWithPast``)."""
         out = super().forward(input_ids, **kwargs)
         router_logits = tuple(layer.last_record.router_logits for layer in self.moe_layers())
-        moe_out = MoeModelOutputWithPast(
+        return MoeModelOutputWithPast(
             last_hidden_state=out.last_hidden_state,
             cache=out.cache,
             hidden_states=out.hidden_states,
             router_logits=router_logits if output_router_logits else None,
         )
-        return moe_out if return_dict is not False else moe_out.to_tuple()
 
 
 class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
@@ -157,20 +152,16 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
     def moe_layers(self) -> list[MoELayer]:
         return self.model.moe_layers()
 
+    @tuple_when_asked
     def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        self, input_ids: torch.Tensor | None = None, *, output_router_logits: bool | None = None, **kwargs
     ) -> MoeCausalLMOutputWithPast:
         """The dense forward (same keywords); ``output_router_logits`` (default: ``aux_loss_coeff > 0``)
         also returns ``aux_loss`` and the per-MoE-layer ``router_logits`` [T,E] fp32."""
         out = super().forward(input_ids, **kwargs)
         collect = self.moe_config.aux_loss_coeff > 0 if output_router_logits is None else bool(output_router_logits)
         aux_loss, router_logits = self.router_outputs() if collect else (None, None)
-        moe_out = MoeCausalLMOutputWithPast(
+        return MoeCausalLMOutputWithPast(
             loss=out.loss,
             aux_loss=aux_loss,
             logits=out.logits,
@@ -178,7 +169,6 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
             hidden_states=out.hidden_states,
             router_logits=router_logits,
         )
-        return moe_out if return_dict is not False else moe_out.to_tuple()
 
     def router_outputs(self) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
         """(aux_loss, router_logits per MoE layer) of the last forward, from each layer's ``last_record``."""
