@@ -7,6 +7,8 @@ sequence. Building it once per forward (not per layer) keeps the hot path short.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,30 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ends.to(torch.int32), int((ends[1:] - ends[:-1]).max())
 
 
+class DocumentRuns(NamedTuple):
+    """Packed rows as runs (row, start, end) that each attend causally to themselves only: sdpa runs
+    one call per run instead of one [S,S] mask, so packing does not pay for attention across
+    documents (the tail padding of a row is one more run, masked out elsewhere)."""
+
+    runs: list[tuple[int, int, int]]
+
+
+def document_runs(documents: torch.Tensor, key_keep: torch.Tensor | None) -> DocumentRuns | None:
+    """The runs of packed rows whose padding (if any) is at the end of each row; None otherwise
+    (e.g. left padding), where the dense mask serves. NOTE: one host sync."""
+    if key_keep is not None and bool((key_keep[:, 1:] & ~key_keep[:, :-1]).any()):
+        return None  # a real token after padding
+    ids = documents if key_keep is None else documents.masked_fill(~key_keep, -1)
+    boundary = torch.ones_like(ids, dtype=torch.bool)
+    boundary[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    seq = ids.shape[1]
+    runs = []
+    for row, starts in enumerate(boundary.tolist()):
+        begins = [i for i, start in enumerate(starts) if start]
+        runs += [(row, a, b) for a, b in zip(begins, begins[1:] + [seq])]
+    return DocumentRuns(runs)
+
+
 def build_attention_mask(
     key_keep: torch.Tensor | None, q_len: int, documents: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -78,6 +104,12 @@ def build_attention_mask(
 def sdpa_attention(q, k, v, mask, scale):
     """q [B,nH,Sq,hd], k/v [B,nKV,Sk,hd] -> [B,nH,Sq,hd]; GQA handled natively by the kernel."""
     gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, DocumentRuns):
+        rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+        for row, a, b in mask.runs:
+            part = (slice(row, row + 1), slice(None), slice(a, b))
+            rows[row].append(F.scaled_dot_product_attention(q[part], k[part], v[part], is_causal=True, scale=scale, enable_gqa=gqa))
+        return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
     if mask is None:
         q_len, k_len = q.shape[2], k.shape[2]
         if q_len == k_len:

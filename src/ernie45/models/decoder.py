@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .attention import Ernie4_5Attention, build_attention_mask, document_ids, prepare_mask
+from .attention import Ernie4_5Attention, build_attention_mask, document_ids, document_runs, prepare_mask
 from .backend import BackendConfig
 from .dimensions import head_dim_of
 from .kv_cache import KVCache, make_kv_caches
@@ -178,8 +178,8 @@ class DecoderModel(nn.Module):
         check_token_ids(input_ids, self.config.vocab_size)
         return self.embed_tokens(input_ids)
 
-    @staticmethod
     def mask_for(
+        self,
         attention_mask: torch.Tensor | None,
         padding_mask: torch.Tensor | None,
         positions: torch.Tensor,
@@ -199,6 +199,10 @@ class DecoderModel(nn.Module):
         # NOTE: packed rows (positions restarting per document) are only looked for in given position
         # ids without a cache, as transformers does; otherwise positions are known to be plain.
         documents = document_ids(positions) if may_be_packed else None
+        if documents is not None and self.backend.attn == "sdpa":
+            runs = document_runs(documents, key_keep)
+            if runs is not None:
+                return runs, padding_mask
         return build_attention_mask(key_keep, seq, documents), padding_mask
 
     def layer_inputs(
@@ -222,7 +226,7 @@ class DecoderModel(nn.Module):
         else:
             may_be_packed = caches is None and position_ids is not None
             mask, padding_mask = self.mask_for(attention_mask, padding_mask, positions, past, may_be_packed)
-        keys = mask.shape[-1] if mask is not None else past + seq
+        keys = mask.shape[-1] if isinstance(mask, torch.Tensor) else past + seq
         mask = prepare_mask(self.backend.attn, mask, batch, seq, keys, h.device)
         return self.rotary_emb(positions), mask, padding_mask
 
