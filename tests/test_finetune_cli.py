@@ -383,3 +383,14 @@ def test_packed_rows_on_two_ranks_follow_one_process(tmp_path, dense_dir, packed
     run = finetune_process(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, PACKED, "--nproc-per-node=2"))
     assert run.returncode == 0, run.stderr[-4000:]
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(packed_run)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_packed_moe_rows_under_expert_parallelism_follow_one_process(tmp_path, moe_dir):
+    single, parallel = tmp_path / "one", tmp_path / "ep2"
+    finetune(*twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, single, PACKED, "--checkpoint.enabled=false"))
+    args = twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, parallel, PACKED, "--checkpoint.enabled=false")
+    run = finetune_process(*args, "--nproc-per-node=2", "--distributed.ep_size=2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    torch.testing.assert_close(torch.tensor(train_losses(parallel)), torch.tensor(train_losses(single)), rtol=1e-5, atol=1e-6)
