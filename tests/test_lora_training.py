@@ -166,3 +166,12 @@ def test_lora_settings_that_cannot_run_are_refused_in_one_line(tmp_path, args, e
     result = CliRunner().invoke(app, ["finetune", f"--output_dir={tmp_path / 'run'}", EVERYTHING, *args])
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
+
+
+def test_save_consolidated_every_writes_the_adapter_mid_run_and_keeps_training_it(tmp_path, moe_dir, straight):
+    """Mid-run exports of a LoRA run are the adapter (merging would end the training); the losses are the straight run's."""
+    out = tmp_path / "run"
+    finetune(*twin(LORA_TWIN, moe_dir, out, "--checkpoint.save_consolidated=every"))
+    assert train_losses(out) == train_losses(straight)
+    assert (out / "checkpoints" / "step_4" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "hf" / "config.json").is_file()

@@ -327,8 +327,12 @@ def export_hf(
     """The trained model (in ``model.torch_dtype``) and its tokenizer in HF format (collective).
 
     ``final=False`` (mid-run, ``save_consolidated: every``): the weights as they are (float32 masters).
-    A LoRA model is merged first (in place: training is over)."""
+    A LoRA model is merged first (in place: training is over); mid-run its export is the adapter,
+    in ``path``'s parent, since merging would end the training."""
     if has_adapters(model):
+        if not final:
+            export_adapter(model, path.parent / "adapter", config)
+            return
         merge(model)
     if layout.sharded:
         model.save_pretrained(path)  # collective: every rank takes part, rank 0 writes

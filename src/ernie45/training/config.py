@@ -330,6 +330,7 @@ class DistributedConfig(Section):
     sequence_parallel: bool = Field(False, description="not implemented (false only)")
     activation_checkpointing: bool = False
     pipeline: PipelineConfig = PipelineConfig()
+
     @field_validator("sequence_parallel")
     @classmethod
     def _no_sequence_parallel(cls, value: bool):
