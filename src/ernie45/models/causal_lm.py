@@ -19,7 +19,6 @@ from ..moe.config import MoEConfig
 from . import accounting, construction
 from .capabilities import ModelCapabilities
 from .decoder import DecoderModel, tuple_when_asked
-from .kv_cache import KVCache
 from .loss import causal_lm_loss
 from .rope import RotaryEmbedding
 
@@ -81,27 +80,20 @@ class Ernie4_5CausalLMBase(nn.Module):
         self,
         input_ids: torch.Tensor | None = None,
         *,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
         labels: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None,
-        past_key_values: list[KVCache] | None = None,
-        use_cache: bool | None = None,
-        cache_position: torch.Tensor | None = None,
         output_attentions: bool | None = None,
+        **body,
     ) -> CausalLMOutputWithPast:
         """input_ids [B,S] -> logits [B,S',V], with transformers' arguments and output class.
 
-        ``labels`` (-100 = ignore) adds HF's shifted mean loss (``shift_labels``: already shifted).
-        ``cache`` (or ``past_key_values``) / ``use_cache``: ernie45 KV caches, returned in ``output.cache``.
-        Keyword-only after ``input_ids`` (as AutoModel): transformers orders these arguments
-        differently, so a positional call would silently mean something else. Any other keyword
-        is a TypeError, never silently ignored.
+        ``body``: the decoder's keywords (``DecoderModel.forward``): position_ids, attention_mask,
+        padding_mask, inputs_embeds, output_hidden_states, cache (or past_key_values), use_cache,
+        cache_position. ``labels`` (-100 = ignore) adds HF's shifted mean loss (``shift_labels``:
+        already shifted). Keyword-only after ``input_ids`` (as AutoModel): transformers orders these
+        arguments differently, so a positional call would silently mean something else. Any other
+        keyword is a TypeError (from the decoder), never silently ignored.
         """
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: the attention kernels never form the weights")
@@ -110,24 +102,10 @@ class Ernie4_5CausalLMBase(nn.Module):
                 f"this model holds {self.pipeline}, so it has no forward of its own: train it with "
                 "model.pipeline.step(...); generation and evaluation need the whole model (load it with pp=1)"
             )
-        body = self.model(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            padding_mask=padding_mask,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            cache=cache,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            cache_position=cache_position,
-        )
-        logits = self.lm_head(keep_logits(body.last_hidden_state, logits_to_keep))
+        out = self.model(input_ids, **body)
+        logits = self.lm_head(keep_logits(out.last_hidden_state, logits_to_keep))
         return CausalLMOutputWithPast(
-            loss=causal_lm_loss(logits, labels, shift_labels),
-            logits=logits,
-            cache=body.cache,
-            hidden_states=body.hidden_states,
+            loss=causal_lm_loss(logits, labels, shift_labels), logits=logits, cache=out.cache, hidden_states=out.hidden_states
         )
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
