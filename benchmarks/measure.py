@@ -147,12 +147,12 @@ def autocast_for(dtype: torch.dtype, device: torch.device):
 
 
 # ----- measurements ----------------------------------------------------------------------------------
-def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
-    """tokens/s of full training steps (forward, loss, backward, fused AdamW step, zero_grad)."""
-    # NOTE: fp32 master weights (mixed precision): the checkpoint is loaded into fp32 parameters.
-    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
-    # NOTE: fused AdamW is HF Trainer's default optimizer on torch >= 2.8; both sides use it.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+def train_step(model, params: list, lr: float, task: dict, workload: Workload, dtype: torch.dtype, device: torch.device):
+    """One training step of ``model`` as a callable: forward, loss, backward, fused AdamW over ``params``.
+
+    NOTE: fused AdamW is HF Trainer's default optimizer on torch >= 2.8; both sides use it.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
     compute_loss = ours_loss_fn(model) if task["impl"] == "ours" else (lambda ids: model(ids, labels=ids).loss)
     ids = random_tokens(workload, workload.seq_len, device)
 
@@ -163,6 +163,14 @@ def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: to
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """tokens/s of full training steps (forward, loss, backward, fused AdamW step, zero_grad)."""
+    # NOTE: fp32 master weights (mixed precision): the checkpoint is loaded into fp32 parameters.
+    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
+    step = train_step(model, list(model.parameters()), 1e-5, task, workload, dtype, device)
     return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
 
 
@@ -196,16 +204,7 @@ def measure_lora_train(task: dict, workload: Workload, dtype: torch.dtype, devic
     """tokens/s of LoRA training steps (forward, loss, backward, fused AdamW over the adapters only)."""
     model = lora_model(task["impl"], workload, task["checkpoint"], dtype, device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    compute_loss = ours_loss_fn(model) if task["impl"] == "ours" else (lambda ids: model(ids, labels=ids).loss)
-    ids = random_tokens(workload, workload.seq_len, device)
-
-    def step() -> None:
-        with autocast_for(dtype, device):
-            loss = compute_loss(ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = train_step(model, params, 1e-4, task, workload, dtype, device)
 
     info = {"trainable_parameters": sum(p.numel() for p in params), "adapter_dtypes": sorted({str(p.dtype) for p in params})}
     return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s", "info": info}
