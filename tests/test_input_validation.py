@@ -265,6 +265,11 @@ ACCEPTED = {
     ("model.config.moe_num_shared_experts", 0), ("model.config.moe_layer_start_index", 0),
     ("model.config.moe_layer_end_index", 0), ("model.config.moe_layer_end_index", -1),
     ("model.config.router_aux_loss_coef", 0), ("model.config.router_aux_loss_coef", 1e30),
+    ("packed_sequence.packed_sequence_size", 0),  # = no packing
+    ("peft.dropout", 0), ("peft.alpha", 1e30),  # no dropout; a huge adapter scale (finite; as PEFT allows)
+    ("dpo.label_smoothing", 0), ("dpo.sft_loss_ratio", 0),  # the defaults
+    ("dpo.beta", 1e30),  # finite: the sigmoid loss becomes a step on the margin's sign
+    ("dpo.sft_loss_ratio", 1e30),  # finite: the NLL term dominates
 }  # fmt: skip
 
 
@@ -288,16 +293,18 @@ def _outcome(raw: dict, key: str, value) -> str | None:
 @pytest.mark.parametrize("recipe", [DEFAULT_RECIPE, ROOT / "examples" / "ernie4_5_0p3b_hellaswag_cpu.yaml"], ids=lambda p: p.stem)
 def test_every_numeric_key_takes_only_meaningful_values(recipe):
     raw = read_yaml(recipe)
+    preference = read_yaml(ROOT / "examples" / "dpo_default.yaml")  # NOTE: dpo keys need preference data
     keys = numeric_keys()
     assert len(keys) > 40 and "dist_env.cpu_threads" in keys and "model.config.moe_k" in keys
     accepted = set()
     for key in keys:
         if key.startswith("model.config.") and "config" not in raw["model"]:
             continue
+        base = preference if key.startswith("dpo.") else raw
         for value in BAD_EVERYWHERE:
-            assert _outcome(raw, key, value) is not None, f"--{key}={value!r} was accepted"
+            assert _outcome(base, key, value) is not None, f"--{key}={value!r} was accepted"
         for value in MAYBE_MEANINGFUL:
-            if _outcome(raw, key, value) is None:
+            if _outcome(base, key, value) is None:
                 accepted.add((key, value))
     assert accepted <= ACCEPTED, sorted(accepted - ACCEPTED)
 

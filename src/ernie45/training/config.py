@@ -744,8 +744,9 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     from .compat import adapt_recipe
 
     path = Path(path) if path is not None else DEFAULT_RECIPE
+    raw = apply_overrides(read_yaml(path), overrides or {})  # NOTE: its errors name the file already
     try:
-        raw, notices = adapt_recipe(apply_overrides(read_yaml(path), overrides or {}), strict, ConfigError)
+        raw, notices = adapt_recipe(raw, strict, ConfigError)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     config = validate(raw, source=str(path))
