@@ -54,27 +54,46 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class DocumentRuns(NamedTuple):
-    """Packed rows as runs (row, start, end) that each attend causally to themselves only: sdpa runs
-    one call per run instead of one [S,S] mask, so packing does not pay for attention across
-    documents (the tail padding of a row is one more run, masked out elsewhere)."""
+    """Packed rows regrouped as one padded batch of documents, so sdpa attends document by document
+    in ONE causal call (no [S,S] block-diagonal mask, no compute across documents). D documents (the
+    tail padding of a row counts as one more), L = the longest; positions are flattened [B*S]."""
 
-    runs: list[tuple[int, int, int]]
+    gather: torch.Tensor  # [D,L] flat position of each document's t-th token (past its end: its last token)
+    scatter: torch.Tensor  # [B*S] flat slot (d*L + t) that holds each position's output
 
 
 def document_runs(documents: torch.Tensor, key_keep: torch.Tensor | None) -> DocumentRuns | None:
-    """The runs of packed rows whose padding (if any) is at the end of each row; None otherwise
+    """The documents of packed rows whose padding (if any) is at the end of each row; None otherwise
     (e.g. left padding), where the dense mask serves. NOTE: one host sync."""
     if key_keep is not None and bool((key_keep[:, 1:] & ~key_keep[:, :-1]).any()):
         return None  # a real token after padding
     ids = documents if key_keep is None else documents.masked_fill(~key_keep, -1)
-    boundary = torch.ones_like(ids, dtype=torch.bool)
-    boundary[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    seq = ids.shape[1]
-    runs = []
-    for row, starts in enumerate(boundary.tolist()):
-        begins = [i for i, start in enumerate(starts) if start]
-        runs += [(row, a, b) for a, b in zip(begins, begins[1:] + [seq])]
-    return DocumentRuns(runs)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = starts.reshape(-1)
+    begin = starts.nonzero().squeeze(1)  # [D] flat start of each document
+    length = torch.diff(begin, append=begin.new_tensor([starts.numel()]))  # [D]
+    longest = int(length.max())
+    offset = torch.arange(longest, device=begin.device)
+    gather = begin[:, None] + torch.minimum(offset[None], length[:, None] - 1)  # [D,L]
+    document = starts.cumsum(0) - 1  # [B*S] which document each position is in
+    position = torch.arange(starts.numel(), device=begin.device) - begin[document]
+    return DocumentRuns(gather, document * longest + position)
+
+
+def document_attention(q, k, v, runs: DocumentRuns, scale, gqa: bool):
+    """q [B,nH,S,hd], k/v [B,nKV,S,hd] attended per document: regroup to [D,n,L,hd], one causal sdpa
+    (a document's padding slots come after its tokens, so causality keeps them out), back to [B,nH,S,hd]."""
+    batch, _, seq, hd = q.shape
+
+    def by_document(t: torch.Tensor) -> torch.Tensor:
+        flat = t.transpose(1, 2).reshape(batch * seq, t.shape[1], hd)  # [B*S,n,hd]
+        return flat[runs.gather].transpose(1, 2)  # [D,n,L,hd]
+
+    q_docs, k_docs, v_docs = by_document(q), by_document(k), by_document(v)
+    out = F.scaled_dot_product_attention(q_docs, k_docs, v_docs, is_causal=True, scale=scale, enable_gqa=gqa)
+    out = out.transpose(1, 2).reshape(-1, q.shape[1], hd)[runs.scatter]  # [B*S,nH,hd]
+    return out.reshape(batch, seq, q.shape[1], hd).transpose(1, 2)
 
 
 def build_attention_mask(
@@ -105,11 +124,7 @@ def sdpa_attention(q, k, v, mask, scale):
     """q [B,nH,Sq,hd], k/v [B,nKV,Sk,hd] -> [B,nH,Sq,hd]; GQA handled natively by the kernel."""
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, DocumentRuns):
-        rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
-        for row, a, b in mask.runs:
-            part = (slice(row, row + 1), slice(None), slice(a, b))
-            rows[row].append(F.scaled_dot_product_attention(q[part], k[part], v[part], is_causal=True, scale=scale, enable_gqa=gqa))
-        return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
+        return document_attention(q, k, v, mask, scale, gqa)
     if mask is None:
         q_len, k_len = q.shape[2], k.shape[2]
         if q_len == k_len:
