@@ -151,6 +151,7 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
         self.lora_scales: dict[str, float] = {}  # projection -> scale, for those with an adapter
+        self.lora_enabled = True  # False inside ernie45.peft.adapters_disabled: the base experts alone
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -185,7 +186,7 @@ class GroupedExperts(nn.Module):
         del self._parameters[f"{projection}_lora_A"], self._parameters[f"{projection}_lora_B"]
 
     def _local_lora(self, projection: str, dtype: torch.dtype) -> ExpertLoRA | None:
-        if projection not in self.lora_scales:
+        if projection not in self.lora_scales or not self.lora_enabled:
             return None
         a = local_part(self.get_parameter(f"{projection}_lora_A")).to(dtype)
         b = local_part(self.get_parameter(f"{projection}_lora_B")).to(dtype)

@@ -12,6 +12,7 @@ from .config import PeftConfig
 from .lora import (
     LoRALinear,
     adapter_parameters,
+    adapters_disabled,
     apply_lora,
     count_parameters,
     has_adapters,
@@ -25,6 +26,7 @@ __all__ = [
     "LoRALinear",
     "PeftConfig",
     "adapter_parameters",
+    "adapters_disabled",
     "apply_lora",
     "count_parameters",
     "has_adapters",

@@ -17,6 +17,7 @@ full values on every rank, each rank keeping its own box of them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -68,9 +69,12 @@ class LoRALinear(nn.Linear):
         self.scale = scale
         self.dropout = dropout
         self.dropout_position = dropout_position
+        self.lora_enabled = True  # False inside ``adapters_disabled``: the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return out
         drop = self.dropout if self.training else 0.0
         low = F.linear(F.dropout(x, drop) if self.dropout_position == "pre" else x, self.lora_A.weight.to(x.dtype))
         update = F.linear(low * self.scale, self.lora_B.weight.to(x.dtype))
@@ -182,6 +186,20 @@ def freeze_base(model: nn.Module) -> None:
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter tensors by name (what the optimizer trains and ``save_adapter`` writes)."""
     return {name: param for name, param in model.named_parameters() if is_adapter_tensor(name)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside this block ``model`` computes as its base model (PEFT's ``disable_adapter()``): the
+    preference recipe's reference model without a second copy of the weights."""
+    adapted = [module for _, module in lora_modules(model)]
+    for module in adapted:
+        module.lora_enabled = False
+    try:
+        yield
+    finally:
+        for module in adapted:
+            module.lora_enabled = True
 
 
 def has_adapters(model: nn.Module) -> bool:

@@ -11,8 +11,8 @@ What changes against next-token training:
     in checkpoints; a resumed run rebuilds it from the same source. ``precompute_ref_log_probs``
     runs it once over the data before training and frees it. ``reference_free`` and ``simpo``
     build none.
-NOTE: with ``peft:`` the reference is also such a copy (the base model: fresh adapters start at
-B = 0), not the policy with its adapters switched off.
+  * with ``peft:`` the reference is the policy itself with its adapters switched off
+    (``ernie45.peft.adapters_disabled``): the base model, with no second copy of its weights.
 """
 
 from __future__ import annotations
@@ -23,11 +23,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..peft import adapters_disabled, has_adapters
 from .components import autocast, build_model
 from .data import DataLoader
 from .metrics import read_metrics
 from .preference import PreferenceExample, PreferenceLoss, collate_pairs, model_logps
 from .recipe import RunState, Trainer
+
+
+class WithoutAdapters:
+    """A LoRA model called as its base model (the reference of LoRA preference training)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
 
 
 class PreferenceTrainer(Trainer):
@@ -47,8 +59,11 @@ class PreferenceTrainer(Trainer):
         self.train_examples = self.train_loader.examples = self.with_reference_logps(reference, self.train_loader)
         self.val_examples = self.val_loader.examples = self.with_reference_logps(reference, self.val_loader)
 
-    def frozen_reference(self) -> nn.Module:
-        """The starting model again, laid out as the policy, in eval mode and without gradients."""
+    def frozen_reference(self):
+        """The starting model: the LoRA policy with its adapters off, or else a second copy laid out
+        as the policy, in eval mode and without gradients."""
+        if has_adapters(self.model):
+            return WithoutAdapters(self.model)
         reference, _ = build_model(self.config, self.tokenizer, self.runtime)
         return reference.eval().requires_grad_(False)
 

@@ -290,8 +290,11 @@ class PreferenceLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PreferenceOutput]:
         """-> (loss summed over the pairs, PreferenceOutput)."""
+        # NOTE: the reference first: when it is the policy with adapters off (LoRA), the MoE layers'
+        # records must end up the policy's (expert loads, aux loss).
+        reference_logps = self.reference_logps(batch)
         logps, tokens, output = model_logps(model, batch)
-        losses, chosen_rewards, rejected_rewards = preference_loss(logps, self.reference_logps(batch), tokens, self.settings)
+        losses, chosen_rewards, rejected_rewards = preference_loss(logps, reference_logps, tokens, self.settings)
         chosen_logps, rejected_logps = logps.chunk(2)
         nll = -chosen_logps / tokens.chunk(2)[0]  # the chosen answer's mean token NLL
         if self.settings.sft_loss_ratio:
