@@ -86,14 +86,17 @@ def document_attention(q, k, v, runs: DocumentRuns, scale, gqa: bool):
     (a document's padding slots come after its tokens, so causality keeps them out), back to [B,nH,S,hd]."""
     batch, _, seq, hd = q.shape
 
+    docs, longest = runs.gather.shape
+
     def by_document(t: torch.Tensor) -> torch.Tensor:
-        flat = t.transpose(1, 2).reshape(batch * seq, t.shape[1], hd)  # [B*S,n,hd]
-        return flat[runs.gather].transpose(1, 2)  # [D,n,L,hd]
+        flat = t.transpose(1, 2).reshape(batch * seq, -1)  # [B*S,n*hd]
+        # NOTE: index_select, whose backward is an index_add (indexing's would be a slow index_put)
+        return flat.index_select(0, runs.gather.reshape(-1)).view(docs, longest, t.shape[1], hd).transpose(1, 2)
 
     q_docs, k_docs, v_docs = by_document(q), by_document(k), by_document(v)
     out = F.scaled_dot_product_attention(q_docs, k_docs, v_docs, is_causal=True, scale=scale, enable_gqa=gqa)
-    out = out.transpose(1, 2).reshape(-1, q.shape[1], hd)[runs.scatter]  # [B*S,nH,hd]
-    return out.reshape(batch, seq, q.shape[1], hd).transpose(1, 2)
+    out = out.transpose(1, 2).reshape(docs * longest, -1).index_select(0, runs.scatter)  # [B*S,nH*hd]
+    return out.view(batch, seq, q.shape[1], hd).transpose(1, 2)
 
 
 def build_attention_mask(
