@@ -20,7 +20,8 @@ def as_dtype(value: torch.dtype | str | None, what: str = "dtype") -> torch.dtyp
 
 
 def config_dtype(config) -> torch.dtype:
-    """The dtype a transformers config asks for (``dtype``/``torch_dtype``), float32 when it names none."""
+    """The dtype a transformers config asks for (``dtype``/``torch_dtype``); float32 when it names none
+    or names one that is not a floating-point dtype (as transformers loads such configs)."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     try:
         return as_dtype(named) or torch.float32

@@ -24,7 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from .checkpoint.safetensors_io import json_object
-from .models.kv_cache import KVCache, make_kv_caches
+from .models.kv_cache import KVCache, make_kv_caches  # noqa: F401  (KVCache: re-exported, its old home)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

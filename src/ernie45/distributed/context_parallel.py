@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from ..models.attention import Ernie4_5Attention, sdpa_attention
+from ..models.attention import Ernie4_5Attention, document_starts, sdpa_attention
 from ..models.loss import IGNORE_INDEX
 
 
@@ -110,9 +110,7 @@ def shard_sequence(
 def _document_ids(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """[B,S] document of each token: a new one wherever the position does not follow by exactly 1
     (padding is its own document, which the mask drops anyway)."""
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-    return (starts | ~keep).cumsum(-1)
+    return (document_starts(positions) | ~keep).cumsum(-1)
 
 
 class ContextParallelKernel:
@@ -120,7 +118,7 @@ class ContextParallelKernel:
 
     NOTE: one instance serves every layer. It turns the bool mask into sdpa's additive form once
     per forward, so all layers save the same [B,1,2L,S] tensor for backward instead of each
-    converting (and saving) its own copy.
+    converting (and saving) its own copy; it holds that tensor until the next forward's mask.
     """
 
     def __init__(self, kernel, group: dist.ProcessGroup):

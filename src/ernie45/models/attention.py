@@ -30,25 +30,28 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return k_pos <= q_pos
 
 
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B,S] bool: True where a document starts, i.e. where the position does not follow the previous
+    one by exactly 1 (transformers' padding-free rule; positions restarting at 0 split documents)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """[B,S] int: which document of a packed row each token belongs to, or None when no row is packed.
 
-    transformers' padding-free rule (``DataCollatorWithFlattening``): a document starts wherever the
-    position does not follow the previous one by exactly 1 (so positions restarting at 0 split
-    documents). NOTE: one host sync, to keep the causal fast path for ordinary rows.
+    Documents as ``document_starts`` finds them (``DataCollatorWithFlattening``'s layout).
+    NOTE: one host sync, to keep the causal fast path for ordinary rows.
     """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    ids = starts.cumsum(-1)
+    ids = document_starts(position_ids).cumsum(-1)
     return ids if bool((ids[:, -1] > 1).any()) else None
 
 
 def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(cu_seqlens [D+1] int32, max_seqlen): the documents of all rows laid end to end, the THD form
     that varlen GPU kernels (flash-attention's ``*_varlen_func``, TE's THD) take."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    begin = starts.reshape(-1).nonzero().squeeze(1)
+    begin = document_starts(position_ids).reshape(-1).nonzero().squeeze(1)
     ends = torch.cat([begin, begin.new_tensor([position_ids.numel()])])
     return ends.to(torch.int32), int((ends[1:] - ends[:-1]).max())
 

@@ -39,7 +39,7 @@ def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """transformers' causal-LM loss: mean CE; ``shift_labels`` [B,S'] (already aligned with the
-    logits, as context-parallel and packed trainers pass them) wins over shifting ``labels`` [B,S]."""
+    logits, as context-parallel training passes them) wins over shifting ``labels`` [B,S]."""
     if shift_labels is not None:
         return token_cross_entropy(logits, shift_labels)
     return shifted_cross_entropy(logits, labels) if labels is not None else None

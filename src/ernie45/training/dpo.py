@@ -60,8 +60,9 @@ class PreferenceTrainer(Trainer):
         self.val_examples = self.val_loader.examples = self.with_reference_logps(reference, self.val_loader)
 
     def frozen_reference(self):
-        """The starting model: the LoRA policy with its adapters off, or else a second copy laid out
-        as the policy, in eval mode and without gradients."""
+        """The starting model: the LoRA policy itself with its adapters off (no second copy; adapter
+        dropout is off with them), or else a second copy laid out as the policy, in eval mode and
+        without gradients."""
         if has_adapters(self.model):
             return WithoutAdapters(self.model)
         reference, _ = build_model(self.config, self.tokenizer, self.runtime)
