@@ -1,8 +1,8 @@
 """One measurement in a fresh process: ``python benchmarks/measure.py '<json task>'``.
 
 ``compare.py`` starts one of these per (implementation, workload, dtype, measurement), so that
-ours and transformers never share allocator state, page-cache warmth of their own code paths or
-peak-memory marks. The task is a JSON object; the last stdout line is a JSON result:
+ours, transformers and NeMo AutoModel never share allocator state, page-cache warmth of their own
+code paths or peak-memory marks. The task is a JSON object; the last stdout line is a JSON result:
 
     {"values": [per repetition], "unit": ..., "peak_rss": bytes, "info": {...}}
     (+ "peak_device_memory": bytes allocated on the GPU, for CUDA runs)
@@ -13,14 +13,23 @@ Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an H
 step with the base frozen in the measured dtype and rank-16 float32 LoRA adapters on attention and
 the routed experts: ours with ``ernie45.peft``, transformers with HF PEFT), "forward" (inference
 tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
-new tokens/s). Precision: bf16 training is mixed precision as in our recipe and HF Trainer's
-``bf16=True`` (fp32 weights and AdamW state, forward under ``torch.autocast``); inference and
-loading use the checkpoint dtype.
+new tokens/s), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
+"seq_len" replaces the workload's sequence length (batch 1) for train, lora_train and forward.
+Precision: bf16 training is mixed precision as in our recipe and HF Trainer's ``bf16=True`` (fp32
+weights and AdamW state, forward under ``torch.autocast``); inference and loading use the
+checkpoint dtype.
+
+Implementations (``impl``): "ours" (ernie45), "hf" (transformers) and "automodel": NeMo AutoModel's
+own ERNIE 4.5 classes (``nemo_automodel.components.models.ernie4_5``) with a plain-PyTorch backend,
+weights converted from the same checkpoint by its state-dict adapter. It runs in its own venv
+(``benchmarks/setup_automodel.sh``: its transformers pin differs from ours) and has train and
+forward only; load, decode and lora_train report why not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -107,12 +116,45 @@ def load_model(impl: str, workload: Workload, path: str, dtype: torch.dtype, dev
     if impl == "hf":
         placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight to the GPU
         return hf_model_class(workload).from_pretrained(path, dtype=dtype, **placement)
+    if impl == "automodel":
+        return automodel_model(workload, path, dtype, device)
     import ernie45
 
     try:
         return ernie45.from_pretrained(path, dtype=dtype, device=device)
     except (ImportError, NotImplementedError) as err:
         raise Unavailable(f"ernie45 cannot load a {workload.kind} model yet: {err}") from None
+
+
+# NOTE: the backend names are AutoModel 0.7's (BackendConfig in components/models/common/utils.py):
+# sdpa attention, torch.nn.Linear, its torch RMSNorm, experts through torch._grouped_mm, and the
+# "torch" dispatcher, which on one process routes locally (no DeepEP / Transformer Engine on a CPU).
+AUTOMODEL_BACKEND = dict(attn="sdpa", linear="torch", rms_norm="torch", experts="torch_mm", dispatcher="torch")
+
+
+def automodel_model(workload: Workload, path: str, dtype: torch.dtype, device: torch.device):
+    """Checkpoint directory -> AutoModel's own ERNIE 4.5 model in ``dtype`` (its fp32-only router
+    stays fp32), the safetensors weights converted by its state-dict adapter (``from_hf``)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from nemo_automodel.components.models.common import BackendConfig
+    from nemo_automodel.components.models.ernie4_5 import Ernie4_5_MoeForCausalLM, Ernie4_5ForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.dtype = dtype  # NOTE: AutoModel's modules take their parameter dtype from the config
+    model_class = Ernie4_5_MoeForCausalLM if workload.kind == "moe" else Ernie4_5ForCausalLM
+    with torch.device(device):
+        model = model_class(config, backend=BackendConfig(**AUTOMODEL_BACKEND))
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file, device=str(device)))
+    missing, unexpected = model.load_state_dict(model.state_dict_adapter.from_hf(state), strict=False)
+    missing = set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set())  # tied to the embedding
+    if missing or unexpected:
+        raise ValueError(f"AutoModel's {model_class.__name__} does not match {path}: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")  # fmt: skip
+    return model
 
 
 def random_tokens(workload: Workload, length: int, device: torch.device, seed: int = 1) -> torch.Tensor:
@@ -139,6 +181,30 @@ def ours_loss_fn(model):
     return loss
 
 
+def hf_loss_fn(model):
+    """transformers' loss: the model shifts the labels and averages the cross-entropy itself."""
+    return lambda ids: model(ids, labels=ids).loss
+
+
+def automodel_loss_fn(model):
+    """AutoModel's recipe loss (``train_ft`` with the ERNIE examples' ``loss_fn``): its
+    MaskedCrossEntropy (fp32 upcast, summed) on the full logits, over the next-token labels its
+    collater produces (ids shifted left, -100 at the end), divided by the label-token count."""
+    from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy
+
+    cross_entropy = MaskedCrossEntropy()
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+        logits = model(ids).logits
+        return cross_entropy(logits, labels, num_label_tokens=int((labels != -100).sum()))
+
+    return loss
+
+
+LOSS_FNS = {"ours": ours_loss_fn, "hf": hf_loss_fn, "automodel": automodel_loss_fn}
+
+
 def autocast_for(dtype: torch.dtype, device: torch.device):
     """Mixed precision for low-precision training; nothing for fp32."""
     if dtype == torch.float32:
@@ -150,10 +216,11 @@ def autocast_for(dtype: torch.dtype, device: torch.device):
 def train_step(model, params: list, lr: float, task: dict, workload: Workload, dtype: torch.dtype, device: torch.device):
     """One training step of ``model`` as a callable: forward, loss, backward, fused AdamW over ``params``.
 
-    NOTE: fused AdamW is HF Trainer's default optimizer on torch >= 2.8; both sides use it.
+    NOTE: fused AdamW is HF Trainer's default optimizer on torch >= 2.8; every side uses it. Each
+    side computes its loss as its own recipe does (``LOSS_FNS``).
     """
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
-    compute_loss = ours_loss_fn(model) if task["impl"] == "ours" else (lambda ids: model(ids, labels=ids).loss)
+    compute_loss = LOSS_FNS[task["impl"]](model)
     ids = random_tokens(workload, workload.seq_len, device)
 
     def step() -> None:
@@ -181,6 +248,8 @@ def lora_model(impl: str, workload: Workload, path: str, dtype: torch.dtype, dev
     """The base in ``dtype`` (frozen) with float32 rank-16 adapters on q/k/v/o and, in a MoE model,
     both routed-expert tensors of every MoE layer: the same targets on both sides."""
     moe = workload.kind == "moe"
+    if impl == "automodel":
+        raise Unavailable("AutoModel LoRA (its own PEFT) is not wired into this benchmark")
     if impl == "hf":
         from peft import LoraConfig, get_peft_model
 
@@ -222,6 +291,10 @@ def measure_forward(task: dict, workload: Workload, dtype: torch.dtype, device: 
 def measure_load(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
     """Seconds from checkpoint directory to a ready model (after a warm-up load in this process,
     so one-time imports are not counted; the files are in the page cache for both)."""
+    if task["impl"] == "automodel":
+        # NOTE: its users load through NeMoAutoModelForCausalLM.from_pretrained (meta init, DCP,
+        # sharding); timing our hand-built construct + from_hf here would measure something else.
+        raise Unavailable("AutoModel's own loader needs its training infrastructure; not measured")
     load = lambda: load_model(task["impl"], workload, task["checkpoint"], dtype, device)  # noqa: E731
     return {"values": repeated(load, device, task), "unit": "s"}
 
@@ -232,6 +305,8 @@ def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: t
     model = load_model(task["impl"], workload, task["checkpoint"], dtype, device).eval()
     ids = random_tokens(workload, workload.prompt_len, device)
     new = workload.new_tokens
+    if task["impl"] == "automodel":
+        raise Unavailable("AutoModel's ERNIE 4.5 models have no generate() (no KV cache)")
     if task["impl"] == "hf":
         # NOTE: transformers has no "no end token" switch; min_new_tokens forces the length.
         run = lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)  # noqa: E731
@@ -245,6 +320,22 @@ def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: t
 def measure_ceiling(task: dict, device: torch.device) -> dict:
     info = {name: matmul_ceiling(getattr(torch, name), device, task["budget_s"]) for name in task["dtypes"]}
     return {"values": [], "unit": "GFLOP/s", "info": info}
+
+
+def automodel_check() -> dict:
+    """Import what the "automodel" implementation uses; its versions (an ImportError fails the task)."""
+    import importlib.metadata
+
+    import transformers
+
+    from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy  # noqa: F401
+    from nemo_automodel.components.models.common import BackendConfig
+    from nemo_automodel.components.models.ernie4_5 import Ernie4_5_MoeForCausalLM, Ernie4_5ForCausalLM  # noqa: F401
+
+    BackendConfig(**AUTOMODEL_BACKEND)
+    info = {"nemo_automodel": importlib.metadata.version("nemo-automodel"), "transformers": transformers.__version__,
+            "torch": torch.__version__, "python": sys.executable}  # fmt: skip
+    return {"values": [], "unit": "", "info": info}
 
 
 MEASUREMENTS = {
@@ -262,7 +353,11 @@ def run_task(task: dict) -> dict:
     device = torch.device(task.get("device", "cpu"))
     if task["kind"] == "ceiling":
         return measure_ceiling(task, device)
+    if task["kind"] == "automodel_check":
+        return automodel_check()
     workload = WORKLOADS[task["workload"]]
+    if task.get("seq_len"):
+        workload = dataclasses.replace(workload, batch=1, seq_len=task["seq_len"])
     if task["kind"] == "checkpoint":
         path = ensure_checkpoint(workload, task["dtype"], Path(task["cache_dir"]))
         return {"values": [], "unit": "", "info": {"path": str(path)}}
