@@ -1,15 +1,18 @@
-"""ernie45 vs transformers, side by side in one run: same machine, checkpoint, inputs, dtype and threads.
+"""ernie45 vs transformers (and NeMo AutoModel), side by side in one run: same machine, checkpoint,
+inputs, dtype and threads.
 
     .venv/bin/python benchmarks/compare.py --quick --json results.json
     .venv/bin/python benchmarks/compare.py --workloads dense-0.3b --dtypes bfloat16 --rounds 3
+    bash benchmarks/setup_automodel.sh && .venv/bin/python benchmarks/compare.py --quick --peers automodel
+    .venv/bin/python benchmarks/compare.py --workloads mini-moe --metrics train,forward --seq-lens 256,1024,4096
 
 How it measures (each number is a ratio ours/transformers, because shared machines drift):
-  * every measurement runs in a fresh process (``measure.py``), ours and transformers alternately
+  * every measurement runs in a fresh process (``measure.py``), the implementations alternately
     (the order flips every round), each with the same ``--threads``;
   * inside a process: warm-up repetitions, then timed ones; a metric is the median of all timed
     repetitions of all rounds (peak memory: the largest of the training processes);
   * weights: one random checkpoint per (workload, dtype), written by transformers' save_pretrained
-    and loaded by both libraries;
+    and loaded by every implementation;
   * the machine's matmul ceiling is measured at the start and the end of the run (the higher
     counts), and training MFU = tokens/s x the model's FLOPs per token / that ceiling.
 Metrics: train_tokens_per_s (forward, loss, backward, AdamW step), peak_rss, forward_tokens_per_s,
@@ -20,6 +23,17 @@ that is missing shows as n/a.
 
 ``--dtypes auto`` picks bf16 where the CPU multiplies bf16 natively (bf16 ceiling above fp32's),
 and fp32 (with a note) where bf16 matmuls are emulated and a bf16 run would take hours.
+
+``--peers automodel`` adds NeMo AutoModel's own ERNIE 4.5 model as a third column (and a ratio
+column ours/AutoModel; JSON keys "automodel" and "ratio_automodel"). It runs with the python of
+the venv that ``benchmarks/setup_automodel.sh`` makes (``--automodel-python``); when that venv is
+missing or AutoModel does not import there, the run says why once and goes on with two columns.
+AutoModel has train and forward here; its other metrics show n/a with the reason.
+
+``--seq-lens 256,512,...`` measures train, lora_train and forward (those of ``--metrics``) at each
+sequence length, batch 1, and prints one row per length and metric: tokens/s of each side, the
+ratio, and for training the ratio of peak memory (JSON rows carry "seq_len"). load and decode run
+once at the workload's own shapes. Without the flag: each workload's own seq_len, as always.
 """
 
 from __future__ import annotations
@@ -35,11 +49,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import DEFAULT_CACHE, DTYPES, WORKLOADS, Workload, hf_config  # noqa: E402
+from workloads import DEFAULT_CACHE, DTYPES, MAX_POSITIONS, WORKLOADS, Workload, hf_config  # noqa: E402
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
 IMPLS = ("ours", "hf")
+PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
+LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
 KINDS = ("train", "lora_train", "forward", "load", "decode")
+SWEPT_KINDS = ("train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
+SETUP_AUTOMODEL = "benchmarks/setup_automodel.sh"
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -47,7 +65,7 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
 class Plan:
     """How many processes and repetitions each measurement gets."""
 
-    rounds: int  # processes per (impl, measurement); ours/hf alternate, order flips each round
+    rounds: int  # processes per (impl, measurement); the impls alternate, order flips each round
     warmup: dict[str, int]
     reps: dict[str, int]
     min_seconds: float  # keep repeating past ``reps`` until the timed calls add up to this
@@ -75,12 +93,23 @@ def ratio(ours: float | None, hf: float | None) -> float | None:
     return ours / hf
 
 
-def make_row(name: str, metric: str, ours: float | None, hf: float | None, unit: str, note: str = "") -> dict:
-    """One result row: {"name", "metric", "ours", "hf", "ratio", "unit"} (+ "note" when a side is n/a)."""
+def make_row(
+    name: str, metric: str, ours: float | None, hf: float | None, unit: str, note: str = "", peers: dict | None = None
+) -> dict:
+    """One result row: {"name", "metric", "ours", "hf", "ratio", "unit"} (+ "note" when a side is n/a),
+    and for each peer in ``peers`` (e.g. {"automodel": value}) its value and "ratio_<peer>" = ours/peer."""
     row = {"name": name, "metric": metric, "ours": ours, "hf": hf, "ratio": ratio(ours, hf), "unit": unit}
+    for peer, value in (peers or {}).items():
+        row[peer], row[f"ratio_{peer}"] = value, ratio(ours, value)
     if note:
         row["note"] = note
     return row
+
+
+def row_of(name: str, metric: str, values: dict, unit: str, note: str = "") -> dict:
+    """``make_row`` from {impl: value} (the peers among them become the extra columns)."""
+    peers = {impl: values[impl] for impl in PEERS if impl in values}
+    return make_row(name, metric, values.get("ours"), values.get("hf"), unit, note, peers or None)
 
 
 def median_or_none(values: list[float]) -> float | None:
@@ -129,30 +158,75 @@ def format_value(value: float | None, unit: str) -> str:
     return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
 
 
+def format_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def table_peers(rows: list[dict]) -> list[str]:
+    """The peers that have a column in these rows."""
+    return [peer for peer in PEERS if any(peer in row for row in rows)]
+
+
+def side_cells(row: dict, peers: list[str]) -> list[str]:
+    """Each side's value with its unit, then ours/hf and ours/<peer> (n/a where missing)."""
+    unit = row["unit"]
+    suffix = "" if unit in ("bytes", "fraction") else f" {unit}"
+    sides = [row.get(impl) for impl in (*IMPLS, *peers)]
+    values = [format_value(value, unit) + (suffix if value is not None else "") for value in sides]
+    return values + [format_ratio(row["ratio"])] + [format_ratio(row.get(f"ratio_{peer}")) for peer in peers]
+
+
+def header(first: list[str], peers: list[str], last: tuple[str, ...] = ()) -> list[str]:
+    """The Markdown header lines: ``first``, each side, each ratio, then ``last``."""
+    names = [LABELS[impl] for impl in (*IMPLS, *peers)]
+    columns = [*first, *names, "ours/transformers", *(f"ours/{LABELS[peer]}" for peer in peers), *last]
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the rows (n/a where a side is missing)."""
-    lines = ["| workload | metric | ours | transformers | ours/transformers |", "| --- | --- | --- | --- | --- |"]
+    """A Markdown table of the rows (n/a where a side is missing); a peer's columns when a row has it."""
+    peers = table_peers(rows)
+    lines = header(["workload", "metric"], peers)
     for row in rows:
-        unit = row["unit"]
-        suffix = "" if unit in ("bytes", "fraction") else f" {unit}"
-        ours, hf = (format_value(row[side], unit) + (suffix if row[side] is not None else "") for side in IMPLS)
-        ratio_text = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-        lines.append(f"| {row['name']} | {row['metric']} | {ours} | {hf} | {ratio_text} |")
+        lines.append("| " + " | ".join([row["name"], row["metric"], *side_cells(row, peers)]) + " |")
+    return "\n".join(lines)
+
+
+# The memory row each throughput row of the sweep table shows as a ratio column.
+MEMORY_OF = {"train_tokens_per_s": "peak_rss", "lora_train_tokens_per_s": "lora_peak_rss"}
+
+
+def format_sweep_table(rows: list[dict]) -> str:
+    """The --seq-lens rows as a Markdown table, one line per (workload, length, metric); a training
+    throughput line carries its peak-memory ratios (its own peak_rss line is folded into it)."""
+    peers = table_peers(rows)
+    memory = {(row["name"], row["seq_len"], row["metric"]): row for row in rows}
+    ratio_names = tuple(f"peak RSS ours/{LABELS[impl]}" for impl in ("hf", *peers))
+    lines = header(["workload", "seq_len", "metric"], peers, ratio_names)
+    for row in rows:
+        if row["metric"] in MEMORY_OF.values():
+            continue
+        peak = memory.get((row["name"], row["seq_len"], MEMORY_OF.get(row["metric"])))
+        ratios = [format_ratio(peak[key]) if peak else "" for key in ("ratio", *(f"ratio_{p}" for p in peers))]
+        cells = [row["name"], str(row["seq_len"]), row["metric"], *side_cells(row, peers), *ratios]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ----- running measurement processes -----------------------------------------------------------------
-def run_measurement(task: dict, timeout_s: float) -> dict:
-    """Run ``measure.py`` on one task in a fresh process; failures come back as {"unavailable": why}."""
+def run_measurement(task: dict, timeout_s: float, python: str | None = None) -> dict:
+    """Run ``measure.py`` on one task in a fresh process (``python``, default this interpreter);
+    failures come back as {"unavailable": why}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]), MKL_NUM_THREADS=str(task["threads"]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    command = [python or sys.executable, str(MEASURE), json.dumps(task)]
     try:
-        proc = subprocess.run(
-            [sys.executable, str(MEASURE), json.dumps(task)], capture_output=True, text=True, timeout=timeout_s, env=env
-        )
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"unavailable": f"timed out after {timeout_s:.0f} s"}
+    except OSError as err:  # e.g. the peer's python is not there
+        return {"unavailable": f"cannot run {command[0]}: {err.strerror or err}"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -167,6 +241,24 @@ def summary(values: list[float]) -> str:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def python_for(args, impl: str) -> str:
+    """The interpreter that measures ``impl``: AutoModel's own venv for "automodel", else this one."""
+    return str(args.automodel_python) if impl == "automodel" else sys.executable
+
+
+def check_automodel(args) -> tuple[dict | None, str]:
+    """(AutoModel's versions, "") when its venv imports it, else (None, the note that says why)."""
+    python = Path(args.automodel_python)
+    if not python.is_file():
+        why = f"no python at {python}"
+    else:
+        result = run_measurement(dict(kind="automodel_check", threads=1), min(args.timeout, 300.0), str(python))
+        if "unavailable" not in result:
+            return result["info"], ""
+        why = f"{python} cannot import it: {result['unavailable']}"
+    return None, f"AutoModel column skipped: {why}; run {SETUP_AUTOMODEL}"
 
 
 def measure_ceilings(args, plan: Plan, dtypes: list[str]) -> dict[str, float]:
@@ -193,13 +285,17 @@ def flops_per_token(workload: Workload, seq_len: int) -> float | None:
     return float(model.flops_per_token(seq_len)) if hasattr(model, "flops_per_token") else None
 
 
-def measure_workload(args, plan: Plan, workload: Workload, dtype: str, checkpoint: str) -> dict:
-    """{kind: {impl: {"values": [...], "peak_rss": [...], "peak_device_memory": [...], "unavailable": why}}}."""
+def measure_workload(
+    args, plan: Plan, workload: Workload, dtype: str, checkpoint: str, kinds: list[str], seq_len: int | None = None
+) -> dict:
+    """{kind: {impl: {"values": [...], "peak_rss": [...], "peak_device_memory": [...], "unavailable": why}}}
+    for each of ``kinds`` and ``args.impls`` (at ``seq_len`` tokens, batch 1, when given)."""
     empty = lambda: {"values": [], "peak_rss": [], "peak_device_memory": [], "unavailable": None}  # noqa: E731
-    results = {kind: {impl: empty() for impl in IMPLS} for kind in args.kinds}
-    for kind in args.kinds:
+    results = {kind: {impl: empty() for impl in args.impls} for kind in kinds}
+    label = f"{workload.name} {dtype}" + (f" @{seq_len}" if seq_len else "")
+    for kind in kinds:
         for round_index in range(plan.rounds):
-            order = IMPLS if round_index % 2 == 0 else IMPLS[::-1]
+            order = args.impls if round_index % 2 == 0 else args.impls[::-1]
             for impl in order:
                 slot = results[kind][impl]
                 if slot["unavailable"]:
@@ -209,19 +305,21 @@ def measure_workload(args, plan: Plan, workload: Workload, dtype: str, checkpoin
                     threads=args.threads, device=args.device, warmup=plan.warmup[kind], reps=plan.reps[kind],
                     min_seconds=plan.min_seconds,
                 )  # fmt: skip
+                if seq_len:
+                    task["seq_len"] = seq_len
                 started = time.perf_counter()
-                result = run_measurement(task, args.timeout)
+                result = run_measurement(task, args.timeout, python_for(args, impl))
                 took = time.perf_counter() - started
                 if "unavailable" in result:
                     slot["unavailable"] = result["unavailable"]
-                    log(f"{workload.name} {dtype} {kind} {impl}: n/a ({result['unavailable']}) [{took:.0f} s]")
+                    log(f"{label} {kind} {impl}: n/a ({result['unavailable']}) [{took:.0f} s]")
                     continue
                 slot["values"] += result["values"]
                 for memory in ("peak_rss", "peak_device_memory"):
                     if memory in result:
                         slot[memory].append(result[memory])
                 shown = f"{summary(result['values'])} {result['unit']}"
-                log(f"{workload.name} {dtype} {kind} {impl}: {shown} [{took:.0f} s]")
+                log(f"{label} {kind} {impl}: {shown} [{took:.0f} s]")
     return results
 
 
@@ -235,9 +333,11 @@ def workload_rows(
     gpu_peak_gflops: float | None = None,
 ) -> list[dict]:
     """The result rows of one (workload, dtype) from the raw measurements (MFU against the measured
-    ceiling; on a GPU also against its nominal dense bf16 peak, when known)."""
+    ceiling; on a GPU also against its nominal dense bf16 peak, when known); a peer's column where
+    ``results`` has that implementation."""
     name = f"{workload.name}-{SHORT_DTYPE[dtype]}"
     on_gpu = device.startswith("cuda")
+    impls = list(dict.fromkeys(impl for by_impl in results.values() for impl in by_impl))
 
     def side(kind: str, impl: str, pick) -> tuple[float | None, str]:
         slot = results.get(kind, {}).get(impl)
@@ -249,8 +349,9 @@ def workload_rows(
     def row(kind: str, metric: str, unit: str, pick) -> dict | None:
         if kind not in results:
             return None
-        (ours, why_ours), (hf, why_hf) = side(kind, "ours", pick), side(kind, "hf", pick)
-        return make_row(name, metric, ours, hf, unit, "; ".join(w for w in (why_ours, why_hf) if w))
+        sides = {impl: side(kind, impl, pick) for impl in impls}
+        note = "; ".join(why for _, why in sides.values() if why)
+        return row_of(name, metric, {impl: value for impl, (value, _) in sides.items()}, unit, note)
 
     values = lambda slot: median_or_none(slot["values"])  # noqa: E731
     largest = lambda key: lambda slot: max(slot[key]) if slot[key] else None  # noqa: E731
@@ -269,16 +370,16 @@ def workload_rows(
     by_metric = {r["metric"]: r for r in rows}
     if "peak_rss" in by_metric and "lora_peak_rss" in by_metric:
         full, lora = by_metric["peak_rss"], by_metric["lora_peak_rss"]
-        ours, hf = (lora[impl] / full[impl] if lora[impl] and full[impl] else None for impl in IMPLS)
-        rows.append(make_row(name, "lora_over_full_peak_rss", ours, hf, "fraction"))
+        over = {impl: lora[impl] / full[impl] if lora[impl] and full[impl] else None for impl in impls}
+        rows.append(row_of(name, "lora_over_full_peak_rss", over, "fraction"))
     if "train" in results:
         train = by_metric["train_tokens_per_s"]
         note = "" if flops else "no FLOP accounting for this model"
-        ours, hf = (mfu(train[impl], flops, ceiling) for impl in IMPLS)
-        rows.append(make_row(name, "train_mfu", ours, hf, "fraction", note))
+        on_ceiling = {impl: mfu(train[impl], flops, ceiling) for impl in impls}
+        rows.append(row_of(name, "train_mfu", on_ceiling, "fraction", note))
         if gpu_peak_gflops:
-            ours, hf = (mfu(train[impl], flops, gpu_peak_gflops) for impl in IMPLS)
-            rows.append(make_row(name, "train_mfu_vs_gpu_bf16_peak", ours, hf, "fraction", note))
+            on_peak = {impl: mfu(train[impl], flops, gpu_peak_gflops) for impl in impls}
+            rows.append(row_of(name, "train_mfu_vs_gpu_bf16_peak", on_peak, "fraction", note))
     return rows
 
 
@@ -297,6 +398,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="the checkpoints are kept here"
     )
+    parser.add_argument("--peers", default="", help=f"comma-separated further columns, from {list(PEERS)}")
+    parser.add_argument(
+        "--automodel-python", type=Path, default=DEFAULT_CACHE / "automodel-venv" / "bin" / "python",
+        help=f"the python of AutoModel's venv, made by {SETUP_AUTOMODEL} (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seq-lens", default="", help=f"comma-separated sequence lengths (batch 1, at most {MAX_POSITIONS}) at which "
+        f"{'/'.join(SWEPT_KINDS)} run, one row per length; default: each workload's own",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.workload_list = [WORKLOADS[name] for name in args.workloads.split(",")]
     args.kinds = [kind for kind in args.metrics.split(",") if kind]
@@ -305,7 +415,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown measurement(s) {unknown}; choose from {list(KINDS)}")
     if args.dtypes != "auto" and set(args.dtypes.split(",")) - set(DTYPES):
         parser.error(f"--dtypes must be 'auto' or from {list(DTYPES)}")
+    args.peer_list = [peer for peer in args.peers.split(",") if peer]
+    if set(args.peer_list) - set(PEERS):
+        parser.error(f"--peers {args.peers!r}: unknown peer(s) {sorted(set(args.peer_list) - set(PEERS))}; "
+                     f"choose from {list(PEERS)}")  # fmt: skip
+    args.seq_len_list = parse_seq_lens(parser, args.seq_lens)
+    if args.seq_len_list and not set(args.kinds) & set(SWEPT_KINDS):
+        parser.error(f"--seq-lens applies to {list(SWEPT_KINDS)}; --metrics {args.metrics!r} has none of them")
+    args.impls = IMPLS  # the peers join in main() once their environment answers
     return args
+
+
+def parse_seq_lens(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """'256,512' -> [256, 512]; each a positive integer within the workloads' position limit."""
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--seq-lens {text!r}: expected comma-separated integers, e.g. 256,512,1024")
+    bad = [length for length in lengths if not 1 < length <= MAX_POSITIONS]
+    if bad:
+        parser.error(f"--seq-lens {bad}: each length must be in 2..{MAX_POSITIONS} (max_position_embeddings)")
+    return lengths
 
 
 def check_device(device: str) -> None:
@@ -339,13 +469,25 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     log(f"machine: {machine_description(args)}")
 
+    notes = []  # said in the log as they happen and again above the tables
+    if "automodel" in args.peer_list:
+        versions, note = check_automodel(args)
+        if versions:
+            args.impls = (*IMPLS, "automodel")
+            log(f"AutoModel: nemo_automodel {versions['nemo_automodel']}, transformers {versions['transformers']}, "
+                f"torch {versions['torch']} ({versions['python']})")  # fmt: skip
+        else:
+            notes.append(note)
+            log(note)
+
     ceilings = measure_ceilings(args, plan, list(DTYPES))
     log(f"matmul ceiling (GFLOP/s): {ceilings}")
     dtypes, dtype_note = auto_dtypes(ceilings, args.quick) if args.dtypes == "auto" else (args.dtypes.split(","), "")
     if dtype_note:
+        notes.append(dtype_note)
         log(dtype_note)
 
-    measured = []  # (workload, dtype, raw results)
+    measured = []  # (workload, dtype, seq_len or None for the workload's own, raw results)
     for dtype in dtypes:
         for workload in args.workload_list:
             log(f"checkpoint {workload.name} {dtype}")
@@ -353,25 +495,46 @@ def main(argv: list[str] | None = None) -> None:
             written = run_measurement(dict(task, cache_dir=str(args.cache_dir)), args.timeout)
             if "unavailable" in written:
                 raise SystemExit(f"could not write the {workload.name} checkpoint: {written['unavailable']}")
-            measured.append((workload, dtype, measure_workload(args, plan, workload, dtype, written["info"]["path"])))
+            measured += measure_all_lengths(args, plan, workload, dtype, written["info"]["path"])
 
     for dtype, gflops in measure_ceilings(args, plan, list(DTYPES)).items():
         ceilings[dtype] = max(gflops, ceilings.get(dtype, 0.0))
-    rows = []
+    rows, sweep_rows = [], []
     gpu_peak = gpu_bf16_peak_gflops(device_name(args.device)) if args.device.startswith("cuda") else None
-    for workload, dtype, results in measured:
-        flops = flops_per_token(workload, workload.seq_len)
-        rows += workload_rows(workload, dtype, results, ceilings.get(dtype), flops, args.device, gpu_peak)
+    for workload, dtype, seq_len, results in measured:
+        flops = flops_per_token(workload, seq_len or workload.seq_len)
+        measured_rows = workload_rows(workload, dtype, results, ceilings.get(dtype), flops, args.device, gpu_peak)
+        if seq_len:
+            sweep_rows += [{"name": row["name"], "seq_len": seq_len, **row} for row in measured_rows]
+        else:
+            rows += measured_rows
     rows += [
         make_row("machine", f"matmul_ceiling_{SHORT_DTYPE[d]}", ceilings.get(d), None, "GFLOP/s", "measured ceiling")
         for d in DTYPES
     ]
     print(f"machine: {machine_description(args)}; run took {(time.perf_counter() - started) / 60:.1f} min")
-    if dtype_note:
-        print(dtype_note)
+    for note in notes:
+        print(note)
     print(format_table(rows))
+    if sweep_rows:
+        print(f"\nBy sequence length (batch 1; --seq-lens {args.seq_lens}):")
+        print(format_sweep_table(sweep_rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps(rows + sweep_rows, indent=1) + "\n")
+
+
+def measure_all_lengths(args, plan: Plan, workload: Workload, dtype: str, checkpoint: str) -> list[tuple]:
+    """[(workload, dtype, seq_len, results)]: the kinds at the workload's own shapes (seq_len None),
+    and with --seq-lens the swept kinds once per length."""
+    swept = [kind for kind in args.kinds if kind in SWEPT_KINDS] if args.seq_len_list else []
+    fixed = [kind for kind in args.kinds if kind not in swept]
+    lengths = [None] if fixed else []
+    lengths += args.seq_len_list if swept else []
+    kinds = lambda seq_len: swept if seq_len else fixed  # noqa: E731
+    return [
+        (workload, dtype, seq_len, measure_workload(args, plan, workload, dtype, checkpoint, kinds(seq_len), seq_len))
+        for seq_len in lengths
+    ]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 DTYPES = ("bfloat16", "float32")
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ernie45-bench"
+MAX_POSITIONS = 4096  # max_position_embeddings of every workload: the longest sequence measured
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def hf_config(workload: Workload):
     from transformers import Ernie4_5Config, Ernie4_5_MoeConfig
 
     config_class = Ernie4_5_MoeConfig if workload.kind == "moe" else Ernie4_5Config
-    return config_class(**workload.config, max_position_embeddings=4096)
+    return config_class(**workload.config, max_position_embeddings=MAX_POSITIONS)
 
 
 def hf_model_class(workload: Workload):
