@@ -70,35 +70,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W.T + b, target_i), computing gradients chunk by chunk in forward.
 
     NOTE: computing the gradient during forward (as Liger-Kernel does) is what keeps memory at one
-    chunk of logits: nothing of size [N,V] is saved for backward. Each chunk's logits buffer is
-    turned into its gradient in place (softmax from the logsumexp, minus one-hot) and the weight
-    gradient is accumulated with ``addmm_``, so in fp32 no other [chunk,V] or [V,H] temporary is
-    made (in a low-precision compute dtype the casts and the weight-gradient product still are).
-    The result must be used as a scalar loss, once (backward scales the gradients in place).
+    chunk of logits: nothing of size [N,V] is saved for backward. Fresh memory is the other cost on
+    CPU (first touches of newly mapped pages cost as much as the arithmetic on them), so the kernel
+    allocates its [chunk,V] buffers once per call and works in them in place: the weight is cast to
+    the compute dtype once (autocast's dtype when it is on), each chunk's logits are written by
+    ``mm(out=)``, turned into log-probabilities by an in-place log-softmax (fp32), then into
+    ``softmax - onehot``, and the head gradient is written by the first chunk (no zero-fill) and
+    accumulated by the others. The result must be used as a scalar loss, once (backward scales the
+    gradients in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            h, y = hidden[rows], targets[rows]
-            logits = F.linear(h, weight, bias)  # [c,V] in the compute dtype (autocast's, if on)
-            compute_dtype = logits.dtype
-            logits = logits.float()
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            d_logits = logits.sub_(lse[:, None]).exp_()  # dCE/dlogits = softmax - onehot
-            d_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-            if grad_bias is not None:
-                grad_bias += d_logits.sum(0)
-            d_logits = d_logits.to(compute_dtype)
-            _store_grad_hidden(grad_hidden[rows], d_logits, weight)
-            _accumulate_grad_weight(grad_weight, d_logits, h)
-        ctx.grads = (grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype) if bias is not None else None)
+        dtype = compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype)
+        total, ctx.grads = grads[0], grads[1:]
         return total
 
     @staticmethod
@@ -111,20 +98,60 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _store_grad_hidden(out: torch.Tensor, d_logits: torch.Tensor, weight: torch.Tensor) -> None:
-    """out [c,H] = d_logits [c,V] @ weight [V,H], written in place when the dtypes allow it."""
-    if d_logits.dtype == weight.dtype == out.dtype:
-        torch.mm(d_logits, weight, out=out)
-    else:
-        out.copy_(d_logits @ weight.to(d_logits.dtype))
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``tensor`` run in: autocast's when it is on for its device."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
-def _accumulate_grad_weight(grad_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_weight [V,H] (fp32) += d_logits.T [V,c] @ h [c,H], without a [V,H] temporary in fp32."""
-    if d_logits.dtype == h.dtype == grad_weight.dtype:
-        grad_weight.addmm_(d_logits.T, h)
-    else:
-        grad_weight += (d_logits.T @ h.to(d_logits.dtype)).float()
+def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: int, dtype: torch.dtype):
+    """(CE sum, grad hidden, grad weight, grad bias), each gradient in its input's dtype."""
+    n, rows_per_chunk = hidden.shape[0], min(chunk_size, max(hidden.shape[0], 1))
+    w = weight.to(dtype)  # [V,H], cast once
+    b = bias.to(dtype) if bias is not None else None
+    scores = hidden.new_empty((rows_per_chunk, w.shape[0]), dtype=dtype)  # [c,V] logits, then dCE/dlogits
+    probs = scores if dtype == torch.float32 else torch.empty_like(scores, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if n == 0 else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, rows_per_chunk):
+        h, y = hidden[start : start + rows_per_chunk].to(dtype), targets[start : start + rows_per_chunk]
+        logits, p = scores[: len(y)], probs[: len(y)]
+        torch.mm(h, w.T, out=logits)
+        if b is not None:
+            logits += b
+        if p is not logits:
+            p.copy_(logits)
+        torch._log_softmax(p, -1, False, out=p)  # in place: log-probabilities, fp32
+        picked = (torch.arange(len(y), device=y.device), y)
+        total -= p[picked].sum()
+        p.exp_()
+        p[picked] -= 1.0  # dCE/dlogits = softmax - onehot
+        if grad_bias is not None:
+            grad_bias += p.sum(0)
+        if p is not logits:
+            logits.copy_(p)
+        grad_hidden[start : start + len(y)] = logits @ w
+        grad_weight = _add_grad_weight(grad_weight, logits, h)
+    return (
+        total,
+        grad_hidden,
+        grad_weight.to(weight.dtype),
+        grad_bias.to(bias.dtype) if grad_bias is not None else None,
+    )
+
+
+def _add_grad_weight(grad_weight: torch.Tensor | None, d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_weight [V,H] += d_logits.T [V,c] @ h [c,H]: the first chunk writes it (no zero-fill), the
+    others accumulate in fp32."""
+    if grad_weight is None:
+        return torch.mm(d_logits.T, h)
+    if grad_weight.dtype != torch.float32:
+        grad_weight = grad_weight.float()
+    if d_logits.dtype == torch.float32:
+        return grad_weight.addmm_(d_logits.T, h)
+    return grad_weight.add_(torch.mm(d_logits.T, h))
 
 
 def chunked_linear_cross_entropy(
