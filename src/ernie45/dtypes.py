@@ -34,3 +34,13 @@ def dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | s
     if dtype is not None and torch_dtype is not None and as_dtype(dtype) != as_dtype(torch_dtype):
         raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
     return dtype if dtype is not None else torch_dtype
+
+
+def matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``tensor`` run in: autocast's when it is on for its device, else its own.
+
+    For kernels autocast does not know (``torch._grouped_mm``, hand-written autograd functions),
+    which must cast their operands themselves to follow mixed precision.
+    """
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype

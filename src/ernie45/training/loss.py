@@ -16,6 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Partial
 
+from ..dtypes import matmul_dtype
 from ..models.loss import IGNORE_INDEX, token_cross_entropy
 
 
@@ -82,7 +83,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
-        dtype = compute_dtype(hidden)
+        dtype = matmul_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype)
         total, ctx.grads = grads[0], grads[1:]
@@ -96,12 +97,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in grads)
         return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on ``tensor`` run in: autocast's when it is on for its device."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: int, dtype: torch.dtype):
