@@ -73,20 +73,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     NOTE: computing the gradient during forward (as Liger-Kernel does) is what keeps memory at one
     chunk of logits: nothing of size [N,V] is saved for backward. Fresh memory is the other cost on
     CPU (first touches of newly mapped pages cost as much as the arithmetic on them), so the kernel
-    allocates its [chunk,V] buffers once per call and works in them in place: the weight is cast to
-    the compute dtype once (autocast's dtype when it is on), each chunk's logits are written by
-    ``mm(out=)``, turned into log-probabilities by an in-place log-softmax (fp32), then into
-    ``softmax - onehot``, and the head gradient is written by the first chunk (no zero-fill) and
-    accumulated by the others. The result must be used as a scalar loss, once (backward scales the
-    gradients in place).
+    allocates its buffers once per call and works in them in place: the weight is cast to the
+    compute dtype once (autocast's dtype when it is on); each chunk's logits [c,V] are written by
+    ``mm(out=)`` and turned into ``softmax - onehot`` in place, with the fp32 log-softmax done a
+    block of rows at a time in one small fp32 buffer; the head gradient is written by the first
+    chunk (no zero-fill) and accumulated in fp32 by the others. Gradients stay in the compute dtype
+    until backward, which scales them and casts them to the inputs' dtypes (after the forward's
+    buffers are gone). The result must be used as a scalar loss, once.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
         dtype = matmul_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype)
-        total, ctx.grads = grads[0], grads[1:]
+            total, *grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype)
+        ctx.grads = grads
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
@@ -95,46 +97,60 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the fused cross-entropy can be backpropagated once only (no retain_graph)")
         grads, ctx.grads = ctx.grads, None
-        grad_hidden, grad_weight, grad_bias = (g.mul_(grad_output) if g is not None else None for g in grads)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        scaled = [g.to(dtype).mul_(grad_output) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
+        return *scaled, None, None
+
+
+# fp32 rows worked on at once: [128, V] fp32 is 53 MB for ERNIE's V = 103k.
+SOFTMAX_BLOCK_ROWS = 128
 
 
 def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: int, dtype: torch.dtype):
-    """(CE sum, grad hidden, grad weight, grad bias), each gradient in its input's dtype."""
+    """(CE sum in fp32, grad hidden, grad weight, grad bias); gradients in ``dtype`` or fp32."""
     n, rows_per_chunk = hidden.shape[0], min(chunk_size, max(hidden.shape[0], 1))
     w = weight.to(dtype)  # [V,H], cast once
     b = bias.to(dtype) if bias is not None else None
     scores = hidden.new_empty((rows_per_chunk, w.shape[0]), dtype=dtype)  # [c,V] logits, then dCE/dlogits
-    probs = scores if dtype == torch.float32 else torch.empty_like(scores, dtype=torch.float32)
+    fp32_rows = None if dtype == torch.float32 else scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if n == 0 else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
         h, y = hidden[start : start + rows_per_chunk].to(dtype), targets[start : start + rows_per_chunk]
-        logits, p = scores[: len(y)], probs[: len(y)]
+        logits = scores[: len(y)]
         torch.mm(h, w.T, out=logits)
         if b is not None:
             logits += b
-        if p is not logits:
-            p.copy_(logits)
-        torch._log_softmax(p, -1, False, out=p)  # in place: log-probabilities, fp32
+        total += _softmax_minus_onehot_(logits, y, fp32_rows, grad_bias)
+        grad_hidden[start : start + len(y)] = logits @ w
+        grad_weight = _add_grad_weight(grad_weight, logits, h)
+    return total, grad_hidden, grad_weight, grad_bias
+
+
+def _softmax_minus_onehot_(
+    logits: torch.Tensor, targets: torch.Tensor, fp32_rows: torch.Tensor | None, grad_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """logits [c,V] -> dCE/dlogits = softmax - onehot(targets), in place; returns the CE sum (fp32).
+
+    The log-softmax runs in fp32: in place when ``logits`` is fp32, else a block of rows at a time
+    through ``fp32_rows``. ``grad_bias`` (fp32), if given, accumulates the column sums.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    block = logits.shape[0] if fp32_rows is None else fp32_rows.shape[0]
+    for start in range(0, logits.shape[0], block):
+        rows, y = logits[start : start + block], targets[start : start + block]
+        p = rows if fp32_rows is None else fp32_rows[: len(y)].copy_(rows)
+        torch._log_softmax(p, -1, False, out=p)  # in place: log-probabilities
         picked = (torch.arange(len(y), device=y.device), y)
         total -= p[picked].sum()
         p.exp_()
-        p[picked] -= 1.0  # dCE/dlogits = softmax - onehot
+        p[picked] -= 1.0
         if grad_bias is not None:
             grad_bias += p.sum(0)
-        if p is not logits:
-            logits.copy_(p)
-        grad_hidden[start : start + len(y)] = logits @ w
-        grad_weight = _add_grad_weight(grad_weight, logits, h)
-    return (
-        total,
-        grad_hidden,
-        grad_weight.to(weight.dtype),
-        grad_bias.to(bias.dtype) if grad_bias is not None else None,
-    )
+        if p is not rows:
+            rows.copy_(p)
+    return total
 
 
 def _add_grad_weight(grad_weight: torch.Tensor | None, d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
