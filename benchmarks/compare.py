@@ -18,8 +18,10 @@ How it measures (each number is a ratio ours/transformers, because shared machin
 Metrics: train_tokens_per_s (forward, loss, backward, AdamW step), peak_rss, forward_tokens_per_s,
 load_seconds, decode_tokens_per_s, train_mfu; LoRA (rank 16 on attention and the routed experts,
 transformers + HF PEFT on the other side): lora_train_tokens_per_s, lora_peak_rss and
-lora_over_full_peak_rss (each side's LoRA peak over its own full fine-tune's). A piece of ours
-that is missing shows as n/a.
+lora_over_full_peak_rss (each side's LoRA peak over its own full fine-tune's); the opt-in memory
+saver, activation checkpointing (ours: ``distributed.activation_checkpointing``, transformers:
+``gradient_checkpointing_enable()``): ac_train_tokens_per_s, ac_peak_rss, ac_over_full_peak_rss.
+A piece of ours that is missing shows as n/a.
 
 ``--dtypes auto`` picks bf16 where the CPU multiplies bf16 natively (bf16 ceiling above fp32's),
 and fp32 (with a note) where bf16 matmuls are emulated and a bf16 run would take hours.
@@ -30,7 +32,7 @@ the venv that ``benchmarks/setup_automodel.sh`` makes (``--automodel-python``); 
 missing or AutoModel does not import there, the run says why once and goes on with two columns.
 AutoModel has train and forward here; its other metrics show n/a with the reason.
 
-``--seq-lens 256,512,...`` measures train, lora_train and forward (those of ``--metrics``) at each
+``--seq-lens 256,512,...`` measures train, ac_train, lora_train and forward (those of ``--metrics``) at each
 sequence length, batch 1, and prints one row per length and metric: tokens/s of each side, the
 ratio, and for training the ratio of peak memory (JSON rows carry "seq_len"). load and decode run
 once at the workload's own shapes. Without the flag: each workload's own seq_len, as always.
@@ -55,8 +57,8 @@ MEASURE = Path(__file__).resolve().with_name("measure.py")
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
-KINDS = ("train", "lora_train", "forward", "load", "decode")
-SWEPT_KINDS = ("train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
+KINDS = ("train", "ac_train", "lora_train", "forward", "load", "decode")
+SWEPT_KINDS = ("train", "ac_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
 SETUP_AUTOMODEL = "benchmarks/setup_automodel.sh"
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
 
@@ -78,8 +80,8 @@ FULL = Plan(
 # NOTE: sized so that dense-0.3b + mini-moe + tiny in one dtype fit in 20 minutes on 2 cores.
 QUICK = Plan(
     rounds=1,
-    warmup=dict(train=1, lora_train=1, forward=1, load=1, decode=1),
-    reps=dict(train=2, lora_train=2, forward=2, load=2, decode=1),
+    warmup=dict(train=1, ac_train=1, lora_train=1, forward=1, load=1, decode=1),
+    reps=dict(train=2, ac_train=2, lora_train=2, forward=2, load=2, decode=1),
     min_seconds=2.0,
     ceiling_budget_s=10.0,
 )
@@ -193,7 +195,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 # The memory row each throughput row of the sweep table shows as a ratio column.
-MEMORY_OF = {"train_tokens_per_s": "peak_rss", "lora_train_tokens_per_s": "lora_peak_rss"}
+MEMORY_OF = {"train_tokens_per_s": "peak_rss", "ac_train_tokens_per_s": "ac_peak_rss", "lora_train_tokens_per_s": "lora_peak_rss"}
 
 
 def format_sweep_table(rows: list[dict]) -> str:
@@ -359,6 +361,8 @@ def workload_rows(
         row("train", "train_tokens_per_s", "tokens/s", values),
         row("train", "peak_rss", "bytes", largest("peak_rss")),
         row("train", "peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
+        row("ac_train", "ac_train_tokens_per_s", "tokens/s", values),
+        row("ac_train", "ac_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_train_tokens_per_s", "tokens/s", values),
         row("lora_train", "lora_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
@@ -368,10 +372,11 @@ def workload_rows(
     ]
     rows = [r for r in rows if r is not None]
     by_metric = {r["metric"]: r for r in rows}
-    if "peak_rss" in by_metric and "lora_peak_rss" in by_metric:
-        full, lora = by_metric["peak_rss"], by_metric["lora_peak_rss"]
-        over = {impl: lora[impl] / full[impl] if lora[impl] and full[impl] else None for impl in impls}
-        rows.append(row_of(name, "lora_over_full_peak_rss", over, "fraction"))
+    for saver in ("ac", "lora"):  # each side's peak with the saver over its own full fine-tune's
+        if "peak_rss" in by_metric and f"{saver}_peak_rss" in by_metric:
+            full, saved = by_metric["peak_rss"], by_metric[f"{saver}_peak_rss"]
+            over = {impl: saved[impl] / full[impl] if saved[impl] and full[impl] else None for impl in impls}
+            rows.append(row_of(name, f"{saver}_over_full_peak_rss", over, "fraction"))
     if "train" in results:
         train = by_metric["train_tokens_per_s"]
         note = "" if flops else "no FLOP accounting for this model"

@@ -241,6 +241,23 @@ def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: to
     return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
 
 
+def measure_ac_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """``train`` with activation checkpointing, the opt-in memory saver: every block recomputed in
+    backward (ours: ``apply_activation_checkpointing``, as ``distributed.activation_checkpointing``
+    sets it; transformers: ``gradient_checkpointing_enable()``)."""
+    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
+    if task["impl"] == "automodel":
+        raise Unavailable("AutoModel's activation checkpointing is applied by its parallelizer, not wired in here")
+    if task["impl"] == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        from ernie45.distributed.activation_checkpoint import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    step = train_step(model, list(model.parameters()), 1e-5, task, workload, dtype, device)
+    return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
+
+
 LORA_RANK, LORA_ALPHA = 16, 32
 
 
@@ -340,6 +357,7 @@ def automodel_check() -> dict:
 
 MEASUREMENTS = {
     "train": measure_train,
+    "ac_train": measure_ac_train,
     "lora_train": measure_lora_train,
     "forward": measure_forward,
     "load": measure_load,
