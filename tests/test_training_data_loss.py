@@ -222,3 +222,42 @@ def test_chunked_linear_cross_entropy_in_pure_bf16_returns_bf16_gradients(chunk_
     for ours, theirs in zip(inputs, exact):
         assert ours.grad.dtype == torch.bfloat16
         assert (ours.grad.float() - theirs.grad).abs().max() < 0.05 * theirs.grad.abs().max()
+
+
+def test_tied_head_gradient_is_completed_by_the_embedding_backward(tmp_path):
+    """Tied weights: the fused loss hands the head's weight gradient to the embedding's backward
+    (one [V,H] gradient, no zero-filled second one). The shared weight's gradient equals
+    transformers' (the padding row, id 0, gets none from the lookup), whether the fused loss
+    claimed it or a loss on full logits left it unclaimed."""
+    from transformers import Ernie4_5ForCausalLM as HFErnie
+
+    from builders import random_hf_model
+
+    hf = random_hf_model(HFErnie, tiny_dense_config(pad_token_id=0))
+    hf.save_pretrained(tmp_path)
+    batch = random_batch(160, [16, 11, 7])
+    batch["input_ids"][0, 5] = batch["input_ids"][2, 12] = 0  # the pad id, inside and after a sequence
+    reference = hf(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    (F.cross_entropy(reference[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")).backward()
+    expected = hf.model.embed_tokens.weight.grad
+    for loss_fn, claimed in ((FusedLinearCrossEntropy(chunk_size=7), True), (MaskedCrossEntropy(), False)):
+        model = Ernie4_5ForCausalLM.from_pretrained(tmp_path)
+        loss, _ = loss_fn(model, batch)
+        assert model.get_decoder().head_gradient.claimed is claimed
+        loss.backward()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        torch.testing.assert_close(model.model.embed_tokens.weight.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_stale_head_gradient_is_never_claimed():
+    """A forward that gives embeddings directly has no meeting point, even after one from ids that
+    nobody claimed: the fused loss then returns the head gradient itself."""
+    model = tiny_model()
+    batch = random_batch(160, [16, 11])
+    model(batch["input_ids"])  # a forward whose meeting point nobody claims
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    hidden = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1]
+    assert model.get_decoder().head_gradient is None
+    fused = FusedLinearCrossEntropy().summed(model.lm_head, hidden[:, :-1], batch["labels"][:, 1:])
+    fused.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0

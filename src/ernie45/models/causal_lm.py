@@ -61,6 +61,10 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.model.embed_tokens = embedding
         self.tie_weights()
 
+    def get_decoder(self) -> nn.Module:
+        """The decoder stack (``model``), as transformers names the accessor."""
+        return self.model
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .attention import Ernie4_5Attention, build_attention_mask, document_ids, document_runs, prepare_mask
 from .backend import BackendConfig
 from .dimensions import head_dim_of
+from .embedding import HeadGradient, embed_tokens
 from .kv_cache import KVCache, make_kv_caches
 from .mlp import Ernie4_5MLP
 from .norms import build_rms_norm
@@ -83,13 +84,13 @@ class Ernie4_5Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        rotation: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x [B,S,H]; attention_mask: prepared bool [B,1,Sq,Sk] or None (causal); padding_mask [B,S]."""
-        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), rotation, attention_mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x), padding_mask)
 
 
@@ -163,11 +164,14 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.norm = build_rms_norm(backend.rms_norm, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), rope_theta(config))
+        # The last forward's tied-head meeting point (see models/embedding.py); None without one.
+        self.head_gradient: HeadGradient | None = None
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[B,S,H] from token ids (checked against the vocabulary) or from embeddings given as they are."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [batch, seq] and inputs_embeds [batch, seq, hidden]")
+        self.head_gradient = None
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(
@@ -176,7 +180,8 @@ class DecoderModel(nn.Module):
                 )
             return inputs_embeds
         check_token_ids(input_ids, self.config.vocab_size)
-        return self.embed_tokens(input_ids)
+        h, self.head_gradient = embed_tokens(self.embed_tokens, input_ids)
+        return h
 
     def mask_for(
         self,
@@ -213,8 +218,8 @@ class DecoderModel(nn.Module):
         padding_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         cache_position: torch.Tensor | None = None,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-        """(RoPE cos/sin, prepared attention mask, padding_mask [B,S]): what every block takes besides
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(RoPE rotation [B,S,hd/2] complex64, prepared attention mask, padding_mask [B,S]): what every block takes besides
         the hidden states h [B,S,H]. Built once per forward; a pipeline stage, which runs only some
         of the blocks, builds them from the same arguments."""
         batch, seq = h.shape[:2]
@@ -259,12 +264,12 @@ class DecoderModel(nn.Module):
         """
         h = self.embed(input_ids, inputs_embeds)  # [B,S,H]
         caches = resolve_caches(cache, past_key_values, use_cache, len(self.layers))
-        position_embeddings, mask, padding_mask = self.layer_inputs(
+        rotation, mask, padding_mask = self.layer_inputs(
             h, position_ids, attention_mask, padding_mask, caches, cache_position
         )
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, position_embeddings, mask, padding_mask, caches[i] if caches is not None else None)
+            h = layer(h, rotation, mask, padding_mask, caches[i] if caches is not None else None)
             if hidden_states is not None:
                 hidden_states.append(h)
         h = self.norm(h)

@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Partial
 
 from ..dtypes import matmul_dtype
+from ..models.embedding import HeadGradient
 from ..models.loss import IGNORE_INDEX, token_cross_entropy
 
 
@@ -79,16 +80,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     block of rows at a time in one small fp32 buffer; the head gradient is written by the first
     chunk (no zero-fill) and accumulated in fp32 by the others. Gradients stay in the compute dtype
     until backward, which scales them and casts them to the inputs' dtypes (after the forward's
-    buffers are gone). The result must be used as a scalar loss, once.
+    buffers are gone). With a tied head, the weight gradient is handed to the embedding's backward
+    through ``head_gradient`` (see models/embedding.py) instead of being returned. The result
+    must be used as a scalar loss, once.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N,H], weight [V,H], targets [N]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, head_gradient):  # hidden [N,H], weight [V,H], targets [N]
         dtype = matmul_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             total, *grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.head_gradient = head_gradient if head_gradient is not None and head_gradient.claim(weight) else None
         return total
 
     @staticmethod
@@ -97,8 +101,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the fused cross-entropy can be backpropagated once only (no retain_graph)")
         grads, ctx.grads = ctx.grads, None
-        scaled = [g.to(dtype).mul_(grad_output) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
-        return *scaled, None, None
+        grad_hidden, grad_weight, grad_bias = (
+            g.to(dtype).mul_(grad_output) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)
+        )
+        if ctx.head_gradient is not None:  # the tied embedding's backward adds its rows and returns it
+            ctx.head_gradient.grad, grad_weight = grad_weight, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 # fp32 rows worked on at once: [128, V] fp32 is 53 MB for ERNIE's V = 103k.
@@ -166,10 +174,16 @@ def _add_grad_weight(grad_weight: torch.Tensor | None, d_logits: torch.Tensor, h
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_size: int,
+    head_gradient: HeadGradient | None = None,
 ) -> torch.Tensor:
-    """Summed CE of ``hidden [N,H] @ weight[V,H].T (+ bias)`` against ``targets [N]``."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+    """Summed CE of ``hidden [N,H] @ weight[V,H].T (+ bias)`` against ``targets [N]``; ``head_gradient``:
+    the forward's tied-embedding meeting point, if any (models/embedding.py)."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, head_gradient)
 
 
 class _GatherAcrossDataParallel(torch.autograd.Function):
@@ -210,16 +224,19 @@ class FusedLinearCrossEntropy:
         no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
         output = _forward(model, batch, logits_to_keep=no_logits, output_hidden_states=True)
         hidden, labels = aligned(output.hidden_states[-1], batch)  # [B,S',H] after the final norm
-        return self.summed(model.get_output_embeddings(), hidden, labels), output
+        head_gradient = getattr(model.get_decoder(), "head_gradient", None) if hasattr(model, "get_decoder") else None
+        return self.summed(model.get_output_embeddings(), hidden, labels, head_gradient), output
 
     def head_loss(self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The same sum from final hidden states [B,S,H] and labels [B,S] (a pipeline's last stage)."""
         return self.summed(head, *aligned(hidden, {"labels": labels}))
 
-    def summed(self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def summed(
+        self, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, head_gradient: HeadGradient | None = None
+    ) -> torch.Tensor:
         """CE sum of positions hidden [B,S',H] against their targets [B,S'] through ``head``'s weight."""
         keep = labels != IGNORE_INDEX
         # NOTE: under FSDP2 the head is resharded once forward ends (or never gathered, as the
         # pipeline's last stage does not run it); it is gathered here.
         weight, bias = gathered(head.weight), gathered(head.bias)
-        return chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size)
+        return chunked_linear_cross_entropy(hidden[keep], weight, bias, labels[keep], self.chunk_size, head_gradient)
