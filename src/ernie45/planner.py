@@ -591,8 +591,8 @@ def activation_bytes(
     else:
         layers = sum(layer_bytes(info, i, work, layout, prec) for i in info.layers)
     h = config.hidden_size
-    # RoPE cos/sin (fp32, shared by the layers), token ids on the first stage
-    inputs = work.tokens * (2 * head_dim_of(config) * 4 + (8 if info.first else 0))
+    # the RoPE rotation (complex64, hd/2 per token, shared by the layers), token ids on the first stage
+    inputs = work.tokens * (head_dim_of(config) * 4 + (8 if info.first else 0))
     cp_mask = work.tokens * (work.keys // work.rows) * (1 + prec.compute) if layout.cp > 1 else 0
     per_micro_batch = in_flight * (layers + inputs + cp_mask)
     if not info.last:

@@ -216,7 +216,7 @@ class Ernie4_5Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        rotation: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
@@ -226,7 +226,7 @@ class Ernie4_5Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B,nH,S,hd]
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B,nKV,S,hd]
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, *position_embeddings)
+        q, k = apply_rope(q, k, rotation)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         out = self.kernel(q, k, v, attention_mask, self.scale)  # [B,nH,S,hd]

@@ -25,17 +25,15 @@ def inverse_frequencies(head_dim: int, theta: float, device: torch.device | None
     return 1.0 / (theta**exponents)
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B,nH,S,hd] and k [B,nKV,S,hd] by the angles whose cos/sin [B,S,hd/2] (fp32) are given.
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B,nH,S,hd] and k [B,nKV,S,hd] by ``rotation`` = cos + i*sin [B,S,hd/2] (complex64).
 
     NOTE: each adjacent pair (x0, x1) is the complex number x0 + i*x1, rotated by one complex product
-    with cos + i*sin in fp32: the same products and sums as transformers' ``x*cos + rotate(x)*sin``
-    (forward bitwise equal), in one pass instead of eight, and backward is one conjugate product
-    in fp32 (transformers sums the two paths' gradients in the input dtype).
+    in fp32: the same products and sums as transformers' ``x*cos + rotate(x)*sin`` (forward bitwise
+    equal), in one pass instead of eight, and backward is one conjugate product in fp32
+    (transformers sums the two paths' gradients in the input dtype).
     """
-    rotation = torch.complex(cos, sin).unsqueeze(1)  # [B,1,S,hd/2]
+    rotation = rotation.unsqueeze(1)  # [B,1,S,hd/2]
     return _rotate_pairs(q, rotation), _rotate_pairs(k, rotation)
 
 
@@ -45,7 +43,8 @@ def _rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns position ids into (cos, sin) [B,S,hd/2] in fp32, one angle per rotated pair."""
+    """Turns position ids into the rotation cos + i*sin [B,S,hd/2] (complex64, fp32 angles), one
+    angle per rotated pair, computed once per forward for all layers."""
 
     def __init__(self, head_dim: int, theta: float, device: torch.device | None = None):
         super().__init__()
@@ -65,6 +64,6 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = inverse_frequencies(self.head_dim, self.theta, self.inv_freq.device)
         return self
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         angles = position_ids[..., None].float() * self.inv_freq  # [B,S,hd/2]
-        return angles.cos(), angles.sin()
+        return torch.complex(angles.cos(), angles.sin())
