@@ -119,7 +119,9 @@ def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: 
     w = weight.to(dtype)  # [V,H], cast once
     b = bias.to(dtype) if bias is not None else None
     scores = hidden.new_empty((rows_per_chunk, w.shape[0]), dtype=dtype)  # [c,V] logits, then dCE/dlogits
-    fp32_rows = None if dtype == torch.float32 else scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
+    fp32_rows = None  # [b,V]: where the fp32 log-softmax of a low-precision chunk runs, b rows at a time
+    if dtype != torch.float32:
+        fp32_rows = scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if n == 0 else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
@@ -149,7 +151,7 @@ def _softmax_minus_onehot_(
     for start in range(0, logits.shape[0], block):
         rows, y = logits[start : start + block], targets[start : start + block]
         p = rows if fp32_rows is None else fp32_rows[: len(y)].copy_(rows)
-        torch._log_softmax(p, -1, False, out=p)  # in place: log-probabilities
+        _log_softmax_(p)
         picked = (torch.arange(len(y), device=y.device), y)
         total -= p[picked].sum()
         p.exp_()
@@ -159,6 +161,20 @@ def _softmax_minus_onehot_(
         if p is not rows:
             rows.copy_(p)
     return total
+
+
+def _log_softmax_(x: torch.Tensor) -> None:
+    """x [c,V] -> log_softmax(x) over V, in place.
+
+    NOTE: on CPU the kernel reads each row's element before writing it, so ``out=x`` is exact
+    (checked against ``torch.log_softmax``, bitwise) and saves a fresh [c,V] fp32 tensor, whose
+    page faults cost more than the softmax itself; elsewhere the caching allocator makes the
+    temporary cheap and aliasing is not promised, so it is copied back.
+    """
+    if x.device.type == "cpu":
+        torch._log_softmax(x, -1, False, out=x)
+    else:
+        x.copy_(torch.log_softmax(x, -1))
 
 
 def _add_grad_weight(grad_weight: torch.Tensor | None, d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
