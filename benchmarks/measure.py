@@ -245,9 +245,9 @@ def measure_ac_train(task: dict, workload: Workload, dtype: torch.dtype, device:
     """``train`` with activation checkpointing, the opt-in memory saver: every block recomputed in
     backward (ours: ``apply_activation_checkpointing``, as ``distributed.activation_checkpointing``
     sets it; transformers: ``gradient_checkpointing_enable()``)."""
-    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
     if task["impl"] == "automodel":
         raise Unavailable("AutoModel's activation checkpointing is applied by its parallelizer, not wired in here")
+    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
     if task["impl"] == "hf":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:

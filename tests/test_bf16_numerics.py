@@ -1,4 +1,5 @@
-"""bf16 numerics: our bf16 error against an fp32 reference is no worse than transformers' own.
+"""bf16 numerics: our bf16 error against an fp32 reference is as small as transformers' own
+(logits within 2%, gradients within 5% on average and 10% at worst, the loss within 1.5x).
 
 Speed work (fewer casts, fused tails, rotations in complex fp32) must not trade accuracy: the
 reference is transformers in fp32 on the same random weights, and transformers' bf16 error is the

@@ -219,8 +219,8 @@ class DecoderModel(nn.Module):
         caches: list[KVCache] | None = None,
         cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(RoPE rotation [B,S,hd/2] complex64, prepared attention mask, padding_mask [B,S]): what every block takes besides
-        the hidden states h [B,S,H]. Built once per forward; a pipeline stage, which runs only some
+        """(RoPE rotation [B,S,hd/2] complex64, prepared attention mask, padding_mask [B,S]): what every
+        block takes besides the hidden states h [B,S,H]. Built once per forward; a pipeline stage, which runs only some
         of the blocks, builds them from the same arguments."""
         batch, seq = h.shape[:2]
         past = caches[0].length if caches else 0

@@ -60,10 +60,9 @@ def embed_tokens(embedding: nn.Embedding, ids: torch.Tensor) -> tuple[torch.Tens
     """(embeddings [..., H], the forward's HeadGradient or None where a head cannot share it: no
     weight gradient, a distributed (DTensor) or otherwise special weight, non-default options)."""
     weight = embedding.weight
-    plain = type(weight.data) is torch.Tensor and embedding.max_norm is None
-    if not (plain and torch.is_grad_enabled() and weight.requires_grad and not embedding.sparse):
-        return embedding(ids), None
-    if embedding.scale_grad_by_freq or type(embedding).forward is not nn.Embedding.forward:
+    plain_weight = type(weight.data) is torch.Tensor and torch.is_grad_enabled() and weight.requires_grad
+    default_lookup = type(embedding).forward is nn.Embedding.forward and embedding.max_norm is None
+    if not (plain_weight and default_lookup) or embedding.sparse or embedding.scale_grad_by_freq:
         return embedding(ids), None
     head_gradient = HeadGradient(weight)
     return _Embedding.apply(ids, weight, embedding.padding_idx, head_gradient), head_gradient
