@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .mesh import ParallelMeshes
+from ..models.linear import set_prepacking
 from ..moe.layer import moe_layers
 from .model_parts import decoder_blocks, is_tied, moe_layer
 
@@ -41,6 +42,7 @@ def apply_fsdp(model: nn.Module, meshes: ParallelMeshes, stages: list[nn.Module]
             fully_shard_experts(mlp.experts, meshes, shard)
     if dp is None:
         return
+    set_prepacking(model, False)  # NOTE: a packed copy of a gathered weight would undo the sharding
     for block in decoder_blocks(model):
         mlp = moe_layer(block)
         if mlp is not None:

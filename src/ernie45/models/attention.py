@@ -15,6 +15,7 @@ from torch import nn
 
 from .dimensions import head_dim_of, kv_heads_of
 from .kv_cache import KVCache
+from .linear import Linear
 from .rope import apply_rope
 
 
@@ -207,10 +208,10 @@ class Ernie4_5Attention(nn.Module):
         self.head_dim = head_dim_of(config)
         self.scale = self.head_dim**-0.5
         hidden, bias = config.hidden_size, bool(config.use_bias)
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.kernel = ATTENTION_KERNELS[backend.attn]
 
     def forward(

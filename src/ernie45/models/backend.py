@@ -51,7 +51,9 @@ class BackendConfig:
         reference) or "torch_mm" (``torch._grouped_mm``). dispatcher: "torch" (local, or
         all-to-all under expert parallelism). fake_balanced_gate: round-robin routing with
         uniform weights, for throughput tests only. gate_precision: router compute dtype
-        (default float32).
+        (default float32). prepack_cpu_inference: CPU bf16 inference multiplies by oneDNN-prepacked
+        copies of the linear weights (bitwise the same logits, faster; one extra copy of those
+        weights while inferring; see ``models/linear.py``).
     """
 
     attn: str = "sdpa"
@@ -65,6 +67,7 @@ class BackendConfig:
     enable_hf_state_dict_adapter: bool = True
     enable_fsdp_optimizations: bool = False
     gate_precision: str | torch.dtype | None = None
+    prepack_cpu_inference: bool = True
 
     def __post_init__(self) -> None:
         for name, implemented in _IMPLEMENTED.items():

@@ -19,6 +19,7 @@ from ..moe.config import MoEConfig
 from . import accounting, construction
 from .capabilities import ModelCapabilities
 from .decoder import DecoderModel, tuple_when_asked
+from .linear import Linear, set_prepacking
 from .loss import causal_lm_loss
 from .rope import RotaryEmbedding
 
@@ -48,10 +49,11 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.config = config
         self.backend = model.backend
         self.model = model
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)
         self.lm_head_bias = lm_head_bias  # NOTE: known also where a pipeline stage holds no head
         self.vocab_size = config.vocab_size
         self.tie_weights()
+        set_prepacking(self, self.backend.prepack_cpu_inference)
 
     # ----- embeddings -------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint.hf_checkpoint import is_adapter_tensor, set_tensor
+from ..models.linear import Linear
 from ..moe.experts import EXPERT_PROJECTIONS, GroupedExperts
 from ..sharding import local_index, local_part
 from .config import PeftConfig
@@ -47,9 +48,10 @@ class LoRAFactor(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device))
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     """A linear layer with a low-rank update; ``weight``/``bias`` stay the base layer's tensors
-    (same names, same objects), so base checkpoints load and save unchanged."""
+    (same names, same objects), so base checkpoints load and save unchanged. The base product is
+    ``Linear``'s (prepacked in CPU bf16 inference when the base layer was)."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # NOTE: not nn.Linear's: that would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        self.prepack, self._packed = getattr(base, "prepack", False), None
         like = dict(dtype=dtype or base.weight.dtype, device=base.weight.device)
         self.lora_A = LoRAFactor(rank, base.in_features, **like)
         self.lora_B = LoRAFactor(base.out_features, rank, **like)
@@ -72,7 +75,7 @@ class LoRALinear(nn.Linear):
         self.lora_enabled = True  # False inside ``adapters_disabled``: the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = super().forward(x)
         if not self.lora_enabled:
             return out
         drop = self.dropout if self.training else 0.0
@@ -265,10 +268,10 @@ def fold(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -
     target.add_((scale * torch.matmul(b, a)).to(target.dtype))
 
 
-def _plain_linear(lora: LoRALinear) -> nn.Linear:
-    linear = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
-    linear.weight, linear.bias = lora.weight, lora.bias
-    return linear
+def _plain_linear(lora: LoRALinear) -> Linear:
+    linear = Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+    linear.weight, linear.bias, linear.prepack = lora.weight, lora.bias, lora.prepack
+    return linear.train(lora.training)
 
 
 def is_adapted(module: nn.Module) -> bool:
