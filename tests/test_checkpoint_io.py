@@ -163,6 +163,18 @@ def test_loading_streams_into_checkpoint_dtype_without_random_init(dense_checkpo
         assert torch.equal(ours.model.norm.weight, f.get_tensor("model.norm.weight").to(torch.bfloat16))
 
 
+def test_a_config_given_to_from_pretrained_is_the_one_built(dense_checkpoint):
+    """transformers' ``config=``: the object passed in is used instead of config.json."""
+    directory, hf = dense_checkpoint
+    config = ernie45.checkpoint.hf_checkpoint.load_config(directory)
+    config.rms_norm_eps = 0.25
+    ours = ernie45.Ernie4_5ForCausalLM.from_pretrained(directory, config=config)
+    assert ours.config is config and ours.model.norm.eps == 0.25
+    config.model_type = "llama"
+    with pytest.raises(ValueError, match="model_type='ernie4_5'"):
+        ernie45.Ernie4_5ForCausalLM.from_pretrained(directory, config=config)
+
+
 @pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("200MiB", 200 * 2**20), (1234, 1234), ("30KB", 30000)])
 def test_parse_size(text, expected):
     assert safetensors_io.parse_size(text) == expected

@@ -38,8 +38,8 @@ def from_pretrained(
         from .distributed.loading import from_pretrained as from_pretrained_parallel
 
         return from_pretrained_parallel(path, parallel, dtype=dtype, backend=backend, device=device, **kwargs)
-    cls = model_class_for(load_config(path))
-    return cls.from_pretrained(path, dtype=dtype, backend=backend, device=device, **kwargs)
+    config = load_config(path)
+    return model_class_for(config).from_pretrained(path, dtype=dtype, backend=backend, device=device, config=config, **kwargs)
 
 
 def from_config(

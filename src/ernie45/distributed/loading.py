@@ -34,9 +34,11 @@ def from_pretrained(
 ) -> nn.Module:
     """Load an HF checkpoint directory straight into the layout ``parallel`` (collective)."""
     ensure_process_group()
+    config = load_config(path)
     return load_pretrained(
-        model_class_for(load_config(path)),
+        model_class_for(config),
         path,
+        config=config,
         dtype=dtype,
         device=device or default_device(),
         parallelize=partial(parallelize_model, parallel=parallel),

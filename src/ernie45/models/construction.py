@@ -86,14 +86,18 @@ def load_pretrained(
     parallelize: Callable[[nn.Module], object] | None = None,
     torch_dtype: torch.dtype | str | None = None,
     adapters: Adapters | None = None,
+    config=None,
     **kwargs,
 ) -> nn.Module:
     """``cls`` loaded from an HF checkpoint directory; dtype (or ``torch_dtype``) defaults to the checkpoint's.
 
+    ``config``: a transformers config to build instead of the directory's config.json (as
+    transformers' ``config=``; ``ernie45.from_pretrained`` passes the one it has read).
+
     ``parallelize(model)`` lays the meta model out over the ranks before anything is allocated;
     ``adapters`` are added before that and filled after the base weights are loaded.
     """
-    config = load_config(path)
+    config = load_config(path) if config is None else config
     check_config(cls, config)
     files = CheckpointFiles(path)
     with building(as_dtype(dtype_argument(dtype, torch_dtype)) or checkpoint_dtype(files), "meta"):

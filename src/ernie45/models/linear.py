@@ -50,6 +50,11 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's init, except on the meta device (nothing to draw; loading fills the weight)."""
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def train(self, mode: bool = True) -> "Linear":
         """Training drops the packed copy (its memory, and a weight about to change)."""
         if mode:
