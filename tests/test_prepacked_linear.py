@@ -172,3 +172,13 @@ def test_lora_layers_pack_their_base_and_merge_keeps_packing(bf16_model_dir):
         merged = merge(model)
         merged(ids)
     assert _packed_count(merged) == sum(1 for m in merged.modules() if isinstance(m, Linear)) > 0
+
+
+def test_compiled_code_traces_the_plain_product():
+    """Under torch.compile the layer is one F.linear (no data-dependent cache in the graph)."""
+    layer = _layer()
+    x = torch.randn(4, 96).to(torch.bfloat16)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None

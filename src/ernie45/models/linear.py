@@ -45,7 +45,7 @@ class Linear(nn.Linear):
         self._packed: tuple[torch.Tensor, int, int] | None = None  # (packed weight, data_ptr, version)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight(x) if self.prepack else None
+        packed = self._packed_weight(x) if self.prepack and not torch.compiler.is_compiling() else None
         if packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
@@ -73,7 +73,7 @@ class Linear(nn.Linear):
         plain = plain and not weight.is_inference()  # NOTE: an inference tensor has no version to check
         if not (inference and plain and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16):
             return None
-        if not x.is_contiguous() or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if not x.is_contiguous() or x.device.type != "cpu":
             return None  # NOTE: F.linear itself rounds differently for a strided input; keep its result
         key = (weight.data_ptr(), weight._version)
         if self._packed is None or self._packed[1:] != key:
