@@ -86,6 +86,19 @@ def test_a_changed_weight_is_packed_again():
         assert torch.equal(layer(x), torch.zeros(4, 200, dtype=torch.bfloat16))
 
 
+def test_inference_mode_packs_and_moving_the_layer_drops_the_copy():
+    layer = _layer()
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is not None
+    layer.float()  # a new weight (dtype or device): the old packed copy must not outlive it
+    assert layer._packed is None
+    with torch.no_grad():
+        layer(x.float())
+    assert layer._packed is None
+
+
 def test_copies_and_pickles_carry_no_packed_copy():
     layer = _layer()
     x = torch.randn(2, 96).to(torch.bfloat16)

@@ -61,6 +61,11 @@ class Linear(nn.Linear):
             self._packed = None
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``, ...: the packed copy of the old weight goes with it."""
+        self._packed = None
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weight, not the packed copy (rebuilt on first use)."""
         return {**super().__getstate__(), "_packed": None}
