@@ -1,10 +1,12 @@
 """Prepacked linear weights in CPU bf16 inference (models/linear.py): bitwise the same results as
-``F.linear`` and as the model without them, used only where nothing needs autograd, and never stale
-after the weights change.
+``F.linear`` and as the model without them, used only inside ``prepacked_weights`` blocks where
+nothing needs autograd, and never stale after the weights change (in place, through ``.data``, by
+PEFT's merge, between blocks or inside one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -15,7 +17,7 @@ from transformers import Ernie4_5ForCausalLM as HFDense
 
 import ernie45
 from ernie45.models import BackendConfig
-from ernie45.models.linear import Linear, prepacking_available, set_prepacking
+from ernie45.models.linear import Linear, prepacked_weights, prepacking_available, set_prepacking
 
 from builders import random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
 
@@ -33,12 +35,19 @@ def _packed_count(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, Linear) and m._packed is not None)
 
 
+@contextlib.contextmanager
+def packing(module: torch.nn.Module):
+    """Inference inside a prepacked block."""
+    with torch.no_grad(), prepacked_weights(module):
+        yield
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96), (0, 96)])
 def test_the_packed_product_is_bitwise_f_linear(bias, shape):
     layer = _layer(bias)
     x = torch.randn(shape).to(torch.bfloat16)
-    with torch.no_grad():
+    with packing(layer):
         got = layer(x)
     assert layer._packed is not None
     assert got.shape == (*shape[:-1], 200)
@@ -48,7 +57,7 @@ def test_the_packed_product_is_bitwise_f_linear(bias, shape):
 def test_a_strided_input_takes_f_linear_itself():
     layer = _layer()
     x = torch.randn(5, 2, 96).to(torch.bfloat16).transpose(0, 1)  # F.linear rounds a strided input its own way
-    with torch.no_grad():
+    with packing(layer):
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer._packed is None
 
@@ -58,15 +67,18 @@ def test_nothing_is_packed_where_autograd_or_training_needs_the_weight():
     x = torch.randn(3, 96).to(torch.bfloat16)
     layer(x).sum().backward()  # eval mode, but autograd on: the plain product, with a gradient
     assert layer._packed is None and layer.weight.grad is not None
-    with torch.no_grad():
+    with packing(layer):
         layer.train()(x)
     assert layer._packed is None
     fp32 = Linear(96, 200).eval()
-    with torch.no_grad():
+    with packing(fp32):
         fp32(x.float())
     assert fp32._packed is None  # fp32 weights: MKL's product, nothing to pack
     with torch.no_grad():
         layer.eval()(x)
+    assert layer._packed is None  # no block: the plain product
+    with packing(layer):
+        layer(x)
     assert layer._packed is not None
     layer.train()
     assert layer._packed is None  # going back to training frees the copy
@@ -75,7 +87,7 @@ def test_nothing_is_packed_where_autograd_or_training_needs_the_weight():
 def test_a_changed_weight_is_packed_again():
     layer = _layer()
     x = torch.randn(4, 96).to(torch.bfloat16)
-    with torch.no_grad():
+    with packing(layer):
         before = layer(x)
         layer.weight.mul_(2)  # in place: a new version
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -89,12 +101,12 @@ def test_a_changed_weight_is_packed_again():
 def test_inference_mode_packs_and_moving_the_layer_drops_the_copy():
     layer = _layer()
     x = torch.randn(3, 96).to(torch.bfloat16)
-    with torch.inference_mode():
+    with torch.inference_mode(), prepacked_weights(layer):
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer._packed is not None
     layer.float()  # a new weight (dtype or device): the old packed copy must not outlive it
     assert layer._packed is None
-    with torch.no_grad():
+    with packing(layer):
         layer(x.float())
     assert layer._packed is None
 
@@ -102,11 +114,11 @@ def test_inference_mode_packs_and_moving_the_layer_drops_the_copy():
 def test_copies_and_pickles_carry_no_packed_copy():
     layer = _layer()
     x = torch.randn(2, 96).to(torch.bfloat16)
-    with torch.no_grad():
+    with packing(layer):
         expected = layer(x)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone._packed is None and layer._packed is not None
-        with torch.no_grad():
+        with packing(clone):
             assert torch.equal(clone(x), expected)
 
 
@@ -125,7 +137,7 @@ def bf16_model_dir(request, tmp_path):
 def test_model_logits_and_greedy_tokens_are_bitwise_those_without_packing(bf16_model_dir):
     model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16)
     ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with packing(model):
         packed_logits = model(ids).logits
         packed_tokens = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[])
     linears = sum(1 for m in model.modules() if isinstance(m, Linear))
@@ -140,7 +152,7 @@ def test_model_logits_and_greedy_tokens_are_bitwise_those_without_packing(bf16_m
 
 def test_the_backend_switch_turns_packing_off(bf16_model_dir):
     model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16, backend=BackendConfig(prepack_cpu_inference=False))
-    with torch.no_grad():
+    with packing(model):
         model(torch.tensor([[5, 6, 7]]))
     assert _packed_count(model) == 0
 
@@ -149,7 +161,7 @@ def test_training_after_inference_uses_the_updated_weights(bf16_model_dir):
     """eval -> train -> step -> eval: the second inference sees the stepped weights."""
     model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16)
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with packing(model):
         before = model(ids).logits
     model.train()
     assert _packed_count(model) == 0
@@ -159,7 +171,7 @@ def test_training_after_inference_uses_the_updated_weights(bf16_model_dir):
             if p.grad is not None:
                 p.sub_(p.grad.sign() * 1e-2)
     model.eval()
-    with torch.no_grad():
+    with packing(model):
         after = model(ids).logits
         set_prepacking(model, False)
         plain = model(ids).logits
@@ -176,15 +188,68 @@ def test_lora_layers_pack_their_base_and_merge_keeps_packing(bf16_model_dir):
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
+    with packing(model):
         packed = model(ids).logits
         assert _packed_count(model) == sum(1 for m in model.modules() if isinstance(m, Linear))
-        set_prepacking(model, False)
+    set_prepacking(model, False)
+    with packing(model):
         assert torch.equal(model(ids).logits, packed)
-        set_prepacking(model, True)
-        merged = merge(model)
+    set_prepacking(model, True)
+    merged = merge(model)
+    with packing(merged):
         merged(ids)
     assert _packed_count(merged) == sum(1 for m in merged.modules() if isinstance(m, Linear)) > 0
+
+
+def test_outside_a_block_nothing_is_packed_and_generate_keeps_its_copies(bf16_model_dir):
+    model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16)
+    ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(ids)
+    assert _packed_count(model) == 0  # a plain forward: no block, no copy
+    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    copies = {id(m._packed) for m in model.modules() if isinstance(m, Linear)}
+    assert _packed_count(model) > 0
+    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    assert {id(m._packed) for m in model.modules() if isinstance(m, Linear)} == copies  # unchanged weights: reused
+
+
+def test_writes_through_data_between_blocks_are_seen():
+    """``.data`` writes leave the version unchanged (EMA updates, PEFT's merge): the fingerprint
+    checked on entering a block catches them, including rows moved without changing any sum."""
+    layer = _layer()
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    with packing(layer):
+        layer(x)
+    edits = (
+        lambda w: w.data.mul_(0.5),
+        lambda w: w.data[3].add_(1.0),  # one row
+        lambda w: w.data[[0, 1]].copy_(w.data[[1, 0]].clone()),  # two rows swapped
+    )
+    for edit in edits:
+        version = layer.weight._version
+        edit(layer.weight)
+        assert layer.weight._version == version  # invisible to the version check
+        with packing(layer):
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_hf_peft_merge_on_our_model_is_seen_by_generate(bf16_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16), config).eval()
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    with packing(model):
+        adapted = model(ids).logits
+    merged = model.merge_and_unload()  # writes the base weights through .data
+    with packing(merged):
+        got = merged(ids).logits
+    set_prepacking(merged, False)
+    with torch.no_grad():
+        plain = merged(ids).logits
+    assert torch.equal(got, plain)
+    assert (got.float() - adapted.float()).abs().max() < 0.1 * adapted.float().abs().max()
 
 
 def test_compiled_code_traces_the_plain_product():

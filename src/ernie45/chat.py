@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .generation import default_special_ids, stream_tokens
+from .models.linear import prepacked_weights
 
 CHAT_END_TOKEN = "<|end_of_sentence|>"  # closes each assistant turn in ERNIE's chat template
 
@@ -71,16 +72,17 @@ def chat(
     """
     messages: list[dict[str, str]] = []
     end_ids = chat_end_ids(model, tokenizer)
-    while (user := read()) is not None and user.strip():
-        messages.append({"role": "user", "content": user.strip()})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        notice = length_warning(model, len(prompt_ids), generate_kwargs.get("max_new_tokens", 0))
-        if warn is not None and notice:
-            warn(notice)
-            warn = None  # NOTE: the conversation only grows; once is enough
-        write("Assistant: ")
-        reply = stream_text(model, tokenizer, prompt_ids, write, eos_token_id=end_ids, **generate_kwargs)
-        write("\n")
-        messages.append({"role": "assistant", "content": reply.strip()})
+    with prepacked_weights(model):  # NOTE: one block for the whole conversation
+        while (user := read()) is not None and user.strip():
+            messages.append({"role": "user", "content": user.strip()})
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+            notice = length_warning(model, len(prompt_ids), generate_kwargs.get("max_new_tokens", 0))
+            if warn is not None and notice:
+                warn(notice)
+                warn = None  # NOTE: the conversation only grows; once is enough
+            write("Assistant: ")
+            reply = stream_text(model, tokenizer, prompt_ids, write, eos_token_id=end_ids, **generate_kwargs)
+            write("\n")
+            messages.append({"role": "assistant", "content": reply.strip()})
     return messages

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .generation import positions_from_mask
 from .jsonl import iter_jsonl, json_type, text_field
+from .models.linear import prepacked_weights
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def loglikelihoods(
         pairs = [truncate_left(ctx, cont, max_len) for ctx, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     results = [0.0] * len(pairs)
-    with tqdm(total=len(pairs), desc=desc, unit="seq", disable=not progress) as bar:
+    with tqdm(total=len(pairs), desc=desc, unit="seq", disable=not progress) as bar, prepacked_weights(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             for i, value in zip(chunk, _batch_loglikelihoods(model, [pairs[i] for i in chunk])):

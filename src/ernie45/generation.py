@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 
 from .checkpoint.safetensors_io import json_object
 from .models.kv_cache import KVCache, make_kv_caches  # noqa: F401  (KVCache: re-exported, its old home)
+from .models.linear import prepacked_weights
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -224,16 +225,17 @@ def _decode(
     end_ids_t = torch.tensor(end_ids, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, positions = input_ids, positions_from_mask(prompt_keep)  # [B,P] for the prefill
-    for step in range(max_new_tokens):
-        mask = full_mask[:, : prompt_len + step] if padded else None
-        next_tokens = choose(_decode_step_logits(model, tokens, positions, mask, caches))  # [B]
-        if end_ids:
-            next_tokens = next_tokens.masked_fill(finished, pad_id)
-            finished |= torch.isin(next_tokens, end_ids_t)
-        yield next_tokens
-        if end_ids and bool(finished.all()):
-            return
-        tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
+    with prepacked_weights(model):
+        for step in range(max_new_tokens):
+            mask = full_mask[:, : prompt_len + step] if padded else None
+            next_tokens = choose(_decode_step_logits(model, tokens, positions, mask, caches))  # [B]
+            if end_ids:
+                next_tokens = next_tokens.masked_fill(finished, pad_id)
+                finished |= torch.isin(next_tokens, end_ids_t)
+            yield next_tokens
+            if end_ids and bool(finished.all()):
+                return
+            tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings) -> torch.Tensor:

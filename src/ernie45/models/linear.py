@@ -2,19 +2,27 @@
 
 On a CPU, ``F.linear`` in bf16 re-lays the weight out for oneDNN on every call: for one token
 (decode) that costs as much as the product itself (a [103424, 1024] head: 13 ms plain, 6.5 ms
-prepacked; a [3072, 1024] projection 3x). So in inference (eval mode, no autograd needed, bf16
-weights, contiguous bf16 input) the layer multiplies by a copy of its weight in oneDNN's own
-layout, made on first use and kept until the weight changes (its storage or version) or the
-module goes back to training. The product is the same oneDNN kernel on the same numbers: the
-result is bitwise equal to ``F.linear`` (tested). The price is one extra copy of the linear
-weights while the model does inference; ``BackendConfig(prepack_cpu_inference=False)`` (or
+prepacked; a [3072, 1024] projection 3x). So inside a ``prepacked_weights(model)`` block
+(``generate``, chat and the HellaSwag evaluation open one) inference calls (eval mode, no
+autograd needed, bf16 weights, contiguous bf16 input) multiply by a copy of the weight in
+oneDNN's own layout. The product is the same oneDNN kernel on the same numbers: the result is
+bitwise equal to ``F.linear`` (tested).
+
+The copy is made on first use and kept for the next block, because making it costs ~0.4 s for the
+0.3B. It is never used stale: inside a block it is checked against the weight's storage and
+version on every call, and on entering a block against a fingerprint of the weight's bits (row
+sums, weighted by row), which also sees writes through ``.data`` (PEFT's merge, EMA updates) that
+leave the version unchanged. ``train()`` and ``.to()`` drop it. The price is one extra copy of the
+linear weights while the model infers; ``BackendConfig(prepack_cpu_inference=False)`` (or
 ``set_prepacking(model, False)``) turns it off. FSDP turns it off: its weights are gathered per
 forward, and a packed copy would keep the whole gathered weight on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +43,52 @@ def set_prepacking(model: nn.Module, enabled: bool) -> None:
             module._packed = None
 
 
+@contextlib.contextmanager
+def prepacked_weights(model: nn.Module) -> Iterator[None]:
+    """Inference inside this block uses prepacked weights (see the module docstring); blocks nest.
+
+    Weights must not be changed through ``.data`` inside the block (between blocks they may).
+    """
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.prepack]
+    for layer in layers:
+        if layer._blocks == 0:
+            layer._drop_if_changed()
+        layer._blocks += 1
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._blocks -= 1
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple[int, int]:
+    """Two integers that change with any value of ``weight`` [out,in] (bf16 bits summed by row, and
+    those row sums weighted by row index: a row moved elsewhere changes the second)."""
+    rows = weight.detach().view(torch.int16).sum(dim=1, dtype=torch.int64)  # [out]
+    return int(rows.sum()), int(rows.dot(torch.arange(1, len(rows) + 1, dtype=torch.int64)))
+
+
+class _Packed:
+    """A weight in oneDNN's layout and what it was made from."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self.key = (weight.data_ptr(), weight._version)
+        self.fingerprint = _fingerprint(weight)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, state dict and math) that uses a prepacked weight in CPU
-    bf16 inference when ``prepack`` is on (see the module docstring)."""
+    """``nn.Linear`` (same parameters, state dict and math) that uses a prepacked weight for CPU
+    bf16 inference inside ``prepacked_weights`` (see the module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **factory):
         super().__init__(in_features, out_features, bias=bias, **factory)
         self.prepack = prepacking_available()
-        self._packed: tuple[torch.Tensor, int, int] | None = None  # (packed weight, data_ptr, version)
+        self._packed: _Packed | None = None
+        self._blocks = 0  # open prepacked_weights blocks around this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight(x) if self.prepack and not torch.compiler.is_compiling() else None
+        packed = self._packed_weight(x) if self._blocks and not torch.compiler.is_compiling() else None
         if packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
@@ -68,7 +111,13 @@ class Linear(nn.Linear):
 
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weight, not the packed copy (rebuilt on first use)."""
-        return {**super().__getstate__(), "_packed": None}
+        return {**super().__getstate__(), "_packed": None, "_blocks": 0}
+
+    def _drop_if_changed(self) -> None:
+        """Entering a block: keep the packed copy only if the weight still holds the same bits."""
+        packed, weight = self._packed, self.weight
+        if packed is not None and (packed.key[0] != weight.data_ptr() or packed.fingerprint != _fingerprint(weight)):
+            self._packed = None
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The prepacked weight when this call is inference on a CPU in bf16, else None."""
@@ -80,8 +129,7 @@ class Linear(nn.Linear):
             return None
         if not x.is_contiguous() or x.device.type != "cpu":
             return None  # NOTE: F.linear itself rounds differently for a strided input; keep its result
-        key = (weight.data_ptr(), weight._version)
-        if self._packed is None or self._packed[1:] != key:
+        if self._packed is None or self._packed.key != (weight.data_ptr(), weight._version):
             self._packed = None  # free the stale copy before making the new one
-            self._packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), *key)
-        return self._packed[0]
+            self._packed = _Packed(weight)
+        return self._packed.tensor

@@ -65,7 +65,7 @@ class LoRALinear(Linear):
         nn.Module.__init__(self)  # NOTE: not nn.Linear's: that would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.prepack, self._packed = getattr(base, "prepack", False), None
+        self.prepack, self._packed, self._blocks = getattr(base, "prepack", False), None, 0
         like = dict(dtype=dtype or base.weight.dtype, device=base.weight.device)
         self.lora_A = LoRAFactor(rank, base.in_features, **like)
         self.lora_B = LoRAFactor(base.out_features, rank, **like)
