@@ -49,7 +49,8 @@ def test_the_packed_product_is_bitwise_f_linear(bias, shape):
     x = torch.randn(shape).to(torch.bfloat16)
     with packing(layer):
         got = layer(x)
-    assert layer._packed is not None
+        assert layer._packed is not None
+    assert layer._packed is None  # freed with the block
     assert got.shape == (*shape[:-1], 200)
     assert torch.equal(got, F.linear(x, layer.weight, layer.bias))
 
@@ -79,9 +80,9 @@ def test_nothing_is_packed_where_autograd_or_training_needs_the_weight():
     assert layer._packed is None  # no block: the plain product
     with packing(layer):
         layer(x)
-    assert layer._packed is not None
-    layer.train()
-    assert layer._packed is None  # going back to training frees the copy
+        assert layer._packed is not None
+        layer.train()
+        assert layer._packed is None  # going back to training frees the copy
 
 
 def test_a_changed_weight_is_packed_again():
@@ -103,9 +104,9 @@ def test_inference_mode_packs_and_moving_the_layer_drops_the_copy():
     x = torch.randn(3, 96).to(torch.bfloat16)
     with torch.inference_mode(), prepacked_weights(layer):
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert layer._packed is not None
-    layer.float()  # a new weight (dtype or device): the old packed copy must not outlive it
-    assert layer._packed is None
+        assert layer._packed is not None
+        layer.float()  # a new weight (dtype or device): the old packed copy must not outlive it
+        assert layer._packed is None
     with packing(layer):
         layer(x.float())
     assert layer._packed is None
@@ -116,8 +117,9 @@ def test_copies_and_pickles_carry_no_packed_copy():
     x = torch.randn(2, 96).to(torch.bfloat16)
     with packing(layer):
         expected = layer(x)
-    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert clone._packed is None and layer._packed is not None
+        clones = (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)))
+    for clone in clones:
+        assert clone._packed is None and clone._blocks == 0
         with packing(clone):
             assert torch.equal(clone(x), expected)
 
@@ -140,8 +142,8 @@ def test_model_logits_and_greedy_tokens_are_bitwise_those_without_packing(bf16_m
     with packing(model):
         packed_logits = model(ids).logits
         packed_tokens = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[])
-    linears = sum(1 for m in model.modules() if isinstance(m, Linear))
-    assert _packed_count(model) == linears > 0  # every projection and the head took the packed path
+        linears = sum(1 for m in model.modules() if isinstance(m, Linear))
+        assert _packed_count(model) == linears > 0  # every projection and the head took the packed path
     set_prepacking(model, False)
     assert _packed_count(model) == 0
     with torch.no_grad():
@@ -198,25 +200,29 @@ def test_lora_layers_pack_their_base_and_merge_keeps_packing(bf16_model_dir):
     merged = merge(model)
     with packing(merged):
         merged(ids)
-    assert _packed_count(merged) == sum(1 for m in merged.modules() if isinstance(m, Linear)) > 0
+        assert _packed_count(merged) == sum(1 for m in merged.modules() if isinstance(m, Linear)) > 0
 
 
-def test_outside_a_block_nothing_is_packed_and_generate_keeps_its_copies(bf16_model_dir):
+def test_generate_packs_for_its_duration_and_an_outer_block_keeps_the_copies(bf16_model_dir):
     model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16)
     ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         model(ids)
     assert _packed_count(model) == 0  # a plain forward: no block, no copy
-    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
-    copies = {id(m._packed) for m in model.modules() if isinstance(m, Linear)}
-    assert _packed_count(model) > 0
-    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
-    assert {id(m._packed) for m in model.modules() if isinstance(m, Linear)} == copies  # unchanged weights: reused
+    stream = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    assert _packed_count(model) == 0  # generate's block ended with it
+    with prepacked_weights(model):  # a serving loop: one block around many calls
+        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[]), stream)
+        copies = {id(m._packed) for m in model.modules() if isinstance(m, Linear)}
+        assert _packed_count(model) > 0
+        model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+        assert {id(m._packed) for m in model.modules() if isinstance(m, Linear)} == copies  # reused
+    assert _packed_count(model) == 0
 
 
 def test_writes_through_data_between_blocks_are_seen():
-    """``.data`` writes leave the version unchanged (EMA updates, PEFT's merge): the fingerprint
-    checked on entering a block catches them, including rows moved without changing any sum."""
+    """``.data`` writes leave the version unchanged (EMA updates, PEFT's merge): every block packs
+    afresh, so the next block sees them."""
     layer = _layer()
     x = torch.randn(5, 96).to(torch.bfloat16)
     with packing(layer):

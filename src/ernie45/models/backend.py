@@ -51,9 +51,9 @@ class BackendConfig:
         reference) or "torch_mm" (``torch._grouped_mm``). dispatcher: "torch" (local, or
         all-to-all under expert parallelism). fake_balanced_gate: round-robin routing with
         uniform weights, for throughput tests only. gate_precision: router compute dtype
-        (default float32). prepack_cpu_inference: CPU bf16 inference multiplies by oneDNN-prepacked
-        copies of the linear weights (bitwise the same logits, faster; one extra copy of those
-        weights while inferring; see ``models/linear.py``).
+        (default float32). prepack_cpu_inference: CPU bf16 generation and evaluation multiply by
+        oneDNN-prepacked copies of the linear weights (bitwise the same logits, faster decoding;
+        one extra copy of those weights, kept between calls; see ``models/linear.py``).
     """
 
     attn: str = "sdpa"

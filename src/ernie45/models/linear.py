@@ -8,14 +8,15 @@ autograd needed, bf16 weights, contiguous bf16 input) multiply by a copy of the 
 oneDNN's own layout. The product is the same oneDNN kernel on the same numbers: the result is
 bitwise equal to ``F.linear`` (tested).
 
-The copy is made on first use and kept for the next block, because making it costs ~0.4 s for the
-0.3B. It is never used stale: inside a block it is checked against the weight's storage and
-version on every call, and on entering a block against a fingerprint of the weight's bits (row
-sums, weighted by row), which also sees writes through ``.data`` (PEFT's merge, EMA updates) that
-leave the version unchanged. ``train()`` and ``.to()`` drop it. The price is one extra copy of the
-linear weights while the model infers; ``BackendConfig(prepack_cpu_inference=False)`` (or
-``set_prepacking(model, False)``) turns it off. FSDP turns it off: its weights are gathered per
-forward, and a packed copy would keep the whole gathered weight on every rank.
+The copy is made on first use inside a block and freed when the outermost block ends (making it
+costs ~0.4 s for the 0.3B, so a serving loop keeps one block open around many ``generate`` calls).
+Inside a block it is checked against the weight's storage and version on every call; writes
+through ``.data`` (PEFT's merge, EMA updates) leave the version unchanged, so weights must not be
+changed that way inside a block; between blocks anything goes. ``train()`` and ``.to()`` drop it.
+The price is one extra copy of the linear weights while a block is open;
+``BackendConfig(prepack_cpu_inference=False)`` (or ``set_prepacking(model, False)``) turns it off.
+FSDP turns it off: its weights are gathered per forward, and a packed copy would keep the whole
+gathered weight on every rank.
 """
 
 from __future__ import annotations
@@ -45,36 +46,26 @@ def set_prepacking(model: nn.Module, enabled: bool) -> None:
 
 @contextlib.contextmanager
 def prepacked_weights(model: nn.Module) -> Iterator[None]:
-    """Inference inside this block uses prepacked weights (see the module docstring); blocks nest.
-
-    Weights must not be changed through ``.data`` inside the block (between blocks they may).
-    """
+    """Inference inside this block uses prepacked weights, freed when the outermost block ends
+    (see the module docstring). Weights must not be changed through ``.data`` inside it."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.prepack]
     for layer in layers:
-        if layer._blocks == 0:
-            layer._drop_if_changed()
         layer._blocks += 1
     try:
         yield
     finally:
         for layer in layers:
             layer._blocks -= 1
-
-
-def _fingerprint(weight: torch.Tensor) -> tuple[int, int]:
-    """Two integers that change with any value of ``weight`` [out,in] (bf16 bits summed by row, and
-    those row sums weighted by row index: a row moved elsewhere changes the second)."""
-    rows = weight.detach().view(torch.int16).sum(dim=1, dtype=torch.int64)  # [out]
-    return int(rows.sum()), int(rows.dot(torch.arange(1, len(rows) + 1, dtype=torch.int64)))
+            if layer._blocks == 0:
+                layer._packed = None
 
 
 class _Packed:
-    """A weight in oneDNN's layout and what it was made from."""
+    """A weight in oneDNN's layout and which weight (storage, version) it was made from."""
 
     def __init__(self, weight: torch.Tensor):
         self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.key = (weight.data_ptr(), weight._version)
-        self.fingerprint = _fingerprint(weight)
 
 
 class Linear(nn.Linear):
@@ -112,12 +103,6 @@ class Linear(nn.Linear):
     def __getstate__(self) -> dict:
         """Copies and pickles carry the weight, not the packed copy (rebuilt on first use)."""
         return {**super().__getstate__(), "_packed": None, "_blocks": 0}
-
-    def _drop_if_changed(self) -> None:
-        """Entering a block: keep the packed copy only if the weight still holds the same bits."""
-        packed, weight = self._packed, self.weight
-        if packed is not None and (packed.key[0] != weight.data_ptr() or packed.fingerprint != _fingerprint(weight)):
-            self._packed = None
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The prepacked weight when this call is inference on a CPU in bf16, else None."""
