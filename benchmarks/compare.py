@@ -16,7 +16,9 @@ How it measures (each number is a ratio ours/transformers, because shared machin
   * the machine's matmul ceiling is measured at the start and the end of the run (the higher
     counts), and training MFU = tokens/s x the model's FLOPs per token / that ceiling.
 Metrics: train_tokens_per_s (forward, loss, backward, AdamW step), peak_rss, forward_tokens_per_s,
-load_seconds, decode_tokens_per_s, train_mfu; LoRA (rank 16 on attention and the routed experts,
+load_seconds, decode_tokens_per_s (one generate call at a time: ours packs its weights per call),
+serve_decode_tokens_per_s (the same calls in one serving loop: ours keeps one
+``prepacked_weights`` block open around them, as ``ernie45 chat`` does), train_mfu; LoRA (rank 16 on attention and the routed experts,
 transformers + HF PEFT on the other side): lora_train_tokens_per_s, lora_peak_rss and
 lora_over_full_peak_rss (each side's LoRA peak over its own full fine-tune's); the opt-in memory
 saver, activation checkpointing (ours: ``distributed.activation_checkpointing``, transformers:
@@ -57,7 +59,7 @@ MEASURE = Path(__file__).resolve().with_name("measure.py")
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
-KINDS = ("train", "ac_train", "lora_train", "forward", "load", "decode")
+KINDS = ("train", "ac_train", "lora_train", "forward", "load", "decode", "serve_decode")
 SWEPT_KINDS = ("train", "ac_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
 SETUP_AUTOMODEL = "benchmarks/setup_automodel.sh"
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
@@ -80,8 +82,8 @@ FULL = Plan(
 # NOTE: sized so that dense-0.3b + mini-moe + tiny in one dtype fit in 20 minutes on 2 cores.
 QUICK = Plan(
     rounds=1,
-    warmup=dict(train=1, ac_train=1, lora_train=1, forward=1, load=1, decode=1),
-    reps=dict(train=2, ac_train=2, lora_train=2, forward=2, load=2, decode=1),
+    warmup=dict(train=1, ac_train=1, lora_train=1, forward=1, load=1, decode=1, serve_decode=1),
+    reps=dict(train=2, ac_train=2, lora_train=2, forward=2, load=2, decode=1, serve_decode=1),
     min_seconds=2.0,
     ceiling_budget_s=10.0,
 )
@@ -369,6 +371,7 @@ def workload_rows(
         row("forward", "forward_tokens_per_s", "tokens/s", values),
         row("load", "load_seconds", "s", values),
         row("decode", "decode_tokens_per_s", "tokens/s", values),
+        row("serve_decode", "serve_decode_tokens_per_s", "tokens/s", values),
     ]
     rows = [r for r in rows if r is not None]
     by_metric = {r["metric"]: r for r in rows}

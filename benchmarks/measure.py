@@ -13,7 +13,7 @@ Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an H
 step with the base frozen in the measured dtype and rank-16 float32 LoRA adapters on attention and
 the routed experts: ours with ``ernie45.peft``, transformers with HF PEFT), "forward" (inference
 tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
-new tokens/s), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
+new tokens/s; "serve_decode": the same calls in one serving loop), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
 "seq_len" replaces the workload's sequence length (batch 1) for train, lora_train and forward.
 Precision: bf16 training is mixed precision as in our recipe and HF Trainer's ``bf16=True`` (fp32
 weights and AdamW state, forward under ``torch.autocast``); inference and loading use the
@@ -318,7 +318,9 @@ def measure_load(task: dict, workload: Workload, dtype: torch.dtype, device: tor
 
 @torch.no_grad()
 def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
-    """New tokens/s of greedy ``generate`` (prefill included), exactly ``new_tokens`` each run."""
+    """New tokens/s of greedy ``generate`` (prefill included), exactly ``new_tokens`` each run;
+    "serve_decode": the same calls inside one serving loop, where ours holds one
+    ``prepacked_weights`` block around them (as ``ernie45 chat`` does per conversation)."""
     model = load_model(task["impl"], workload, task["checkpoint"], dtype, device).eval()
     ids = random_tokens(workload, workload.prompt_len, device)
     new = workload.new_tokens
@@ -331,7 +333,12 @@ def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: t
         if not hasattr(model, "generate"):
             raise Unavailable("ernie45 models have no generate() yet")
         run = lambda: model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])  # noqa: E731
-    return {"values": [workload.batch * new / s for s in repeated(run, device, task)], "unit": "tokens/s"}
+    serving = task["kind"] == "serve_decode" and task["impl"] == "ours"
+    if serving:
+        from ernie45.models.linear import prepacked_weights
+    with prepacked_weights(model) if serving else contextlib.nullcontext():
+        seconds = repeated(run, device, task)
+    return {"values": [workload.batch * new / s for s in seconds], "unit": "tokens/s"}
 
 
 def measure_ceiling(task: dict, device: torch.device) -> dict:
@@ -362,6 +369,7 @@ MEASUREMENTS = {
     "forward": measure_forward,
     "load": measure_load,
     "decode": measure_decode,
+    "serve_decode": measure_decode,
 }
 
 
