@@ -18,7 +18,7 @@ from ernie45.distributed import (
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
-from ernie45.models.linear import Linear
+from ernie45.models.linear import Linear, prepacked_weights
 
 # NOTE: every test here forks gloo ranks.
 pytestmark = pytest.mark.multiprocess
@@ -111,9 +111,9 @@ def _mixed_precision(rank: int, world: int) -> None:
         assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
     ref_logits = _local_rows(reference(batch).logits)
     assert (full(out.logits).float() - ref_logits).abs().max() < 5e-2
-    with torch.no_grad():  # bf16 inference on gathered weights: no packed copy of them outlives the forward
+    with torch.no_grad(), prepacked_weights(model):  # bf16 inference on gathered weights: nothing packed
         model.eval()(_local_rows(batch))
-    assert not [name for name, m in model.named_modules() if isinstance(m, Linear) and m._packed is not None]
+        assert not [name for name, m in model.named_modules() if isinstance(m, Linear) and m._packed is not None]
 
 
 def test_fsdp2_default_mixed_precision_keeps_fp32_master_weights():

@@ -101,7 +101,7 @@ class Linear(nn.Linear):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        """Copies and pickles carry the weight, not the packed copy (rebuilt on first use)."""
+        """Copies and pickles carry the weight, not the packed copy (made again in a block)."""
         return {**super().__getstate__(), "_packed": None, "_blocks": 0}
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
