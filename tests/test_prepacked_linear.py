@@ -60,21 +60,22 @@ def test_a_strided_input_takes_f_linear_itself():
     x = torch.randn(5, 2, 96).to(torch.bfloat16).transpose(0, 1)  # F.linear rounds a strided input its own way
     with packing(layer):
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert layer._packed is None
+        assert layer._packed is None
 
 
 def test_nothing_is_packed_where_autograd_or_training_needs_the_weight():
     layer = _layer()
     x = torch.randn(3, 96).to(torch.bfloat16)
-    layer(x).sum().backward()  # eval mode, but autograd on: the plain product, with a gradient
-    assert layer._packed is None and layer.weight.grad is not None
+    with prepacked_weights(layer):  # a block, in eval mode, but autograd on: the plain product, with a gradient
+        layer(x).sum().backward()
+        assert layer._packed is None and layer.weight.grad is not None
     with packing(layer):
         layer.train()(x)
-    assert layer._packed is None
+        assert layer._packed is None
     fp32 = Linear(96, 200).eval()
     with packing(fp32):
         fp32(x.float())
-    assert fp32._packed is None  # fp32 weights: MKL's product, nothing to pack
+        assert fp32._packed is None  # fp32 weights: MKL's product, nothing to pack
     with torch.no_grad():
         layer.eval()(x)
     assert layer._packed is None  # no block: the plain product
@@ -109,7 +110,7 @@ def test_inference_mode_packs_and_moving_the_layer_drops_the_copy():
         assert layer._packed is None
     with packing(layer):
         layer(x.float())
-    assert layer._packed is None
+        assert layer._packed is None  # fp32 now: nothing to pack
 
 
 def test_copies_and_pickles_carry_no_packed_copy():
@@ -145,37 +146,40 @@ def test_model_logits_and_greedy_tokens_are_bitwise_those_without_packing(bf16_m
         linears = sum(1 for m in model.modules() if isinstance(m, Linear))
         assert _packed_count(model) == linears > 0  # every projection and the head took the packed path
     set_prepacking(model, False)
-    assert _packed_count(model) == 0
-    with torch.no_grad():
+    with packing(model):  # switched off: the plain products, even inside a block
         assert torch.equal(model(ids).logits, packed_logits)
         assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[]), packed_tokens)
-    assert _packed_count(model) == 0
+        assert _packed_count(model) == 0
 
 
 def test_the_backend_switch_turns_packing_off(bf16_model_dir):
     model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16, backend=BackendConfig(prepack_cpu_inference=False))
     with packing(model):
         model(torch.tensor([[5, 6, 7]]))
-    assert _packed_count(model) == 0
+        assert _packed_count(model) == 0
 
 
 def test_training_after_inference_uses_the_updated_weights(bf16_model_dir):
-    """eval -> train -> step -> eval: the second inference sees the stepped weights."""
+    """eval -> train -> step -> eval, all inside one open block: the second inference sees the
+    stepped weights (train() drops the copies, the step's in-place updates change the version)."""
     model = ernie45.from_pretrained(bf16_model_dir, dtype=torch.bfloat16)
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(1))
-    with packing(model):
-        before = model(ids).logits
-    model.train()
-    assert _packed_count(model) == 0
-    model(ids, labels=ids).loss.backward()
+    with prepacked_weights(model):
+        with torch.no_grad():
+            before = model(ids).logits
+        assert _packed_count(model) > 0
+        model.train()
+        assert _packed_count(model) == 0
+        model(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(p.grad.sign() * 1e-2)
+        model.eval()
+        with torch.no_grad():
+            after = model(ids).logits
+    set_prepacking(model, False)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p.sub_(p.grad.sign() * 1e-2)
-    model.eval()
-    with packing(model):
-        after = model(ids).logits
-        set_prepacking(model, False)
         plain = model(ids).logits
     assert not torch.equal(after, before)
     assert torch.equal(after, plain)
@@ -263,6 +267,6 @@ def test_compiled_code_traces_the_plain_product():
     layer = _layer()
     x = torch.randn(4, 96).to(torch.bfloat16)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
+    with packing(layer):  # even inside a block
         assert torch.equal(compiled(x), F.linear(x, layer.weight, layer.bias))
-    assert layer._packed is None
+        assert layer._packed is None
