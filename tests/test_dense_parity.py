@@ -106,6 +106,26 @@ def test_logits_to_keep_and_hidden_states(tmp_path):
     assert ours(ids).hidden_states is None
 
 
+def test_no_kept_logits_skip_the_head_product(tmp_path):
+    """A fused loss asks for no logits: the head must not run (under autocast its empty product
+    would still cast the whole [V,H] weight), yet the empty logits look like the product's."""
+    hf, ours = _load_pair(tmp_path, {})
+    ids = torch.randint(0, hf.config.vocab_size, (2, 10))
+    calls = []
+    ours.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    none = torch.empty(0, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        empty = ours(ids, logits_to_keep=none, output_hidden_states=True)
+    assert empty.logits.shape == (2, 0, hf.config.vocab_size) and empty.logits.dtype == torch.bfloat16
+    assert ours(ids, logits_to_keep=none).logits.dtype == torch.float32
+    assert calls == []
+    ours(ids, logits_to_keep=1)
+    assert calls == [1]
+    with torch.no_grad():
+        expected = hf(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(ours(ids, logits_to_keep=none, output_hidden_states=True).hidden_states[-1], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_token_id_out_of_range_is_a_clear_error(tmp_path):
     hf, ours = _load_pair(tmp_path, {})
     vocab = hf.config.vocab_size
