@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from builders import tiny_dense_config
 
+import ernie45.training.loss as loss_module
 from ernie45 import Ernie4_5ForCausalLM
 from ernie45.tokenizer import train_tokenizer
 from ernie45.training.config import DatasetConfig, LRSchedulerConfig
@@ -178,6 +179,33 @@ def test_chunked_linear_cross_entropy_under_bf16_autocast_and_a_second_backward(
         assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
     with pytest.raises(RuntimeError, match="backpropagated once"):
         torch.autograd.grad(loss, (hidden, weight))
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_head_gradient_made_in_vocabulary_blocks_is_bitwise_the_whole_product(monkeypatch, chunk_size):
+    """Under autocast the head gradient is made a block of vocabulary rows at a time and cast into
+    fp32 right away: the very numbers of the whole bf16 product cast afterwards (blocks that do not
+    divide V, one chunk or several)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 32), torch.randn(64, 32)
+    targets = torch.randint(0, 64, (40,))
+
+    def grads(block_rows):
+        monkeypatch.setattr(loss_module, "GRAD_WEIGHT_BLOCK_ROWS", block_rows)
+        inputs = [t.clone().requires_grad_() for t in (hidden, weight)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chunked_linear_cross_entropy(*inputs, None, targets, chunk_size).backward()
+        return [t.grad for t in inputs]
+
+    whole, blocked = grads(64), grads(24)
+    assert blocked[1].dtype == torch.float32
+    for ours, theirs in zip(blocked, whole):
+        assert torch.equal(ours, theirs)
+    if chunk_size == 64:  # one chunk: the whole bf16 product, cast
+        h = hidden.bfloat16()
+        logits = (h @ weight.bfloat16().T).float()
+        d_logits = (logits.softmax(-1) - F.one_hot(targets, 64)).bfloat16()
+        torch.testing.assert_close(whole[1], (d_logits.T @ h).float(), rtol=0.02, atol=0.02)
 
 
 def test_micro_batches_normalised_by_global_tokens_equal_one_big_batch():

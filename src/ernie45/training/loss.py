@@ -78,11 +78,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     compute dtype once (autocast's dtype when it is on); each chunk's logits [c,V] are written by
     ``mm(out=)`` and turned into ``softmax - onehot`` in place, with the fp32 log-softmax done a
     block of rows at a time in one small fp32 buffer; the head gradient is written by the first
-    chunk (no zero-fill) and accumulated in fp32 by the others. Gradients stay in the compute dtype
-    until backward, which scales them and casts them to the inputs' dtypes (after the forward's
-    buffers are gone). With a tied head, the weight gradient is handed to the embedding's backward
-    through ``head_gradient`` (see models/embedding.py) instead of being returned. The result
-    must be used as a scalar loss, once.
+    chunk (no zero-fill) and accumulated by the others in fp32 (an fp32 weight's gradient is made
+    in fp32 from the start: a low-precision product is made a block of vocabulary rows at a time
+    in one small buffer and cast into it while cache-hot, so no [V,H] low-precision copy and no
+    [V,H] cast in backward). The other gradients stay in the compute dtype until backward, which
+    scales them and casts them to the inputs' dtypes. With a tied head, the weight gradient is
+    handed to the embedding's backward through ``head_gradient`` (see models/embedding.py)
+    instead of being returned. The result must be used as a scalar loss, once.
     """
 
     @staticmethod
@@ -123,7 +125,9 @@ def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: 
     if dtype != torch.float32:
         fp32_rows = scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if n == 0 else None
+    # fp32 for fp32 weights and for sums over chunks; a low-precision weight's single chunk keeps its dtype
+    grad_dtype = weight.dtype if n <= rows_per_chunk and weight.dtype == dtype else torch.float32
+    grad_weight = torch.empty_like(weight, dtype=grad_dtype) if n > 0 else torch.zeros_like(weight, dtype=grad_dtype)
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
@@ -134,7 +138,9 @@ def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: 
             logits += b
         total += _softmax_minus_onehot_(logits, y, fp32_rows, grad_bias)
         grad_hidden[start : start + len(y)] = logits @ w
-        grad_weight = _add_grad_weight(grad_weight, logits, h)
+        if start + rows_per_chunk >= n:
+            w = None  # NOTE: the last chunk frees the cast weight before the head gradient's products
+        _add_grad_weight_(grad_weight, logits, h, first=start == 0)
     return total, grad_hidden, grad_weight, grad_bias
 
 
@@ -177,16 +183,32 @@ def _log_softmax_(x: torch.Tensor) -> None:
         x.copy_(torch.log_softmax(x, -1))
 
 
-def _add_grad_weight(grad_weight: torch.Tensor | None, d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """grad_weight [V,H] += d_logits.T [V,c] @ h [c,H]: the first chunk writes it (no zero-fill), the
-    others accumulate in fp32."""
-    if grad_weight is None:
-        return torch.mm(d_logits.T, h)
-    if grad_weight.dtype != torch.float32:
-        grad_weight = grad_weight.float()
-    if d_logits.dtype == torch.float32:
-        return grad_weight.addmm_(d_logits.T, h)
-    return grad_weight.add_(torch.mm(d_logits.T, h))
+# Vocabulary rows of the head gradient made at once in low precision: [8192, H] bf16 is 16 MB.
+GRAD_WEIGHT_BLOCK_ROWS = 8192
+
+
+def _add_grad_weight_(grad_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """grad_weight [V,H] (+)= d_logits.T [V,c] @ h [c,H]: the first chunk writes it (no zero-fill).
+
+    Into an fp32 gradient, a low-precision product is made ``GRAD_WEIGHT_BLOCK_ROWS`` rows at a time into one reused
+    buffer and cast into the fp32 gradient while cache-hot: the same numbers as the whole product
+    cast afterwards, without a fresh [V,H] low-precision tensor and a second pass over it.
+    """
+    if d_logits.dtype == grad_weight.dtype:
+        if first:
+            torch.mm(d_logits.T, h, out=grad_weight)
+        else:
+            grad_weight.addmm_(d_logits.T, h)
+        return
+    rows = min(GRAD_WEIGHT_BLOCK_ROWS, grad_weight.shape[0])
+    block = h.new_empty((rows, h.shape[1]))
+    for start in range(0, grad_weight.shape[0], rows):
+        stop = min(start + rows, grad_weight.shape[0])
+        product = torch.mm(d_logits[:, start:stop].T, h, out=block[: stop - start])
+        if first:
+            grad_weight[start:stop].copy_(product)
+        else:
+            grad_weight[start:stop].add_(product)
 
 
 def chunked_linear_cross_entropy(
