@@ -126,36 +126,6 @@ def test_no_kept_logits_skip_the_head_product(tmp_path):
     torch.testing.assert_close(ours(ids, logits_to_keep=none, output_hidden_states=True).hidden_states[-1], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_backward_is_autograd_through_the_complex_product(dtype):
-    """RoPE's hand-written backward (one conjugate product) gives autograd's very numbers, for q as
-    the projection lays it out (a transposed view); compiled, the same within an ulp."""
-    from ernie45.models.rope import RotaryEmbedding, _rotate_pairs, apply_rope
-
-    torch.manual_seed(0)
-    batch, seq, heads, kv_heads, head_dim = 2, 6, 4, 2, 8
-    rotation = RotaryEmbedding(head_dim, 10000.0)(torch.arange(seq).expand(batch, seq))
-    projected = [torch.randn(batch, seq, n * head_dim, dtype=dtype) for n in (heads, kv_heads)]
-    grads = [torch.randn(batch, n, seq, head_dim, dtype=dtype) for n in (heads, kv_heads)]
-
-    def run(rope):
-        inputs = [t.clone().requires_grad_() for t in projected]
-        q, k = (t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in inputs)
-        outputs = rope(q, k)
-        torch.autograd.backward(outputs, grads)
-        return [*outputs, *(t.grad for t in inputs)]
-
-    def reference(q, k):
-        return tuple(_rotate_pairs(x, rotation.unsqueeze(1)) for x in (q, k))
-
-    expected = run(reference)
-    for got, want in zip(run(lambda q, k: apply_rope(q, k, rotation)), expected):
-        assert got.dtype == want.dtype and torch.equal(got, want)
-    compiled = torch.compile(lambda q, k: apply_rope(q, k, rotation), backend="aot_eager", fullgraph=True)
-    for got, want in zip(run(compiled), expected):  # decomposed complex products: within an ulp
-        torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
-
-
 def test_token_id_out_of_range_is_a_clear_error(tmp_path):
     hf, ours = _load_pair(tmp_path, {})
     vocab = hf.config.vocab_size
