@@ -123,7 +123,8 @@ def test_no_kept_logits_skip_the_head_product(tmp_path):
     assert calls == [1]
     with torch.no_grad():
         expected = hf(ids, output_hidden_states=True).hidden_states[-1]
-    torch.testing.assert_close(ours(ids, logits_to_keep=none, output_hidden_states=True).hidden_states[-1], expected, rtol=1e-5, atol=1e-5)
+    hidden = ours(ids, logits_to_keep=none, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_token_id_out_of_range_is_a_clear_error(tmp_path):

@@ -190,9 +190,9 @@ GRAD_WEIGHT_BLOCK_ROWS = 8192
 def _add_grad_weight_(grad_weight: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor, first: bool) -> None:
     """grad_weight [V,H] (+)= d_logits.T [V,c] @ h [c,H]: the first chunk writes it (no zero-fill).
 
-    Into an fp32 gradient, a low-precision product is made ``GRAD_WEIGHT_BLOCK_ROWS`` rows at a time into one reused
-    buffer and cast into the fp32 gradient while cache-hot: the same numbers as the whole product
-    cast afterwards, without a fresh [V,H] low-precision tensor and a second pass over it.
+    Into an fp32 gradient, a low-precision product is made ``GRAD_WEIGHT_BLOCK_ROWS`` rows at a
+    time in one reused buffer and cast into it while cache-hot: the same numbers as the whole
+    product cast afterwards, without a fresh [V,H] low-precision tensor and a second pass over it.
     """
     if d_logits.dtype == grad_weight.dtype:
         if first:
