@@ -1,5 +1,5 @@
-"""FSDP2 on 2 gloo ranks: AdamW steps, gradient accumulation and activation checkpointing equal
-the single-process model on the same global batch (fp32)."""
+"""FSDP2 on 2 gloo ranks: AdamW steps, gradient accumulation, activation checkpointing and the fused
+loss (tied and untied heads) equal the single-process model on the same global batch (fp32)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ernie45.distributed import (
     prepare_for_grad_accumulation,
 )
 from ernie45.models.linear import Linear, prepacked_weights
+from ernie45.training.loss import FusedLinearCrossEntropy, count_label_tokens
 
 # NOTE: every test here forks gloo ranks.
 pytestmark = pytest.mark.multiprocess
@@ -68,6 +69,32 @@ def test_fsdp2_adamw_steps_equal_single_process():
 
 def test_hsdp_adamw_steps_equal_single_process():
     run_ranks(_train_steps, 4, True, dict(dp_replicate=2, dp_shard=2))
+
+
+def _fused_loss_steps(rank: int, world: int, tied: bool) -> None:
+    """The recipe's fused linear + cross-entropy under FSDP2: the model computes no logits (its
+    head is never called; untied, it is an FSDP unit of its own), the loss gathers the head."""
+    reference = dense_model(tie_word_embeddings=tied)
+    model = copy.deepcopy(reference)
+    parallelize_model(model, ParallelConfig(dp_shard=world, **FP32))
+    loss_fn = FusedLinearCrossEntropy(chunk_size=5)
+    opt_ref, opt = _adamw(reference), _adamw(model)
+    for step in range(2):
+        ids = token_batch(reference.config.vocab_size, 2 * world, 12, seed=step)
+        for net, rows, optimizer in ((reference, ids, opt_ref), (model, _local_rows(ids), opt)):
+            batch = dict(input_ids=rows, labels=rows, attention_mask=None, padding_mask=None)
+            loss, _ = loss_fn(net, batch)
+            (loss / count_label_tokens(rows)).backward()
+        assert_grads_close(model, reference, f"tied={tied} step {step}")
+        for optimizer in (opt_ref, opt):
+            optimizer.step()
+            optimizer.zero_grad()
+        assert_params_close(model, reference, f"tied={tied} after step {step}")
+
+
+def test_fused_loss_under_fsdp2_equals_single_process():
+    run_ranks(_fused_loss_steps, 2, False)
+    run_ranks(_fused_loss_steps, 2, True)
 
 
 def _grad_accumulation(rank: int, world: int, moe: bool) -> None:
