@@ -55,6 +55,18 @@ def test_the_packed_product_is_bitwise_f_linear(bias, shape):
     assert torch.equal(got, F.linear(x, layer.weight, layer.bias))
 
 
+def test_turning_prepacking_off_holds_inside_an_open_block():
+    """set_prepacking(model, False) (as FSDP does) inside a block: the next call packs nothing."""
+    layer = _layer()
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    with packing(layer):
+        layer(x)
+        assert layer._packed is not None
+        set_prepacking(layer, False)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._packed is None
+
+
 def test_a_strided_input_takes_f_linear_itself():
     layer = _layer()
     x = torch.randn(5, 2, 96).to(torch.bfloat16).transpose(0, 1)  # F.linear rounds a strided input its own way

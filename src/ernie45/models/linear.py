@@ -79,7 +79,8 @@ class Linear(nn.Linear):
         self._blocks = 0  # open prepacked_weights blocks around this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight(x) if self._blocks and not torch.compiler.is_compiling() else None
+        in_block = self.prepack and self._blocks and not torch.compiler.is_compiling()
+        packed = self._packed_weight(x) if in_block else None
         if packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
