@@ -208,6 +208,29 @@ def test_head_gradient_made_in_vocabulary_blocks_is_bitwise_the_whole_product(mo
         torch.testing.assert_close(whole[1], (d_logits.T @ h).float(), rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_head_products_in_cpu_tiles_are_bitwise_the_whole_products(monkeypatch, chunk_size):
+    """Under bf16 autocast on a CPU the logits are made a tile of vocabulary rows at a time and the
+    hidden-state gradient a tile of tokens at a time: the very numbers of the whole products (tiles
+    that do not divide V or the tokens, one chunk or several)."""
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(40, 32), torch.randn(64, 32), torch.randn(64)
+    targets = torch.randint(0, 64, (40,))
+
+    def loss_and_grads(vocab_rows, tokens):
+        monkeypatch.setattr(loss_module, "LOGITS_TILE_ROWS", vocab_rows)
+        monkeypatch.setattr(loss_module, "GRAD_HIDDEN_TILE_TOKENS", tokens)
+        inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_linear_cross_entropy(*inputs, targets, chunk_size)
+        loss.backward()
+        return [loss] + [t.grad for t in inputs]
+
+    whole, tiled = loss_and_grads(64, 64), loss_and_grads(24, 7)
+    for ours, theirs, name in zip(tiled, whole, ("loss", "hidden", "weight", "bias")):
+        assert torch.equal(ours, theirs), name
+
+
 def test_micro_batches_normalised_by_global_tokens_equal_one_big_batch():
     """Splitting a batch into micro-batches of different token counts must not reweight tokens."""
     batch = random_batch(160, [16, 4, 9, 13])
