@@ -34,6 +34,12 @@ the venv that ``benchmarks/setup_automodel.sh`` makes (``--automodel-python``); 
 missing or AutoModel does not import there, the run says why once and goes on with two columns.
 AutoModel has train and forward here; its other metrics show n/a with the reason.
 
+``--host-memory`` says in which processes glibc keeps freed memory for reuse instead of handing it
+back to the OS (fresh pages cost a page fault each; see ``ernie45/training/host_memory.py``):
+"shipped" (default) as each library's training entry leaves it, i.e. ours' training processes on
+CPU (ernie45's trainer does this) and no other; "system": none; "keep": every process of every
+implementation, which compares the libraries with the allocator out of the picture.
+
 ``--seq-lens 256,512,...`` measures train, ac_train, lora_train and forward (those of ``--metrics``) at each
 sequence length, batch 1, and prints one row per length and metric: tokens/s of each side, the
 ratio, and for training the ratio of peak memory (JSON rows carry "seq_len"). load and decode run
@@ -56,6 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import DEFAULT_CACHE, DTYPES, MAX_POSITIONS, WORKLOADS, Workload, hf_config  # noqa: E402
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
+# --host-memory: "keep" is ernie45.training.host_memory.keep_freed_host_memory() as glibc's
+# environment variables, so that every implementation (and AutoModel's venv) can be given it.
+HOST_MEMORY_MODES = ("shipped", "system", "keep")
+KEEP_HOST_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+TRAINER_KINDS = ("train", "ac_train", "lora_train")  # what ernie45's trainer runs (it keeps host memory on CPU)
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
@@ -218,10 +229,23 @@ def format_sweep_table(rows: list[dict]) -> str:
 
 
 # ----- running measurement processes -----------------------------------------------------------------
+def keeps_host_memory(mode: str, impl: str, kind: str, device: str) -> bool:
+    """Whether ``impl``'s ``kind`` process runs with glibc keeping freed memory: all of them under
+    "keep", none under "system"; "shipped": as each library's training entry leaves it (ernie45's
+    trainer keeps it for CPU training, transformers' and AutoModel's do not)."""
+    if mode == "shipped":
+        return impl == "ours" and kind in TRAINER_KINDS and device == "cpu"
+    return mode == "keep"
+
+
 def run_measurement(task: dict, timeout_s: float, python: str | None = None) -> dict:
     """Run ``measure.py`` on one task in a fresh process (``python``, default this interpreter);
-    failures come back as {"unavailable": why}."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]), MKL_NUM_THREADS=str(task["threads"]))
+    failures come back as {"unavailable": why}. ``task["keep_host_memory"]``: glibc keeps freed
+    memory in that process (else glibc's defaults, whatever this environment says)."""
+    env = {key: value for key, value in os.environ.items() if key not in KEEP_HOST_MEMORY_ENV}
+    env.update(OMP_NUM_THREADS=str(task["threads"]), MKL_NUM_THREADS=str(task["threads"]))
+    if task.get("keep_host_memory"):
+        env.update(KEEP_HOST_MEMORY_ENV)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     command = [python or sys.executable, str(MEASURE), json.dumps(task)]
@@ -308,6 +332,7 @@ def measure_workload(
                     kind=kind, impl=impl, workload=workload.name, dtype=dtype, checkpoint=checkpoint,
                     threads=args.threads, device=args.device, warmup=plan.warmup[kind], reps=plan.reps[kind],
                     min_seconds=plan.min_seconds,
+                    keep_host_memory=keeps_host_memory(args.host_memory, impl, kind, args.device),
                 )  # fmt: skip
                 if seq_len:
                     task["seq_len"] = seq_len
@@ -408,6 +433,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--peers", default="", help=f"comma-separated further columns, from {list(PEERS)}")
     parser.add_argument(
+        "--host-memory", choices=HOST_MEMORY_MODES, default="shipped",
+        help="glibc keeps freed memory for reuse in: ours' training processes, as ernie45's trainer does on CPU "
+        "(shipped, default); no process (system); every process of every implementation (keep)",
+    )  # fmt: skip
+    parser.add_argument(
         "--automodel-python", type=Path, default=DEFAULT_CACHE / "automodel-venv" / "bin" / "python",
         help=f"the python of AutoModel's venv, made by {SETUP_AUTOMODEL} (default: %(default)s)",
     )  # fmt: skip
@@ -465,7 +495,7 @@ def machine_description(args) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     load_text = f", load average {load[0]:.2f}" if load else ""
     device = device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
-    return f"{device}, {args.threads} threads, torch {torch.__version__}{load_text}"
+    return f"{device}, {args.threads} threads, torch {torch.__version__}{load_text}, --host-memory {args.host_memory}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,3 +91,26 @@ def test_tiny_lora_train_one_rep_trains_the_same_adapters_on_both_sides(tmp_path
     assert metrics[:4] == ["train_tokens_per_s", "peak_rss", "lora_train_tokens_per_s", "lora_peak_rss"]
     over = next(r for r in rows if r["metric"] == "lora_over_full_peak_rss")
     assert over["ours"] == pytest.approx(rows[3]["ours"] / rows[1]["ours"])
+
+
+def test_host_memory_modes_pick_the_processes_that_keep_freed_memory():
+    shipped = {(impl, kind): compare.keeps_host_memory("shipped", impl, kind, "cpu")
+               for impl in ("ours", "hf", "automodel") for kind in compare.KINDS}  # fmt: skip
+    assert {key for key, keep in shipped.items() if keep} == {("ours", kind) for kind in compare.TRAINER_KINDS}
+    assert not compare.keeps_host_memory("shipped", "ours", "train", "cuda")
+    assert all(compare.keeps_host_memory("keep", impl, "forward", "cpu") for impl in ("ours", "hf", "automodel"))
+    assert not any(compare.keeps_host_memory("system", impl, "train", "cpu") for impl in ("ours", "hf"))
+
+
+def test_measurement_process_gets_glibcs_keep_settings_only_when_asked(tmp_path, monkeypatch):
+    """The measuring process sees the keep variables when its task keeps host memory, and none of
+    them otherwise, even when this process has them set."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in %r}))\n"
+                     % sorted(compare.KEEP_HOST_MEMORY_ENV))  # fmt: skip
+    monkeypatch.setattr(compare, "MEASURE", probe)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    task = {"threads": 1}
+    assert compare.run_measurement({**task, "keep_host_memory": True}, 60) == compare.KEEP_HOST_MEMORY_ENV
+    assert compare.run_measurement({**task, "keep_host_memory": False}, 60) == dict.fromkeys(compare.KEEP_HOST_MEMORY_ENV)
+    assert compare.parse_args([]).host_memory == "shipped"

@@ -349,6 +349,11 @@ class DistEnvConfig(Section):
     cpu_threads: PositiveInt | None = Field(
         None, description="torch threads per process on CPU (default: the cores, shared by the local ranks)"
     )
+    keep_host_memory: bool = Field(
+        True,
+        description="CPU training: glibc keeps freed memory for the next step instead of returning it to the OS "
+        "(fresh pages cost a page fault each; ernie45.training.host_memory); false: glibc's defaults",
+    )
 
     @field_validator("cpu_threads")
     @classmethod

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, DistEnvConfig
+from .host_memory import keep_freed_host_memory
 
 EXIT_FAILED = 1  # a rank failed (or a collective timed out)
 EXIT_BAD_INPUT = 2  # the recipe, the data or the output directory cannot be used; or the disk is full
@@ -92,6 +93,8 @@ def init_runtime(config: DistEnvConfig) -> Runtime:
     use_cuda = torch.cuda.is_available() and config.backend != "gloo"
     if not use_cuda:
         set_cpu_threads(config)
+        if config.keep_host_memory:
+            keep_freed_host_memory()
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Runtime(0, 1, 0, torch.device("cuda") if use_cuda else torch.device("cpu"))
     check_backend(config)
