@@ -160,7 +160,7 @@ def _tiled(x: torch.Tensor) -> bool:
 
 def _logits_into_(logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
     """logits [c,V] = h [c,H] @ w [V,H].T, ``LOGITS_TILE_ROWS`` vocabulary rows at a time on a CPU."""
-    rows = LOGITS_TILE_ROWS if _tiled(w) else w.shape[0]
+    rows = LOGITS_TILE_ROWS if _tiled(w) else max(w.shape[0], 1)
     for start in range(0, w.shape[0], rows):
         torch.mm(h, w[start : start + rows].T, out=logits[:, start : start + rows])
 
