@@ -4,7 +4,7 @@ glibc hands large freed blocks back to the operating system: anything it mapped 
 of 32 MB and more) and free memory at the top of its heap. A training step frees and allocates the
 same sizes every step (the head's gradient and logits, activations, weight gradients), so each step
 then writes into freshly mapped pages, and the first touch of each 4 KB page is a page fault that
-zeroes it. On the 2-core VM these benchmarks run on, that cost ~0.33 ms per MB: 1-2.4 GB of fresh
+zeroes it. On the 2-core VM these benchmarks run on, that cost ~0.35 ms per MB: 1-2.4 GB of fresh
 pages per step, a tenth to a fifth of a bf16 training step (and more of a short-sequence step).
 
 ``keep_freed_host_memory()`` tells glibc to serve every allocation from its heap (no private
