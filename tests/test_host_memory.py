@@ -67,7 +67,7 @@ def test_cpu_training_keeps_host_memory_unless_the_recipe_turns_it_off(monkeypat
     assert calls == ([True] if keep else [])
 
 
-def test_keep_host_memory_takes_booleans_only():
+def test_keep_host_memory_is_on_by_default_and_refuses_a_non_boolean():
     assert DistEnvConfig().keep_host_memory is True
     with pytest.raises((ConfigError, ValueError), match="keep_host_memory"):
         DistEnvConfig(keep_host_memory="sometimes")

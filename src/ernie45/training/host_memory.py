@@ -5,14 +5,14 @@ of 32 MB and more) and free memory at the top of its heap. A training step frees
 same sizes every step (the head's gradient and logits, activations, weight gradients), so each step
 then writes into freshly mapped pages, and the first touch of each 4 KB page is a page fault that
 zeroes it. On the 2-core VM these benchmarks run on, that cost ~0.35 ms per MB: 1-2.4 GB of fresh
-pages per step, a tenth to a fifth of a bf16 training step (and more of a short-sequence step).
+pages per bf16 step, 6% (dense 0.3B) to 21% (a small MoE) of the step at 1,024 tokens.
 
 ``keep_freed_host_memory()`` tells glibc to serve every allocation from its heap (no private
 mappings) and never to shrink the heap, so the next step reuses the pages the last one freed.
 The price: the process keeps the memory of its largest step (plus some fragmentation) until it
-exits. Measured (bf16 training, 1,024 tokens): dense-0.3b 116 -> 123 tokens/s, peak RSS 6.77 ->
-6.97 GiB; mini-MoE 204 -> 255-261 tokens/s, 7.94 -> 7.96-8.22 GiB; with lengths varying from 256 to
-1,024 the heap settled ~0.4 GiB above the first steps' peak after 12 steps. The trainer applies it
+exits: 0-0.3 GiB more peak memory at 1,024 tokens, and with lengths varying from 256 to 1,024 the
+heap settled ~0.4 GiB above the first steps' peak after 12 steps (benchmarks/PROFILE.md, "Fresh
+pages", has the measurements). The trainer applies it
 on CPU unless ``dist_env.keep_host_memory: false``; it is the same as starting Python with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """

@@ -76,15 +76,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     CPU (first touches of newly mapped pages cost as much as the arithmetic on them), so the kernel
     allocates its buffers once per call and works in them in place: the weight is cast to the
     compute dtype once (autocast's dtype when it is on); each chunk's logits [c,V] are written by
-    ``mm(out=)`` and turned into ``softmax - onehot`` in place, with the fp32 log-softmax done a
-    block of rows at a time in one small fp32 buffer; the head gradient is written by the first
-    chunk (no zero-fill) and accumulated by the others in fp32 (an fp32 weight's gradient is made
-    in fp32 from the start: a low-precision product is made a block of vocabulary rows at a time
-    in one small buffer and cast into it while cache-hot, so no [V,H] low-precision copy and no
-    [V,H] cast in backward). The other gradients stay in the compute dtype until backward, which
-    scales them and casts them to the inputs' dtypes. With a tied head, the weight gradient is
-    handed to the embedding's backward through ``head_gradient`` (see models/embedding.py)
-    instead of being returned. The result must be used as a scalar loss, once.
+    ``mm(out=)`` (in tiles on a CPU in bf16) and turned into ``softmax - onehot`` in place, with the
+    fp32 log-softmax done a block of rows at a time in one small fp32 buffer; the head gradient is
+    written by the first chunk (no zero-fill) and accumulated by the others in fp32 (an fp32
+    weight's gradient is made in fp32 from the start: a low-precision product is made a block of
+    vocabulary rows at a time in one small buffer and cast into it while cache-hot, so no [V,H]
+    low-precision copy and no [V,H] cast in backward). The other gradients stay in the compute dtype
+    until backward, which scales them and casts them to the inputs' dtypes. With a tied head, the
+    weight gradient is handed to the embedding's backward through ``head_gradient`` (see
+    models/embedding.py) instead of being returned. The result must be used as a scalar loss, once.
     """
 
     @staticmethod
@@ -144,18 +144,18 @@ def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: 
     return total, grad_hidden, grad_weight, grad_bias
 
 
-# CPU bf16 head products in cache-sized tiles: oneDNN re-lays the weight out for every product,
-# and the whole [V,H] weight does not fit in cache; 2,048 vocabulary rows (4 MB of a bf16 weight
-# with H=1,024) for the logits and 256 tokens for the hidden-state gradient measured 407 and 402
-# GFLOP/s against 342 and 327 for the whole products (V=103k, 1,023 tokens, 2 cores), bitwise the
-# same numbers (each output element is the same dot product). In fp32 the token tiles were slower.
+# CPU bf16 head products in tiles: 2,048 vocabulary rows (4 MB of a bf16 weight with H=1,024) for
+# the logits and 256 tokens for the hidden-state gradient measured 407 and 402 GFLOP/s against 342
+# and 327 for the whole products (V=103k, H=1,024, 1,023 tokens, 2 cores; other H not measured),
+# bitwise the same numbers (each output element is the same dot product). In fp32 the token tiles
+# were slower, so fp32 (and fp16, not measured) runs whole.
 LOGITS_TILE_ROWS = 2048
 GRAD_HIDDEN_TILE_TOKENS = 256
 
 
 def _tiled(x: torch.Tensor) -> bool:
-    """Whether the head products on ``x`` run tiled (CPU, low precision; see the constants)."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    """Whether the head products on ``x`` run tiled (CPU bf16; see the constants)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
 def _logits_into_(logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
