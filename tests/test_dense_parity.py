@@ -98,6 +98,12 @@ def test_logits_to_keep_and_hidden_states(tmp_path):
         index = torch.tensor([0, 4, 9])
         torch.testing.assert_close(ours(ids, logits_to_keep=index).logits, full[:, index])
         torch.testing.assert_close(hf(ids, logits_to_keep=index).logits, full[:, index], rtol=1e-5, atol=1e-5)
+        tokens = torch.zeros(2, 10, dtype=torch.bool)
+        tokens[0, 7:], tokens[1, [2, 9]] = True, True  # scoring: each row's own tokens, flattened
+        torch.testing.assert_close(ours(ids, logits_to_keep=tokens).logits, full[tokens])
+        assert ours(ids, logits_to_keep=tokens).logits.shape == (5, hf.config.vocab_size)
+        with pytest.raises(ValueError, match=r"boolean logits_to_keep marks tokens of input_ids \[2, 10\], got shape \[10\]"):
+            ours(ids, logits_to_keep=tokens[0])
         ours_hidden = ours(ids, output_hidden_states=True).hidden_states
         hf_hidden = hf(ids, output_hidden_states=True).hidden_states
     assert len(ours_hidden) == len(hf_hidden) == hf.config.num_hidden_layers + 1

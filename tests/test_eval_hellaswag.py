@@ -101,7 +101,8 @@ class UniformLM(nn.Module):
         self.device = torch.device("cpu")
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
-        return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], logits_to_keep, self.config.vocab_size))
+        """Zero logits for the kept tokens ([N,V] for a boolean [B,S] mask, as ernie45's models)."""
+        return SimpleNamespace(logits=torch.zeros(int(logits_to_keep.sum()), self.config.vocab_size))
 
 
 def test_hand_built_example_separates_acc_from_acc_norm(tokenizer):

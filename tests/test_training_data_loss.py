@@ -316,11 +316,25 @@ def test_a_stale_head_gradient_is_never_claimed():
 
 @pytest.mark.parametrize("shape", [(1, 7), (37, 1000), (5, 103424)])
 def test_in_place_log_softmax_is_bitwise_torchs(shape):
-    """The fused CE's in-place log-softmax (out= its own input on CPU) equals torch.log_softmax
-    bit for bit, vectorisation tails included."""
-    from ernie45.training.loss import _log_softmax_
+    """The fused CE's and scoring's in-place log-softmax (out= its own input on CPU) equals
+    torch.log_softmax bit for bit, vectorisation tails included."""
+    from ernie45.models.loss import log_softmax_
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 5
     y = x.clone()
-    _log_softmax_(y)
+    log_softmax_(y)
     assert torch.equal(y, torch.log_softmax(x, -1))
+
+
+@pytest.mark.parametrize("rows, dtype", [(1, torch.float32), (70, torch.bfloat16), (64, torch.float32)])
+def test_target_logprobs_in_blocks_equal_a_whole_fp32_log_softmax(rows, dtype):
+    """Scoring's picks (fp32 log-softmax 32 rows at a time, a last partial block) are bitwise the
+    picks of one fp32 log-softmax over all rows, for low-precision logits too."""
+    from ernie45.models.loss import target_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(rows, 1000, generator=generator) * 5).to(dtype)
+    targets = torch.randint(0, 1000, (rows,), generator=generator)
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    got = target_logprobs(logits, targets)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)

@@ -8,7 +8,8 @@ context + continuation are encoded together and split where the context's own en
 special tokens added.
 
 Scoring is batched: all (context + ending) sequences are sorted by length, left-padded, and each
-batch is one forward that computes logits only for the last K positions (K = longest ending).
+batch is one forward that computes logits only where a scored token is predicted (not for the
+context or padding), with an fp32 log-softmax a block of rows at a time.
 
 Longer than the model's window (``max_position_embeddings``): a sequence keeps its last
 window + 1 tokens (lm-eval's rule, ``truncate_left``): the context is cut first, and only an ending
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from .generation import positions_from_mask
 from .jsonl import iter_jsonl, json_type, text_field
 from .models.linear import prepacked_weights
+from .models.loss import target_logprobs
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -141,18 +143,22 @@ def _left_pad(rows: Sequence[list[int]], width: int, device) -> tuple[torch.Tens
 
 @torch.no_grad()
 def _batch_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
-    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair, one forward."""
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair, one forward.
+
+    The head runs only on the positions that predict a scored token (a boolean ``logits_to_keep``):
+    not on context or padding positions, whose logits would be thrown away.
+    """
     device = model.device
     inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]  # position t predicts token t+1
     # NOTE: with an empty (fully truncated) context the first continuation token has no predictor.
     scored = [cont[len(cont) - min(len(cont), len(inp)) :] for inp, (_, cont) in zip(inputs, pairs)]
-    keep = max(map(len, scored))  # K: the scored tokens sit in the last K positions
-    ids, mask = _left_pad(inputs, max(map(len, inputs)), device)
-    targets, target_mask = _left_pad(scored, keep, device)  # [B,K]
-    logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=keep).logits
-    logits = logits.float()  # [B,K,V]
-    logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B,K]
-    return (logprobs * target_mask).sum(-1).tolist()
+    width = max(map(len, inputs))
+    ids, mask = _left_pad(inputs, width, device)
+    targets, predicts = _left_pad(scored, width, device)  # [B,T]: each row's scored tokens at its end
+    predicts = predicts.bool()
+    logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=predicts).logits
+    logprobs = target_logprobs(logits, targets[predicts])  # [N], row by row
+    return [part.sum().item() for part in logprobs.split([len(row) for row in scored])]
 
 
 def loglikelihoods(

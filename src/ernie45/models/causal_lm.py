@@ -25,9 +25,18 @@ from .rope import RotaryEmbedding
 
 
 def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    """0 keeps all positions, int N the last N, a 1-D index tensor those positions."""
+    """0 keeps all positions, int N the last N, a 1-D index tensor those positions (of every row);
+    a [B,S] boolean tensor those tokens, flattened to [N,H] in row-major order (scoring computes
+    the head only where a token is scored, not for padding or context)."""
     if isinstance(logits_to_keep, int):
         return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    if logits_to_keep.dtype == torch.bool:
+        if logits_to_keep.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"a boolean logits_to_keep marks tokens of input_ids {list(hidden.shape[:2])}, got shape "
+                f"{list(logits_to_keep.shape)}; pass a [B,S] mask, an int or a 1-D index tensor of positions"
+            )
+        return hidden[logits_to_keep.to(hidden.device)]
     return hidden[:, logits_to_keep]
 
 
@@ -106,7 +115,8 @@ class Ernie4_5CausalLMBase(nn.Module):
         output_attentions: bool | None = None,
         **body,
     ) -> CausalLMOutputWithPast:
-        """input_ids [B,S] -> logits [B,S',V], with transformers' arguments and output class.
+        """input_ids [B,S] -> logits [B,S',V] (or [N,V] for a boolean ``logits_to_keep``, see
+        ``keep_logits``), with transformers' arguments and output class.
 
         ``body``: the decoder's keywords (``DecoderModel.forward``): position_ids, attention_mask,
         padding_mask, inputs_embeds, output_hidden_states, cache (or past_key_values), use_cache,

@@ -2,7 +2,7 @@
 
 One function for every user: the model's ``labels=`` / ``shift_labels=`` loss (mean, as
 transformers) and the training recipe's ``MaskedCrossEntropy`` (sum, normalised later over the
-global batch).
+global batch). Also the fp32 log-softmax in place that the fused loss and scoring share.
 """
 
 from __future__ import annotations
@@ -61,3 +61,38 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
             f"label {bad} is out of range for vocab_size={vocab_size} "
             f"(valid: 0..{vocab_size - 1}, or {IGNORE_INDEX} to ignore)"
         )
+
+
+def log_softmax_(x: torch.Tensor) -> None:
+    """x [c,V] -> log_softmax(x) over V, in place.
+
+    NOTE: on CPU the kernel reads each row's element before writing it, so ``out=x`` is exact
+    (checked against ``torch.log_softmax``, bitwise) and saves a fresh [c,V] fp32 tensor, whose
+    page faults cost more than the softmax itself; elsewhere the caching allocator makes the
+    temporary cheap and aliasing is not promised, so it is copied back.
+    """
+    if x.device.type == "cpu":
+        torch._log_softmax(x, -1, False, out=x)
+    else:
+        x.copy_(torch.log_softmax(x, -1))
+
+
+# Rows of fp32 log-softmax at once when scoring: [32, V] fp32 is 13 MB for ERNIE's V = 103k, which
+# stays in cache (200 rows of V = 103k bf16 logits, 2 cores: 7.5 ms at 32 rows a block, 25 ms at
+# 128, 69 ms for a whole fp32 copy and logsumexp).
+SCORE_BLOCK_ROWS = 32
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] of each row: logits [N,V] (any float dtype), targets [N] -> fp32 [N].
+
+    The fp32 log-softmax runs ``SCORE_BLOCK_ROWS`` rows at a time in one reused buffer: no fp32
+    copy of all N rows is made.
+    """
+    out = logits.new_empty(targets.shape, dtype=torch.float32)
+    buffer = logits.new_empty((min(SCORE_BLOCK_ROWS, len(targets)), logits.shape[-1]), dtype=torch.float32)
+    for start in range(0, len(targets), SCORE_BLOCK_ROWS):
+        rows = buffer[: len(targets[start : start + SCORE_BLOCK_ROWS])].copy_(logits[start : start + SCORE_BLOCK_ROWS])
+        log_softmax_(rows)
+        out[start : start + len(rows)] = rows.gather(-1, targets[start : start + len(rows), None]).squeeze(-1)
+    return out

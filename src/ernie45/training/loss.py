@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial
 
 from ..dtypes import matmul_dtype
 from ..models.embedding import HeadGradient
-from ..models.loss import IGNORE_INDEX, token_cross_entropy
+from ..models.loss import IGNORE_INDEX, log_softmax_, token_cross_entropy
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -186,7 +186,7 @@ def _softmax_minus_onehot_(
     for start in range(0, logits.shape[0], block):
         rows, y = logits[start : start + block], targets[start : start + block]
         p = rows if fp32_rows is None else fp32_rows[: len(y)].copy_(rows)
-        _log_softmax_(p)
+        log_softmax_(p)
         picked = (torch.arange(len(y), device=y.device), y)
         total -= p[picked].sum()
         p.exp_()
@@ -196,20 +196,6 @@ def _softmax_minus_onehot_(
         if p is not rows:
             rows.copy_(p)
     return total
-
-
-def _log_softmax_(x: torch.Tensor) -> None:
-    """x [c,V] -> log_softmax(x) over V, in place.
-
-    NOTE: on CPU the kernel reads each row's element before writing it, so ``out=x`` is exact
-    (checked against ``torch.log_softmax``, bitwise) and saves a fresh [c,V] fp32 tensor, whose
-    page faults cost more than the softmax itself; elsewhere the caching allocator makes the
-    temporary cheap and aliasing is not promised, so it is copied back.
-    """
-    if x.device.type == "cpu":
-        torch._log_softmax(x, -1, False, out=x)
-    else:
-        x.copy_(torch.log_softmax(x, -1))
 
 
 # Vocabulary rows of the head gradient made at once in low precision: [8192, H] bf16 is 16 MB.
