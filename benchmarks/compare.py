@@ -16,7 +16,11 @@ How it measures (each number is a ratio ours/transformers, because shared machin
   * the machine's matmul ceiling is measured at the start and the end of the run (the higher
     counts), and training MFU = tokens/s x the model's FLOPs per token / that ceiling.
 Metrics: train_tokens_per_s (forward, loss, backward, AdamW step), peak_rss, forward_tokens_per_s,
-load_seconds, decode_tokens_per_s (one generate call at a time: ours packs its weights per call),
+score_examples_per_s (HellaSwag scoring as each library's users run it: ours ``evaluate_hellaswag``,
+i.e. ``ernie45 eval hellaswag``; transformers through lm-evaluation-harness's HFLM, i.e.
+``lm_eval --model hf``; the same ``--score-examples`` examples of ``--hellaswag``, batch 16, a BPE
+trained on that file as tokenizer for both), load_seconds, decode_tokens_per_s (one generate call
+at a time: ours packs its weights per call),
 serve_decode_tokens_per_s (the same calls in one serving loop: ours keeps one
 ``prepacked_weights`` block open around them, as ``ernie45 chat`` does), train_mfu; LoRA (rank 16 on attention and the routed experts,
 transformers + HF PEFT on the other side): lora_train_tokens_per_s, lora_peak_rss and
@@ -70,9 +74,12 @@ TRAINER_KINDS = ("train", "ac_train", "lora_train")  # what ernie45's trainer ru
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
-KINDS = ("train", "ac_train", "lora_train", "forward", "load", "decode", "serve_decode")
+KINDS = ("train", "ac_train", "lora_train", "forward", "score", "load", "decode", "serve_decode")
 SWEPT_KINDS = ("train", "ac_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
 SETUP_AUTOMODEL = "benchmarks/setup_automodel.sh"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
+FIXTURE_HELLASWAG = ROOT / "tests" / "assets" / "hellaswag_val_first300.jsonl"
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -87,14 +94,19 @@ class Plan:
     ceiling_budget_s: float
 
 
+# NOTE: score's first call (for its accuracies) is its warm-up; one call is ~10 s on dense-0.3b.
 FULL = Plan(
-    rounds=3, warmup=dict.fromkeys(KINDS, 1), reps=dict.fromkeys(KINDS, 3), min_seconds=5.0, ceiling_budget_s=30.0
+    rounds=3,
+    warmup={**dict.fromkeys(KINDS, 1), "score": 0},
+    reps={**dict.fromkeys(KINDS, 3), "score": 2},
+    min_seconds=5.0,
+    ceiling_budget_s=30.0,
 )
 # NOTE: sized so that dense-0.3b + mini-moe + tiny in one dtype fit in 20 minutes on 2 cores.
 QUICK = Plan(
     rounds=1,
-    warmup=dict(train=1, ac_train=1, lora_train=1, forward=1, load=1, decode=1, serve_decode=1),
-    reps=dict(train=2, ac_train=2, lora_train=2, forward=2, load=2, decode=1, serve_decode=1),
+    warmup=dict(train=1, ac_train=1, lora_train=1, forward=1, score=0, load=1, decode=1, serve_decode=1),
+    reps=dict(train=2, ac_train=2, lora_train=2, forward=2, score=1, load=2, decode=1, serve_decode=1),
     min_seconds=2.0,
     ceiling_budget_s=10.0,
 )
@@ -336,6 +348,8 @@ def measure_workload(
                 )  # fmt: skip
                 if seq_len:
                     task["seq_len"] = seq_len
+                if kind == "score":
+                    task.update(hellaswag=str(args.hellaswag), examples=args.score_examples)
                 started = time.perf_counter()
                 result = run_measurement(task, args.timeout, python_for(args, impl))
                 took = time.perf_counter() - started
@@ -394,6 +408,7 @@ def workload_rows(
         row("lora_train", "lora_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
         row("forward", "forward_tokens_per_s", "tokens/s", values),
+        row("score", "score_examples_per_s", "examples/s", values),
         row("load", "load_seconds", "s", values),
         row("decode", "decode_tokens_per_s", "tokens/s", values),
         row("serve_decode", "serve_decode_tokens_per_s", "tokens/s", values),
@@ -431,6 +446,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="the checkpoints are kept here"
     )
+    parser.add_argument(
+        "--hellaswag", type=Path, default=DEFAULT_HELLASWAG if DEFAULT_HELLASWAG.is_file() else FIXTURE_HELLASWAG,
+        help="the HellaSwag JSONL that score reads (default: the full validation file beside the repository, "
+        "else the tests' 300-example fixture)",
+    )  # fmt: skip
+    parser.add_argument("--score-examples", type=int, default=32, help="HellaSwag examples per score call")
     parser.add_argument("--peers", default="", help=f"comma-separated further columns, from {list(PEERS)}")
     parser.add_argument(
         "--host-memory", choices=HOST_MEMORY_MODES, default="shipped",

@@ -13,7 +13,10 @@ Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an H
 step with the base frozen in the measured dtype and rank-16 float32 LoRA adapters on attention and
 the routed experts: ours with ``ernie45.peft``, transformers with HF PEFT), "forward" (inference
 tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
-new tokens/s; "serve_decode": the same calls in one serving loop), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
+new tokens/s; "serve_decode": the same calls in one serving loop), "score" (HellaSwag examples/s
+as each library's evaluation scores them: ours ``evaluate_hellaswag``, the ``ernie45 eval hellaswag``
+path; transformers through lm-evaluation-harness's ``HFLM``, the ``lm_eval --model hf`` path; task
+keys "hellaswag" (the JSONL file) and "examples"), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
 "seq_len" replaces the workload's sequence length (batch 1) for train, lora_train and forward.
 Precision: bf16 training is mixed precision as in our recipe and HF Trainer's ``bf16=True`` (fp32
 weights and AdamW state, forward under ``torch.autocast``); inference and loading use the
@@ -41,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, Workload, ensure_checkpoint, hf_model_class  # noqa: E402
+from workloads import WORKLOADS, Workload, ensure_checkpoint, ensure_hellaswag_tokenizer, hf_model_class  # noqa: E402
 
 
 class Unavailable(Exception):
@@ -341,6 +344,67 @@ def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: t
     return {"values": [workload.batch * new / s for s in seconds], "unit": "tokens/s"}
 
 
+SCORE_BATCH = 16  # ``ernie45 eval``'s default; lm-eval's HFLM gets the same
+
+
+@torch.no_grad()
+def measure_score(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """HellaSwag examples/s of a whole evaluation call (tokenizing, scoring, acc and acc_norm) over the
+    first ``task["examples"]`` examples, batch 16 on both sides; "info" holds the accuracies, which
+    agree between the sides up to ties (the scores themselves are checked in tests/test_eval_lm_eval.py).
+
+    NOTE: lm-eval computes the log-softmax of every position's logits; ours runs the head only on
+    the positions of the endings (``logits_to_keep``), inside one prepacked-weights block.
+    """
+    if task["impl"] == "automodel":
+        raise Unavailable("AutoModel has no evaluation loop; its users score with lm-eval over transformers")
+    from transformers import AutoTokenizer
+
+    from ernie45.evaluation import load_hellaswag
+
+    data, cache = Path(task["hellaswag"]), Path(task["checkpoint"]).parent
+    tokenizer = AutoTokenizer.from_pretrained(ensure_hellaswag_tokenizer(data, workload, cache))
+    examples = load_hellaswag(task["hellaswag"], limit=task["examples"])
+    model = load_model(task["impl"], workload, task["checkpoint"], dtype, device).eval()
+    if task["impl"] == "ours":
+        from ernie45.evaluation import evaluate_hellaswag
+
+        def run() -> dict:
+            result = evaluate_hellaswag(model, tokenizer, examples, batch_size=SCORE_BATCH, progress=False)
+            return {"acc": result["acc"], "acc_norm": result["acc_norm"]}
+    else:
+        run = lm_eval_scorer(model, tokenizer, examples)
+    accuracy = run()
+    seconds = repeated(run, device, task)
+    return {"values": [len(examples) / s for s in seconds], "unit": "examples/s", "info": accuracy}
+
+
+def lm_eval_scorer(model, tokenizer, examples):
+    """A call that scores ``examples`` as lm-eval's multiple-choice HellaSwag does: one loglikelihood
+    request per (context, " " + ending), then acc and acc_norm (divided by the ending's characters)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=SCORE_BATCH)
+    requests = [
+        Instance("loglikelihood", doc={}, arguments=(ex.context, " " + ending), idx=i)
+        for ex in examples
+        for i, ending in enumerate(ex.endings)
+    ]
+
+    def run() -> dict:
+        lls = iter(ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True))
+        acc = acc_norm = 0
+        for ex in examples:
+            scores = [next(lls) for _ in ex.endings]
+            norm = [score / len(ending) for score, ending in zip(scores, ex.endings)]
+            acc += max(range(len(scores)), key=scores.__getitem__) == ex.label
+            acc_norm += max(range(len(norm)), key=norm.__getitem__) == ex.label
+        return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
+
+    return run
+
+
 def measure_ceiling(task: dict, device: torch.device) -> dict:
     info = {name: matmul_ceiling(getattr(torch, name), device, task["budget_s"]) for name in task["dtypes"]}
     return {"values": [], "unit": "GFLOP/s", "info": info}
@@ -370,6 +434,7 @@ MEASUREMENTS = {
     "load": measure_load,
     "decode": measure_decode,
     "serve_decode": measure_decode,
+    "score": measure_score,
 }
 
 

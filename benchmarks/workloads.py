@@ -115,3 +115,25 @@ def ensure_checkpoint(workload: Workload, dtype: str, cache_dir: Path, seed: int
         write_checkpoint(workload, dtype, directory, seed)
         done.write_text("complete\n")
     return directory
+
+
+HELLASWAG_TOKENIZER_VOCAB = 16384  # at most; never more than the workload's vocab_size
+
+
+def ensure_hellaswag_tokenizer(data: Path, workload: Workload, cache_dir: Path) -> Path:
+    """A byte-level BPE trained on the first 2,000 records of the HellaSwag file ``data`` (no ERNIE
+    tokenizer can be downloaded here), its ids within ``workload``'s vocabulary, saved once under
+    ``cache_dir``; both libraries load it."""
+    from ernie45.jsonl import read_jsonl
+    from ernie45.tokenizer import train_tokenizer
+
+    vocab = min(HELLASWAG_TOKENIZER_VOCAB, workload.config["vocab_size"])
+    payload = json.dumps([str(Path(data).resolve()), Path(data).stat().st_size, vocab])
+    directory = Path(cache_dir) / f"hellaswag-tokenizer-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+    done = directory / "DONE"
+    if not done.is_file():
+        records = read_jsonl(data)[:2000]
+        texts = [r.get("ctx", "") for r in records] + [e for r in records for e in r["endings"]]
+        train_tokenizer(texts, vocab).save_pretrained(directory)
+        done.write_text("complete\n")
+    return directory

@@ -93,6 +93,25 @@ def test_tiny_lora_train_one_rep_trains_the_same_adapters_on_both_sides(tmp_path
     assert over["ours"] == pytest.approx(rows[3]["ours"] / rows[1]["ours"])
 
 
+def test_tiny_score_scores_the_same_examples_on_both_sides(tmp_path):
+    """HellaSwag scoring: ours' evaluate_hellaswag and lm-eval's HFLM over transformers on the same
+    fixture examples and tokenizer (fp32: the same accuracies), a row with the ratio; AutoModel n/a."""
+    common = dict(workload="tiny", dtype="float32", threads=2)
+    written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
+    common.update(kind="score", checkpoint=written["info"]["path"], warmup=0, reps=1)
+    common.update(hellaswag=str(compare.FIXTURE_HELLASWAG), examples=6)
+    results, accuracy = {"score": {}}, {}
+    for impl in compare.IMPLS:
+        out = measure.run_task(dict(common, impl=impl))
+        assert out["unit"] == "examples/s" and out["values"][0] > 0, out
+        accuracy[impl] = out["info"]
+        results["score"][impl] = {"values": out["values"], "peak_rss": [], "unavailable": None}
+    assert accuracy["ours"] == accuracy["hf"] and set(accuracy["ours"]) == {"acc", "acc_norm"}
+    assert "no evaluation loop" in measure.run_task(dict(common, impl="automodel"))["unavailable"]
+    (row,) = compare.workload_rows(WORKLOADS["tiny"], "float32", results, 50.0, None)
+    assert row["metric"] == "score_examples_per_s" and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
+
+
 def test_host_memory_modes_pick_the_processes_that_keep_freed_memory():
     shipped = {(impl, kind): compare.keeps_host_memory("shipped", impl, kind, "cpu")
                for impl in ("ours", "hf", "automodel") for kind in compare.KINDS}  # fmt: skip
