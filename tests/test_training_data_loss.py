@@ -162,6 +162,41 @@ def test_chunked_linear_cross_entropy_matches_autograd_with_bias_and_a_scaled_lo
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def counted(function, calls: dict, key: str):
+    """``function``, counting its calls in ``calls[key]``."""
+
+    def wrapper(*args, **kwargs):
+        calls[key] += 1
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_a_frozen_input_gets_no_gradient_product(monkeypatch, frozen):
+    """A frozen head (LoRA) or frozen hidden states: the fused kernel makes no product for their
+    gradient (one third of the head's FLOPs each), and the other gradient is the reference's."""
+    import ernie45.training.loss as fused_loss
+
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(23, 16), torch.randn(50, 16), torch.randn(50)
+    targets = torch.randint(0, 50, (23,))
+    trained = "hidden" if frozen == "weight" else "weight"
+    reference_inputs = {"hidden": hidden.clone(), "weight": weight.clone(), "bias": bias.clone()}
+    reference_inputs[trained].requires_grad_()
+    h, w, b = reference_inputs.values()
+    F.cross_entropy(F.linear(h, w, b), targets, reduction="sum").backward()
+    products = {"hidden": 0, "weight": 0}  # calls of the product that makes each gradient
+    for name, grad_of in (("_grad_hidden_into_", "hidden"), ("_add_grad_weight_", "weight")):
+        monkeypatch.setattr(fused_loss, name, counted(getattr(fused_loss, name), products, grad_of))
+    fused_inputs = {"hidden": hidden.clone(), "weight": weight.clone(), "bias": bias.clone()}
+    fused_inputs[trained].requires_grad_()
+    chunked_linear_cross_entropy(*fused_inputs.values(), targets, 7).backward()
+    torch.testing.assert_close(fused_inputs[trained].grad, reference_inputs[trained].grad, rtol=1e-5, atol=1e-6)
+    assert products[frozen] == 0 and products[trained] == 4  # 23 rows in chunks of 7
+    assert fused_inputs[frozen].grad is None and fused_inputs["bias"].grad is None
+
+
 def test_chunked_linear_cross_entropy_under_bf16_autocast_and_a_second_backward():
     """bf16 autocast (fp32 master weights): matmuls in bf16, gradients returned in the inputs'
     dtypes and close to the fp32 ones; a second backward through the same graph is refused."""

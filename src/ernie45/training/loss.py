@@ -90,8 +90,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, head_gradient):  # hidden [N,H], weight [V,H], targets [N]
         dtype = matmul_dtype(hidden)
+        needed = ctx.needs_input_grad[:3]  # hidden, weight, bias: a frozen head (LoRA) gets no product
         with torch.autocast(hidden.device.type, enabled=False):
-            total, *grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype)
+            total, *grads = _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size, dtype, needed)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.head_gradient = head_gradient if head_gradient is not None and head_gradient.claim(weight) else None
@@ -115,8 +116,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 SOFTMAX_BLOCK_ROWS = 128
 
 
-def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: int, dtype: torch.dtype):
-    """(CE sum in fp32, grad hidden, grad weight, grad bias); gradients in ``dtype`` or fp32."""
+def _chunked_cross_entropy_and_grads(
+    hidden, weight, bias, targets, chunk_size: int, dtype: torch.dtype, needed: tuple[bool, ...] = (True, True, True)
+):
+    """(CE sum in fp32, grad hidden, grad weight, grad bias); gradients in ``dtype`` or fp32, None
+    where ``needed`` (hidden, weight, bias) says no input wants one (no product made for it)."""
     n, rows_per_chunk = hidden.shape[0], min(chunk_size, max(hidden.shape[0], 1))
     w = weight.to(dtype)  # [V,H], cast once
     b = bias.to(dtype) if bias is not None else None
@@ -124,11 +128,13 @@ def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: 
     fp32_rows = None  # [b,V]: where the fp32 log-softmax of a low-precision chunk runs, b rows at a time
     if dtype != torch.float32:
         fp32_rows = scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
-    grad_hidden = torch.empty_like(hidden)
-    # fp32 for fp32 weights and for sums over chunks; a low-precision weight's single chunk keeps its dtype
-    grad_dtype = weight.dtype if n <= rows_per_chunk and weight.dtype == dtype else torch.float32
-    grad_weight = torch.empty_like(weight, dtype=grad_dtype) if n > 0 else torch.zeros_like(weight, dtype=grad_dtype)
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+    want_hidden, want_weight, want_bias = needed
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = None
+    if want_weight:  # fp32 for fp32 weights and for sums over chunks; a low-precision weight's single chunk keeps its dtype
+        grad_dtype = weight.dtype if n <= rows_per_chunk and weight.dtype == dtype else torch.float32
+        grad_weight = torch.empty_like(weight, dtype=grad_dtype) if n > 0 else torch.zeros_like(weight, dtype=grad_dtype)
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want_bias else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
         h, y = hidden[start : start + rows_per_chunk].to(dtype), targets[start : start + rows_per_chunk]
@@ -137,10 +143,12 @@ def _chunked_cross_entropy_and_grads(hidden, weight, bias, targets, chunk_size: 
         if b is not None:
             logits += b
         total += _softmax_minus_onehot_(logits, y, fp32_rows, grad_bias)
-        _grad_hidden_into_(grad_hidden[start : start + len(y)], logits, w)
+        if grad_hidden is not None:
+            _grad_hidden_into_(grad_hidden[start : start + len(y)], logits, w)
         if start + rows_per_chunk >= n:
             w = None  # NOTE: the last chunk frees the cast weight before the head gradient's products
-        _add_grad_weight_(grad_weight, logits, h, first=start == 0)
+        if grad_weight is not None:
+            _add_grad_weight_(grad_weight, logits, h, first=start == 0)
     return total, grad_hidden, grad_weight, grad_bias
 
 
