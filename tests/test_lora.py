@@ -16,7 +16,7 @@ import ernie45
 from builders import moe_model, randomize_adapters, saved_hf_model, token_batch
 from ernie45 import BackendConfig
 from ernie45.cli import app
-from ernie45.moe.experts import ExpertLoRA, experts_grouped_mm, experts_loop
+from ernie45.moe.experts import ExpertLoRA, expert_linear, experts_grouped_mm, experts_loop, grouped_linear
 from ernie45.moe.router import route
 from ernie45.peft import (
     PeftConfig,
@@ -227,6 +227,36 @@ def test_grouped_kernel_applies_expert_lora_as_the_loop_does(rank):
     torch.testing.assert_close(results[1][0], results[0][0], **F32)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, **F32)
+
+
+@pytest.mark.parametrize("kernel", [experts_loop, experts_grouped_mm])
+def test_bf16_experts_apply_their_adapters_in_fp32_on_a_cpu(kernel):
+    """bf16 experts with fp32 adapters (a LoRA run over a bf16 base): each adapter's update is made
+    in fp32 and rounded once, where it is added to the bf16 base product; the adapters' gradients
+    are fp32."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 32, generator=generator).to(torch.bfloat16).requires_grad_()
+    counts = torch.tensor([3, 0, 6, 2])
+    weight = (torch.randn(4, 16, 32, generator=generator) * 0.2).to(torch.bfloat16)
+    a = (torch.randn(4, 8, 32, generator=generator) * 0.2).requires_grad_()
+    b = (torch.randn(4, 16, 8, generator=generator) * 0.2).requires_grad_()
+    out = grouped_linear_of(kernel, x, weight, counts, ExpertLoRA(a, b, 0.5))
+    expected = []
+    for expert, rows in enumerate(x.detach().float().split(counts.tolist())):
+        base = torch.nn.functional.linear(rows.to(torch.bfloat16), weight[expert])
+        expected.append(base + ((rows @ a[expert].T) * 0.5 @ b[expert].T).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.cat(expected), atol=0, rtol=0)
+    out.float().square().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def grouped_linear_of(kernel, x, weight, counts, lora):
+    """One projection through ``kernel``'s code path (the grouped kernel's or the loop's)."""
+    if kernel is experts_grouped_mm:
+        return grouped_linear(x, weight, torch.cumsum(counts, 0, dtype=torch.int32), lora)
+    rows = x.split(counts.tolist())
+    return torch.cat([expert_linear(part, weight, lora, e) for e, part in enumerate(rows)])
 
 
 # ----- errors are one clear line --------------------------------------------------------------------

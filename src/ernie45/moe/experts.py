@@ -15,7 +15,8 @@ LoRA (``add_lora``, used by ``ernie45.peft``): per expert e and projection W_e [
 pair A_e [r,in], B_e [out,r] held as grouped tensors ``{proj}_lora_A`` [E,r,in] and
 ``{proj}_lora_B`` [E,out,r]; each projection becomes ``x W_e^T + scale * (x A_e^T) B_e^T``. Both
 kernels apply it on the rows (two more grouped matmuls of width r per projection under
-"torch_mm"), never forming the [E,out,in] update. The frozen base weights keep their names.
+"torch_mm"), never forming the [E,out,in] update; on a CPU those products run in fp32
+(``lora_compute_dtype``). The frozen base weights keep their names.
 """
 
 from __future__ import annotations
@@ -41,12 +42,26 @@ class ExpertLoRA(NamedTuple):
     scale: float
 
 
+def lora_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the expert adapters' products for inputs ``x``: fp32 on a CPU, else x's.
+
+    NOTE: on a CPU a bf16 product goes to oneDNN, which builds a kernel for every new row count;
+    routing gives each expert a new row count on every call, so the thin rank-r products spent
+    most of their time building kernels (x A^T over 64 experts with fresh counts: 19 ms in bf16,
+    4.3 ms in fp32 through MKL with the cast of x included; low B^T: 14.6 vs 1.7 ms). The adapters
+    are usually fp32 anyway; the update is cast to x's dtype when added.
+    """
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
 def expert_linear(rows: torch.Tensor, weight: torch.Tensor, lora: ExpertLoRA | None, expert: int) -> torch.Tensor:
-    """rows [n,in] through expert ``expert``'s projection ``weight`` [E,out,in] (+ its adapter)."""
+    """rows [n,in] through expert ``expert``'s projection ``weight`` [E,out,in] (+ its adapter,
+    computed in the adapter's dtype)."""
     out = F.linear(rows, weight[expert])
     if lora is None:
         return out
-    return out + F.linear(F.linear(rows, lora.a[expert]) * lora.scale, lora.b[expert])
+    low = F.linear(rows.to(lora.a.dtype), lora.a[expert]) * lora.scale
+    return out + F.linear(low, lora.b[expert]).to(out.dtype)
 
 
 def experts_loop(
@@ -95,13 +110,15 @@ def _aligned_rank(lora: ExpertLoRA) -> ExpertLoRA:
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: ExpertLoRA | None) -> torch.Tensor:
-    """x [N,in] sorted by expert through ``weight`` [E,out,in] (+ adapter): [N,out], grouped matmuls only."""
+    """x [N,in] sorted by expert through ``weight`` [E,out,in] (+ adapter, in its dtype): [N,out],
+    grouped matmuls only."""
     out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     if lora is None:
         return _ContiguousGrad.apply(out)
     lora = _aligned_rank(lora)
-    low = torch._grouped_mm(x, lora.a.transpose(-2, -1), offs=offs) * lora.scale  # [N,r]
-    return _ContiguousGrad.apply(out + torch._grouped_mm(low, lora.b.transpose(-2, -1), offs=offs))
+    low = torch._grouped_mm(x.to(lora.a.dtype), lora.a.transpose(-2, -1), offs=offs) * lora.scale  # [N,r]
+    update = torch._grouped_mm(low, lora.b.transpose(-2, -1), offs=offs)  # [N,out]
+    return _ContiguousGrad.apply(out + update.to(out.dtype))
 
 
 def experts_grouped_mm(
@@ -207,7 +224,8 @@ class GroupedExperts(nn.Module):
         # experts' time alone (262 -> 148 ms per layer) but not in the step (211 -> 208 tokens/s,
         # +0.5 GiB): there every memory-bound piece ran ~2x slower than alone.
         x = x.to(gate_up.dtype)
-        loras = self._local_lora("gate_up_proj", x.dtype), self._local_lora("down_proj", x.dtype)
+        lora_dtype = lora_compute_dtype(x)
+        loras = self._local_lora("gate_up_proj", lora_dtype), self._local_lora("down_proj", lora_dtype)
         if self.backend == "torch_mm" and grouped_mm_usable(x, gate_up, down):
             return experts_grouped_mm(x, gate_up, down, tokens_per_expert, *loras)
         return experts_loop(x, gate_up, down, tokens_per_expert, *loras)
