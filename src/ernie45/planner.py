@@ -559,13 +559,14 @@ def _head_in_root(info: ModelInfo, layout: ParallelConfig) -> bool:
 
 def loss_held_bytes(info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision, workload: Workload) -> int:
     """Fused loss: the gradients it computes in forward and holds until backward, [N,H] and [V,H]
-    (in the head's dtype: the gathered fp32 master, or the unsharded bf16 root of a tied model).
-    Masked: the full logits [T,V] (replicated under tp) and their fp32 log-softmax."""
+    (in the head's dtype: the gathered fp32 master, or the unsharded bf16 root of a tied model; none
+    for LoRA's frozen head). Masked: the full logits [T,V] (replicated under tp) and their fp32
+    log-softmax."""
     v, h = info.config.vocab_size, info.config.hidden_size
     if not is_fused(layout, workload):
         return work.tokens * v * (prec.compute + 4)
-    bf16_head = workload.method == "lora" or _head_in_root(info, layout)
-    return work.tokens * (h * prec.compute + 8) + v * h * (prec.compute if bf16_head else 4)
+    head_gradient = 0 if workload.method == "lora" else v * h * (prec.compute if _head_in_root(info, layout) else 4)
+    return work.tokens * (h * prec.compute + 8) + head_gradient
 
 
 def autocast_copies(info: ModelInfo, layout: ParallelConfig, prec: Precision) -> int:
