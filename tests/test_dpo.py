@@ -162,6 +162,20 @@ def test_one_concatenated_forward_gives_each_sequences_log_prob(tmp_path, kind):
     assert tokens.tolist() == [s.num_label_tokens for s in sequences]
 
 
+def test_the_head_runs_on_label_positions_only(tmp_path):
+    """Prompts and padding never reach the vocabulary head: its input is one row per label token."""
+    hf = random_hf_model(HFDense, tiny_dense_config())
+    hf.save_pretrained(tmp_path)
+    model = ernie45.from_pretrained(tmp_path)
+    batch = collate_pairs(pair_examples(hf.config.vocab_size), pad_id=0)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape))
+    with torch.no_grad():
+        _, tokens, _ = model_logps(model, batch)
+    assert rows == [(int(tokens.sum()), hf.config.hidden_size)]
+    assert int(tokens.sum()) < batch["input_ids"].numel() // 2  # premise: most positions are prompt or padding
+
+
 # ----- pair data ---------------------------------------------------------------------------------
 CHAT = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
         {"role": "user", "content": "Another one?"}]  # fmt: skip

@@ -46,7 +46,7 @@ from .data import (
     collate,
     sft_segments,
 )
-from .loss import FusedLinearCrossEntropy, _forward, aligned
+from .loss import FusedLinearCrossEntropy, _forward
 from .synthetic import make_examples
 
 if TYPE_CHECKING:  # NOTE: config.py imports this module (through the registry); only the types are needed here
@@ -202,21 +202,31 @@ class SyntheticPreference(PairDataset):
 
 
 # ----- log-probs and losses --------------------------------------------------------------------
-def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of ``log p(label)`` over each row's label tokens [N] fp32, their number [N]) from logits [N,S,V]."""
-    logits, targets = aligned(logits, batch)
+def label_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the positions whose next token is a label [B,S] bool, those labels [N]): only these
+    positions' logits are used, so only they go through the head. (No context parallelism here:
+    preference losses need whole sequences.)"""
+    labels = batch["labels"]
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # position t -> t+1
     keep = targets != IGNORE_INDEX
+    return keep, targets[keep]
+
+
+def sequence_logps(logits: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ``log p(label)`` over each row's label tokens [B] fp32, their number [B]) from the
+    label positions' logits [N,V], ``keep`` [B,S] and the labels [N] (``label_positions``)."""
     check_labels(targets, logits.shape[-1])
-    # NOTE: only label positions are taken to fp32 ([tokens, V]), not the prompts'.
-    token_logps = -F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # NOTE: [N,V] fp32, labels only
     per_token = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device).masked_scatter(keep, token_logps)
     return per_token.sum(-1), keep.sum(-1)
 
 
 def model_logps(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """(sequence log-probs [N], label tokens [N], the model's output) of one forward over ``batch``."""
-    output = _forward(model, batch)
-    logps, tokens = sequence_logps(output.logits, batch)
+    """(sequence log-probs [N], label tokens [N], the model's output) of one forward over ``batch``;
+    the head runs on the label positions only (a boolean ``logits_to_keep``), not on the prompts."""
+    keep, targets = label_positions(batch)
+    output = _forward(model, batch, logits_to_keep=keep)
+    logps, tokens = sequence_logps(output.logits, keep, targets)
     return logps, tokens, output
 
 
