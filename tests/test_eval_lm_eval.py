@@ -1,5 +1,7 @@
 """Our HellaSwag scores against lm-evaluation-harness itself: its HellaSwag preprocessing, and a
-real ``lm_eval.simple_evaluate`` run (transformers behind its ``HFLM``) on the fixture file.
+real ``lm_eval.simple_evaluate`` run (transformers behind its ``HFLM``) on the fixture file; and
+lm-eval's ``HFLM`` run over our model class (log-likelihoods and ``generate_until``) as over
+transformers'.
 
 lm-eval's own ``hellaswag`` task downloads ``Rowan/hellaswag``; here a task of the same shape
 (multiple choice, " " + ending, acc and acc_norm, lm-eval's ``preprocess`` on every text) reads
@@ -143,3 +145,32 @@ def test_sequences_cut_to_the_window_score_as_lm_eval_cuts_them(tmp_path):
     torch.testing.assert_close(torch.tensor(our_lls), torch.tensor(their_lls), rtol=1e-5, atol=1e-3)
     assert ours["acc"] == theirs["acc,none"]
     assert ours["acc_norm"] == theirs["acc_norm,none"]  # no ending was cut: both divide by its characters
+
+
+def test_lm_evals_hflm_runs_our_model_as_it_runs_transformers(tmp_path):
+    """Users can hand an ernie45 model to lm-eval: HFLM's loglikelihood and generate_until (which
+    calls ``generate`` with max_length, stopping_criteria, pad_token_id and use_cache) give what
+    they give over transformers' model of the same checkpoint (fp32, greedy)."""
+    from lm_eval.api.instance import Instance
+
+    model_dir = save_tiny_lm(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ours = HFLM(pretrained=ernie45.from_pretrained(model_dir, dtype=torch.float32), tokenizer=tokenizer, batch_size=4)
+    theirs = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=4, device="cpu")
+    examples = load_hellaswag(HELLASWAG, limit=6)
+    scoring = [Instance("loglikelihood", {}, (ex.context, " " + ending), i) for ex in examples for i, ending in enumerate(ex.endings)]
+    torch.testing.assert_close(
+        torch.tensor([ll for ll, _ in ours.loglikelihood(scoring)]),
+        torch.tensor([ll for ll, _ in theirs.loglikelihood(scoring)]),
+        rtol=1e-5, atol=1e-3,
+    )  # fmt: skip
+
+    def generating(stops: list[str]) -> list:
+        settings = [{"until": [stop], "max_gen_toks": 12, "do_sample": False} for stop in stops]
+        return [Instance("generate_until", {}, (ex.context, until), i) for i, (ex, until) in enumerate(zip(examples, settings))]
+
+    whole = ours.generate_until(generating(["never in this text"] * len(examples)))
+    stops = [text[4:6] for text in whole]  # NOTE: a random model writes no full stops; stop on its own words
+    texts = ours.generate_until(generating(stops))
+    assert texts == theirs.generate_until(generating(stops))
+    assert all(len(text) < len(full) for text, full in zip(texts, whole))  # every row was stopped early

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import Ernie4_5ForCausalLM as HFErnie
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 import ernie45
 from ernie45 import BackendConfig
@@ -56,6 +57,50 @@ def assert_greedy_parity(hf, ours, ending: str) -> None:
 )
 def test_greedy_matches_transformers_generate(tmp_path, attn, ending):
     assert_greedy_parity(*_dense_pair(tmp_path, BackendConfig(attn=attn)), ending)
+
+
+class EndsAt(StoppingCriteria):
+    """Done for each row whose last token is ``token`` (a per-row answer, as transformers' own criteria)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_max_length_and_stopping_criteria_match_transformers_generate(tmp_path):
+    """transformers' keywords that other libraries pass (lm-eval's generate_until does): max_length
+    counts the prompt; a stopping criterion ends a row (padded after it, as the end token does)
+    and the call once every row is done; use_cache is accepted."""
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    expected = hf.generate(ids, attention_mask=mask, max_length=9 + 12, do_sample=False)
+    got = ours.generate(ids, attention_mask=mask, max_length=9 + 12, do_sample=False, use_cache=True)
+    assert got.shape == (3, 9 + 12) and torch.equal(got, expected)
+
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    token = int(plain[1, 9 + 3])  # row 1's 4th new token: rows stop at different steps
+    criteria = StoppingCriteriaList([EndsAt(token)])
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, stopping_criteria=criteria)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, stopping_criteria=criteria)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert (got[1, 9 + 4 :] == hf.config.pad_token_id).all()
+
+
+def test_a_stopping_criterion_without_end_tokens_lets_rows_go_on_until_all_are_done(tmp_path):
+    """With end tokens off nothing is padded: a row a criterion ended keeps producing tokens (as in
+    transformers), and the call ends at the step where the last row is done."""
+    _, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(ours.config.vocab_size)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    budget = torch.tensor([2, 5, 3])  # new tokens after which each row is done
+
+    def enough(input_ids, scores):
+        return input_ids.shape[1] - 9 >= budget  # [B]
+
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], stopping_criteria=enough)
+    assert torch.equal(got, plain[:, : 9 + 5])
 
 
 def assert_cached_steps_match_uncached(ours) -> None:
@@ -163,6 +208,8 @@ def test_top_k_then_top_p_renormalises_in_between():
         (dict(do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
         (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
         (dict(max_new_tokens=0), "max_new_tokens=0 must be an integer >= 1"),
+        (dict(max_new_tokens=None, max_length=3), r"max_length=3 \(prompt \+ new tokens\) leaves no room after the prompt's 3"),
+        (dict(stopping_criteria=[5]), "stopping_criteria must be callables"),
         (dict(eos_token_id=10_000), r"eos_token_id=\[10000\] is out of range for vocab_size=160"),
         (dict(seed=1, generator=torch.Generator()), "either generator or seed"),
         (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "input_ids is empty"),

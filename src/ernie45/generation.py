@@ -169,7 +169,7 @@ def stream_tokens(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 20,
+    max_new_tokens: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -178,6 +178,9 @@ def stream_tokens(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    max_length: int | None = None,
+    stopping_criteria=None,
+    use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments)."""
     if not isinstance(input_ids, torch.Tensor):
@@ -185,6 +188,7 @@ def stream_tokens(
             f"input_ids must be an integer tensor [batch, seq], got a {type(input_ids).__name__}; "
             "e.g. torch.tensor([ids])"
         )
+    max_new_tokens = new_token_budget(max_new_tokens, max_length, input_ids.shape[-1])
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if generator is not None and seed is not None:
@@ -194,7 +198,39 @@ def stream_tokens(
     choose = token_chooser(Sampling(do_sample, temperature, top_k, top_p), generator)
     end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id)
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
-    return _decode(model, input_ids, keep, max_new_tokens, choose, end_ids, pad_id)
+    stop = criteria_check(stopping_criteria)
+    return _decode(model, input_ids, keep, max_new_tokens, choose, end_ids, pad_id, stop)
+
+
+def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int) -> int:
+    """New tokens to generate: ``max_new_tokens`` (it wins, as in transformers), else what
+    ``max_length`` (prompt + new) leaves after the prompt, else 20."""
+    if max_new_tokens is not None or max_length is None:
+        return 20 if max_new_tokens is None else max_new_tokens
+    if not (isinstance(max_length, int) and max_length > prompt_len):
+        raise ValueError(
+            f"max_length={max_length!r} (prompt + new tokens) leaves no room after the prompt's {prompt_len} "
+            "tokens; pass a larger max_length or max_new_tokens"
+        )
+    return max_length - prompt_len
+
+
+def criteria_check(stopping_criteria) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """transformers' ``stopping_criteria`` (a ``StoppingCriteriaList``, a list of criteria or one)
+    as one check: (sequences so far [B,T], this step's logits [B,V]) -> rows done [B] bool."""
+    if stopping_criteria is None:
+        return None
+    criteria = list(stopping_criteria) if isinstance(stopping_criteria, (list, tuple)) else [stopping_criteria]
+    if not all(callable(criterion) for criterion in criteria):
+        raise ValueError("stopping_criteria must be callables (input_ids, scores) -> bool, e.g. a transformers StoppingCriteriaList")
+
+    def done(sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        for criterion in criteria:  # NOTE: a criterion may answer for all rows (a bool) or per row ([B])
+            rows |= torch.as_tensor(criterion(sequences, scores), dtype=torch.bool, device=sequences.device)
+        return rows
+
+    return done
 
 
 @torch.no_grad()
@@ -211,8 +247,12 @@ def _decode(
     choose: Callable[[torch.Tensor], torch.Tensor],
     end_ids: list[int],
     pad_id: int | None,
+    stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     # NOTE: a generator function of its own, so that argument errors above raise at the call.
+    # finished: rows padded from now on (an end token; or a stopping criterion while end tokens are
+    # on, as transformers does); stopped: rows a criterion ended with end tokens off (they go on
+    # producing tokens, as in transformers, until every row is done).
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     caches = make_kv_caches(model.config.num_hidden_layers, prompt_len + max_new_tokens)
@@ -224,16 +264,23 @@ def _decode(
         full_mask[:, :prompt_len] = prompt_keep
     end_ids_t = torch.tensor(end_ids, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    sequences = input_ids  # [B,P+s]: what stopping criteria look at
     tokens, positions = input_ids, positions_from_mask(prompt_keep)  # [B,P] for the prefill
     with prepacked_weights(model):
         for step in range(max_new_tokens):
             mask = full_mask[:, : prompt_len + step] if padded else None
-            next_tokens = choose(_decode_step_logits(model, tokens, positions, mask, caches))  # [B]
+            logits = _decode_step_logits(model, tokens, positions, mask, caches)  # [B,V]
+            next_tokens = choose(logits)  # [B]
             if end_ids:
                 next_tokens = next_tokens.masked_fill(finished, pad_id)
                 finished |= torch.isin(next_tokens, end_ids_t)
             yield next_tokens
-            if end_ids and bool(finished.all()):
+            if stop is not None:
+                sequences = torch.cat([sequences, next_tokens[:, None].to(sequences.dtype)], dim=1)
+                hit = stop(sequences, logits)
+                finished, stopped = (finished | hit, stopped) if end_ids else (finished, stopped | hit)
+            if (end_ids or stop is not None) and bool((finished | stopped).all()):
                 return
             tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
 
@@ -242,7 +289,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens.
 
     ``settings`` are ``stream_tokens``' keywords: max_new_tokens (20), do_sample (False),
-    temperature, top_k, top_p, eos_token_id, pad_token_id, generator, seed.
+    temperature, top_k, top_p, eos_token_id, pad_token_id, generator, seed; and transformers'
+    max_length (prompt + new tokens, when max_new_tokens is not given), stopping_criteria (called
+    with the sequences so far and the step's logits after each token, as transformers does) and
+    use_cache (decoding always uses the KV cache: the same tokens either way).
     eos_token_id / pad_token_id default to the model's generation config (else its config);
     ``eos_token_id=[]`` disables ending. Rows that have ended are padded with pad_token_id and
     decoding stops once all rows have ended.
