@@ -18,7 +18,7 @@ from ernie45.training.host_memory import keep_freed_host_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# Training steps in miniature: a 64 MB tensor written and freed, six times over; the page faults
+# Training steps in miniature: a 64 MB tensor written and freed, twelve times over; the page faults
 # of each.
 FAULTS_PER_STEP = textwrap.dedent(
     """
@@ -26,7 +26,7 @@ FAULTS_PER_STEP = textwrap.dedent(
     from ernie45.training.host_memory import keep_freed_host_memory
     kept = keep_freed_host_memory() if sys.argv[1] == "keep" else None
     faults = []
-    for step in range(6):
+    for step in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(16 * 2**20)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -43,11 +43,16 @@ def faults_per_step(mode: str) -> dict:
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only (elsewhere keep_freed_host_memory is a no-op)")
 def test_kept_host_memory_is_reused_instead_of_faulted_in_again():
     """glibc returns every freed 64 MB block to the OS, so each step faults its 16k pages in again;
-    told to keep freed memory, the heap settles within a few steps and the later ones fault none."""
+    told to keep freed memory, the heap settles within a few steps and the later ones fault none.
+
+    NOTE: the heap can grow by a whole block on up to five of the first steps before the freed
+    blocks fit (seen 1-5 times over ~30 runs: small allocations between steps split them); once it
+    fits it stays settled, so the last four of twelve steps are checked.
+    """
     system, kept = faults_per_step("system"), faults_per_step("keep")
     assert kept["kept"] is True
     assert min(system["faults"]) > 15_000  # 64 MB of 4 KB pages, all fresh, every step
-    assert max(kept["faults"][-2:]) < 1_000
+    assert max(kept["faults"][-4:]) < 1_000, kept["faults"]
 
 
 @pytest.mark.skipif(GLIBC, reason="non-glibc platforms only")

@@ -188,6 +188,7 @@ def stream_tokens(
             f"input_ids must be an integer tensor [batch, seq], got a {type(input_ids).__name__}; "
             "e.g. torch.tensor([ids])"
         )
+    del use_cache  # NOTE: accepted for transformers' callers; decoding always uses the KV cache (the same tokens)
     max_new_tokens = new_token_budget(max_new_tokens, max_length, input_ids.shape[-1])
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
