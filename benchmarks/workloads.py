@@ -124,7 +124,7 @@ def ensure_hellaswag_tokenizer(data: Path, workload: Workload, cache_dir: Path) 
     """A byte-level BPE trained on the first 2,000 records of the HellaSwag file ``data`` (no ERNIE
     tokenizer can be downloaded here), its ids within ``workload``'s vocabulary, saved once under
     ``cache_dir``; both libraries load it."""
-    from ernie45.jsonl import read_jsonl
+    from ernie45.evaluation import load_hellaswag
     from ernie45.tokenizer import train_tokenizer
 
     vocab = min(HELLASWAG_TOKENIZER_VOCAB, workload.config["vocab_size"])
@@ -132,8 +132,8 @@ def ensure_hellaswag_tokenizer(data: Path, workload: Workload, cache_dir: Path) 
     directory = Path(cache_dir) / f"hellaswag-tokenizer-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
     done = directory / "DONE"
     if not done.is_file():
-        records = read_jsonl(data)[:2000]
-        texts = [r.get("ctx", "") for r in records] + [e for r in records for e in r["endings"]]
+        examples = load_hellaswag(data, limit=2000)
+        texts = [ex.context for ex in examples] + [ending for ex in examples for ending in ex.endings]
         train_tokenizer(texts, vocab).save_pretrained(directory)
         done.write_text("complete\n")
     return directory

@@ -16,7 +16,14 @@ import ernie45
 from builders import moe_model, randomize_adapters, saved_hf_model, token_batch
 from ernie45 import BackendConfig
 from ernie45.cli import app
-from ernie45.moe.experts import ExpertLoRA, expert_linear, experts_grouped_mm, experts_loop, grouped_linear
+from ernie45.moe.experts import (
+    ExpertLoRA,
+    expert_linear,
+    experts_grouped_mm,
+    experts_loop,
+    grouped_linear,
+    lora_compute_dtype,
+)
 from ernie45.moe.router import route
 from ernie45.peft import (
     PeftConfig,
@@ -240,6 +247,7 @@ def test_bf16_experts_apply_their_adapters_in_fp32_on_a_cpu(kernel):
     weight = (torch.randn(4, 16, 32, generator=generator) * 0.2).to(torch.bfloat16)
     a = (torch.randn(4, 8, 32, generator=generator) * 0.2).requires_grad_()
     b = (torch.randn(4, 16, 8, generator=generator) * 0.2).requires_grad_()
+    assert lora_compute_dtype(x) == torch.float32  # what GroupedExperts casts the adapters to here
     out = grouped_linear_of(kernel, x, weight, counts, ExpertLoRA(a, b, 0.5))
     expected = []
     for expert, rows in enumerate(x.detach().float().split(counts.tolist())):

@@ -251,9 +251,8 @@ def _decode(
     stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     # NOTE: a generator function of its own, so that argument errors above raise at the call.
-    # finished: rows padded from now on (an end token; or a stopping criterion while end tokens are
-    # on, as transformers does); stopped: rows a criterion ended with end tokens off (they go on
-    # producing tokens, as in transformers, until every row is done).
+    # done: rows ended by an end token or a stopping criterion. As in transformers they are padded
+    # from then on only while end tokens are on; otherwise they go on until every row is done.
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     caches = make_kv_caches(model.config.num_hidden_layers, prompt_len + max_new_tokens)
@@ -264,8 +263,7 @@ def _decode(
         full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
         full_mask[:, :prompt_len] = prompt_keep
     end_ids_t = torch.tensor(end_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     sequences = input_ids  # [B,P+s]: what stopping criteria look at
     tokens, positions = input_ids, positions_from_mask(prompt_keep)  # [B,P] for the prefill
     with prepacked_weights(model):
@@ -274,14 +272,13 @@ def _decode(
             logits = _decode_step_logits(model, tokens, positions, mask, caches)  # [B,V]
             next_tokens = choose(logits)  # [B]
             if end_ids:
-                next_tokens = next_tokens.masked_fill(finished, pad_id)
-                finished |= torch.isin(next_tokens, end_ids_t)
+                next_tokens = next_tokens.masked_fill(done, pad_id)
+                done |= torch.isin(next_tokens, end_ids_t)
             yield next_tokens
             if stop is not None:
                 sequences = torch.cat([sequences, next_tokens[:, None].to(sequences.dtype)], dim=1)
-                hit = stop(sequences, logits)
-                finished, stopped = (finished | hit, stopped) if end_ids else (finished, stopped | hit)
-            if (end_ids or stop is not None) and bool((finished | stopped).all()):
+                done |= stop(sequences, logits)
+            if (end_ids or stop is not None) and bool(done.all()):
                 return
             tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
 
