@@ -86,17 +86,16 @@ def experts_loop(
     return torch.cat(outputs)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm``'s backward
-    rejects expanded/strided gradients such as the one of ``out.sum()``)."""
+def _with_contiguous_grad(out: torch.Tensor) -> torch.Tensor:
+    """``out`` whose gradient reaches its backward contiguous (``_grouped_mm``'s backward rejects
+    expanded/strided gradients such as the one of ``out.sum()``).
 
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+    NOTE: a gradient hook, not an identity autograd Function: a Function's output is a view, and
+    FSDP2 warns on every module that returns one (an in-place op on it would skip the all-gather).
+    """
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out
 
 
 def _aligned_rank(lora: ExpertLoRA) -> ExpertLoRA:
@@ -114,11 +113,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lo
     grouped matmuls only."""
     out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     if lora is None:
-        return _ContiguousGrad.apply(out)
+        return _with_contiguous_grad(out)
     lora = _aligned_rank(lora)
     low = torch._grouped_mm(x.to(lora.a.dtype), lora.a.transpose(-2, -1), offs=offs) * lora.scale  # [N,r]
     update = torch._grouped_mm(low, lora.b.transpose(-2, -1), offs=offs)  # [N,out]
-    return _ContiguousGrad.apply(out + update.to(out.dtype))
+    return _with_contiguous_grad(out + update.to(out.dtype))
 
 
 def experts_grouped_mm(
