@@ -163,6 +163,22 @@ def test_loading_streams_into_checkpoint_dtype_without_random_init(dense_checkpo
         assert torch.equal(ours.model.norm.weight, f.get_tensor("model.norm.weight").to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("named", ["bfloat16", "float16", None])
+def test_the_default_dtype_is_transformers_auto(tmp_path, named):
+    """transformers' default ``dtype="auto"``: the dtype config.json names (``dtype``, or the older
+    ``torch_dtype`` of hub releases), else the weights' (here float32)."""
+    random_hf_model(HFErnie, tiny_dense_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    if named is not None:
+        config["torch_dtype"] = named
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours = ernie45.from_pretrained(tmp_path)
+    assert ours.dtype == reference.dtype == (getattr(torch, named) if named else torch.float32)
+    assert torch.equal(ours.model.norm.weight, reference.model.norm.weight)
+
+
 def test_a_config_given_to_from_pretrained_is_the_one_built(dense_checkpoint):
     """transformers' ``config=``: the object passed in is used instead of config.json."""
     directory, hf = dense_checkpoint

@@ -330,7 +330,7 @@ def test_moe_config_from_hf_and_overrides():
     model = Ernie4_5_MoeForCausalLM(config, moe_overrides={"n_activated_experts": 3})
     assert model.moe_config.n_activated_experts == 3 and model.moe_layers()[0].gate.top_k == 3
     assert model.config.moe_k == 3 and config.moe_k == 2  # the saved config describes the model
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="Cannot pass both moe_config and moe_overrides"):  # AutoModel's words
         Ernie4_5_MoeForCausalLM(config, moe_config=moe, moe_overrides={"route_scale": 2.0})
     with pytest.raises(ValueError, match="unknown MoEConfig key"):
         Ernie4_5_MoeForCausalLM(config, moe_overrides={"topk": 3})

@@ -32,7 +32,7 @@ def _root(
 
 # ----- generate and eval (logic in generation.py, chat.py, evaluation.py) -------------------------
 _DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)."
-_DTYPE_HELP = "auto (the checkpoint's), float32, bfloat16 or float16."
+_DTYPE_HELP = "auto (as transformers: the dtype config.json names, else the weights'), float32, bfloat16 or float16."
 
 
 def _fail(message: str) -> typer.Exit:

@@ -19,14 +19,20 @@ def as_dtype(value: torch.dtype | str | None, what: str = "dtype") -> torch.dtyp
     return resolved
 
 
-def config_dtype(config) -> torch.dtype:
-    """The dtype a transformers config asks for (``dtype``/``torch_dtype``); float32 when it names none
-    or names one that is not a floating-point dtype (as transformers loads such configs)."""
+def named_dtype(config) -> torch.dtype | None:
+    """The floating-point dtype a transformers config names (``dtype``/``torch_dtype``); None when
+    it names none, or one that is not a floating-point dtype."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     try:
-        return as_dtype(named) or torch.float32
+        return as_dtype(named)
     except ValueError:
-        return torch.float32
+        return None
+
+
+def config_dtype(config) -> torch.dtype:
+    """The dtype a transformers config asks for; float32 when it names none (as transformers builds
+    such configs)."""
+    return named_dtype(config) or torch.float32
 
 
 def dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | str | None:

@@ -164,7 +164,7 @@ class Ernie4_5CausalLMBase(nn.Module):
         device: torch.device | str | None = None,
         **kwargs,
     ) -> "Ernie4_5CausalLMBase":
-        """Load an HF checkpoint directory; dtype defaults to the checkpoint's."""
+        """Load an HF checkpoint directory; dtype defaults as transformers' (config.json's, else the weights')."""
         return construction.load_pretrained(cls, path, dtype=dtype, device=device, backend=backend, **kwargs)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.hf_checkpoint import CheckpointFiles, checkpoint_dtype, load_config, load_hf_weights
-from ..dtypes import as_dtype, config_dtype, dtype_argument
+from ..dtypes import as_dtype, config_dtype, dtype_argument, named_dtype
 from ..generation import load_generation_config
 from .dimensions import head_dim_of
 from .validation import check_model_config
@@ -89,7 +89,8 @@ def load_pretrained(
     config=None,
     **kwargs,
 ) -> nn.Module:
-    """``cls`` loaded from an HF checkpoint directory; dtype (or ``torch_dtype``) defaults to the checkpoint's.
+    """``cls`` loaded from an HF checkpoint directory. dtype (or ``torch_dtype``) defaults as
+    transformers' ``dtype="auto"`` (its default): the one config.json names, else the weights'.
 
     ``config``: a transformers config to build instead of the directory's config.json (as
     transformers' ``config=``; ``ernie45.from_pretrained`` passes the one it has read).
@@ -100,7 +101,8 @@ def load_pretrained(
     config = load_config(path) if config is None else config
     check_config(cls, config)
     files = CheckpointFiles(path)
-    with building(as_dtype(dtype_argument(dtype, torch_dtype)) or checkpoint_dtype(files), "meta"):
+    default = named_dtype(config) or checkpoint_dtype(files)
+    with building(as_dtype(dtype_argument(dtype, torch_dtype)) or default, "meta"):
         model = cls(config, **kwargs)
     if adapters is not None:
         adapters.add(model)

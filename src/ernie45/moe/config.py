@@ -155,7 +155,7 @@ def resolve_moe_config(
 ) -> MoEConfig:
     """``moe_config`` as given, or derived from ``config`` with ``moe_overrides`` applied (not both)."""
     if moe_config is not None and moe_overrides:
-        raise ValueError("give either moe_config or moe_overrides, not both (apply overrides to your MoEConfig instead)")
+        raise ValueError("Cannot pass both moe_config and moe_overrides: apply the overrides to your MoEConfig instead")
     if moe_config is not None:
         if not isinstance(moe_config, MoEConfig):
             raise TypeError(f"moe_config must be an ernie45 MoEConfig, got {type(moe_config).__name__}")
