@@ -8,6 +8,7 @@ from transformers import Ernie4_5ForCausalLM as HFErnie
 
 import ernie45
 from ernie45 import BackendConfig
+from ernie45.models.attention import ATTENTION_KERNELS, build_attention_mask
 
 from builders import random_hf_model, tiny_dense_config
 
@@ -46,22 +47,43 @@ def test_logits_and_grads_match_transformers(tmp_path, name):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_left_padding_with_attention_mask_and_positions(tmp_path, attn):
+def test_padding_with_attention_mask_and_positions(tmp_path, attn):
+    """Every position equals transformers' (sdpa, its default), padding included: a query of leading
+    padding sees no key and gets a zero attention output, one of trailing padding sees the real
+    tokens before it (only the keys decide, as transformers' mask)."""
     hf, ours = _load_pair(tmp_path, {}, BackendConfig(attn=attn))
-    ids = torch.randint(3, hf.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, hf.config.vocab_size, (4, 10), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, :9] = 0  # a row with a single real token
+    mask[3, 6:] = 0  # right padding
     ids = ids.masked_fill(mask == 0, 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions[3] = torch.arange(10)  # NOTE: positions that restart or repeat would mark packed documents
+    labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        expected = hf(ids, attention_mask=mask, position_ids=positions).logits
-        got = ours(ids, attention_mask=mask, position_ids=positions).logits
+        expected = hf(ids, attention_mask=mask, position_ids=positions, labels=labels)
+        got = ours(ids, attention_mask=mask, position_ids=positions, labels=labels)
         got_from_padding_mask = ours(ids, padding_mask=mask == 0, position_ids=positions).logits
-    real = mask.bool()
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_from_padding_mask, got)
+    assert torch.isfinite(got.logits).all()
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    # NOTE: the first real token of a left-padded row is predicted from a padding position
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_from_padding_mask, got.logits)
+
+
+def test_a_query_that_sees_no_key_gets_zeros_and_finite_gradients_in_every_kernel():
+    q, k, v = (torch.randn(2, 2, 5, 8, requires_grad=True) for _ in range(3))
+    mask = build_attention_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]).bool(), 5)
+    outputs = {name: ATTENTION_KERNELS[name](q, k, v, mask, 8**-0.5) for name in ("sdpa", "eager")}
+    for name, out in outputs.items():
+        assert torch.equal(out[0, :, :2], torch.zeros(2, 2, 8)), name
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads), name
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"])
+    with torch.no_grad():  # NOTE: flex has no backward on CPU
+        flex = ATTENTION_KERNELS["flex"](q.detach(), k.detach(), v.detach(), mask, 8**-0.5)
+    torch.testing.assert_close(flex, outputs["sdpa"])
 
 
 def test_flex_attention_forward_matches(tmp_path):

@@ -88,6 +88,22 @@ def test_max_length_and_stopping_criteria_match_transformers_generate(tmp_path):
     assert (got[1, 9 + 4 :] == hf.config.pad_token_id).all()
 
 
+def test_an_explicit_none_end_token_means_none_as_in_transformers(tmp_path):
+    """``eos_token_id=None`` given ends on no token (transformers' generate), while leaving it out
+    takes the model's generation config."""
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    token = int(plain[1, 9 + 4])
+    for model in (hf, ours):
+        model.generation_config.eos_token_id = token
+    for given in ({}, dict(eos_token_id=None)):
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **given)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **given)
+        assert got.shape == expected.shape and torch.equal(got, expected), given
+    assert torch.equal(got, plain)  # the last call, with eos_token_id=None, ran every row to the end
+
+
 def test_a_stopping_criterion_without_end_tokens_lets_rows_go_on_until_all_are_done(tmp_path):
     """With end tokens off nothing is padded: a row a criterion ended keeps producing tokens (as in
     transformers), and the call ends at the step where the last row is done."""

@@ -50,6 +50,17 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+class _ModelDefault:
+    """The default of ``eos_token_id`` / ``pad_token_id``: the model's. An explicit None means none,
+    as in transformers (``generate(..., eos_token_id=None)`` ends on no token)."""
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+MODEL_DEFAULT = _ModelDefault()
+
+
 def default_special_ids(model) -> tuple[list[int], int | None]:
     """(end token ids, pad id) from the model's generation config, else from its model config."""
     source = getattr(model, "generation_config", None) or model.config
@@ -57,12 +68,13 @@ def default_special_ids(model) -> tuple[list[int], int | None]:
 
 
 def resolve_special_ids(
-    model, eos_token_id: int | list[int] | None, pad_token_id: int | None
+    model, eos_token_id: int | list[int] | None | _ModelDefault, pad_token_id: int | None | _ModelDefault
 ) -> tuple[list[int], int | None]:
-    """(end ids, pad id) for one call: given values win, then the model's; pad falls back to the first end id."""
+    """(end ids, pad id) for one call: given values (None too) win over the model's (``MODEL_DEFAULT``);
+    no pad falls back to the first end id."""
     default_end, default_pad = default_special_ids(model)
-    end_ids = _as_id_list(eos_token_id) if eos_token_id is not None else default_end
-    pad_id = pad_token_id if pad_token_id is not None else default_pad
+    end_ids = default_end if eos_token_id is MODEL_DEFAULT else _as_id_list(eos_token_id)
+    pad_id = default_pad if pad_token_id is MODEL_DEFAULT else pad_token_id
     if pad_id is None and end_ids:
         pad_id = end_ids[0]  # transformers' fallback
     vocab = model.config.vocab_size
@@ -174,8 +186,8 @@ def stream_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | list[int] | None | _ModelDefault = MODEL_DEFAULT,
+    pad_token_id: int | None | _ModelDefault = MODEL_DEFAULT,
     generator: torch.Generator | None = None,
     seed: int | None = None,
     max_length: int | None = None,
@@ -292,7 +304,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     with the sequences so far and the step's logits after each token, as transformers does) and
     use_cache (decoding always uses the KV cache: the same tokens either way).
     eos_token_id / pad_token_id default to the model's generation config (else its config);
-    ``eos_token_id=[]`` disables ending. Rows that have ended are padded with pad_token_id and
+    ``eos_token_id=None`` (as in transformers) or ``[]`` disables ending. Rows that have ended are padded with pad_token_id and
     decoding stops once all rows have ended.
     Sampling (do_sample=True) applies temperature, then top_k, then top_p; ``seed`` or
     ``generator`` makes it reproducible. Greedy decoding ignores (but still checks) the sampling values.

@@ -109,9 +109,10 @@ def build_attention_mask(
     """Causal mask [B,1,Sq,Sk] (True = attend) from a key padding mask [B,Sk] (True = real token)
     and, for packed rows, document ids [B,S] (a token attends only within its document).
 
-    Every query may attend to itself, so rows of padding never become all -inf (no NaN), while
-    real tokens never see padding. Returns None when there is neither padding nor packing: kernels
-    then use their causal fast path.
+    As transformers' mask: only the keys decide, so a query of leading padding sees no key at all
+    (every kernel then gives it a zero output, as torch's sdpa does) and real tokens never see
+    padding. Returns None when there is neither padding nor packing: kernels then use their causal
+    fast path.
     """
     if key_keep is None and documents is None:
         return None
@@ -123,7 +124,6 @@ def build_attention_mask(
         mask = mask & key_keep.bool()[:, None, :]
     if documents is not None:
         mask = mask & (documents[:, -q_len:, None] == documents[:, None, :])
-    mask = mask | (k_pos == q_pos)
     return mask[:, None]  # [B,1,Sq,Sk]
 
 
@@ -150,8 +150,10 @@ def eager_attention(q, k, v, mask, scale):
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is None:
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # NOTE: a query that sees no key (leading padding) gets a zero output, as sdpa gives it, and no NaN
+    sees_a_key = mask.any(-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~sees_a_key, 0.0)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(~sees_a_key, 0.0).to(q.dtype)
     return torch.matmul(probs, v)
 
 
