@@ -244,6 +244,30 @@ def test_moe_config_takes_automodels_fields():
     torch.testing.assert_close(model(ids).logits, reference(ids).logits)  # softmax_with_bias == ERNIE's rule
 
 
+def test_gate_precision_defaults_to_fp32_on_a_copy_of_the_backend():
+    """AutoModel's rule: the router computes in ``BackendConfig.gate_precision``, float32 when unset,
+    set on the model's copy of the backend (the caller's is left as given)."""
+    backend = BackendConfig()
+    model = Ernie4_5_MoeModel(tiny_moe_config(), backend)
+    assert backend.gate_precision is None and model.backend.gate_precision == torch.float32
+    assert model.layers["1"].mlp.gate.gate_precision == torch.float32
+    chosen = Ernie4_5_MoeModel(tiny_moe_config(), BackendConfig(gate_precision=torch.bfloat16))
+    assert chosen.layers["1"].mlp.gate.gate_precision == torch.bfloat16
+
+
+def test_layers_read_as_transformers_list_and_as_automodels_dict():
+    """transformers' ``layers[0]`` / ``[-1]`` / slices / iteration and AutoModel's ``layers["1"]`` /
+    ``.items()`` name the same blocks; checkpoint names stay ``model.layers.{i}``."""
+    model = Ernie4_5_MoeForCausalLM(tiny_moe_config(num_hidden_layers=4))
+    layers = model.model.layers
+    blocks = list(layers)
+    assert len(layers) == len(blocks) == 4
+    assert layers[0] is layers["0"] is blocks[0] and layers[-1] is layers["3"] is blocks[3]
+    assert list(layers[1:3]) == blocks[1:3] and [key for key, _ in layers.items()] == ["0", "1", "2", "3"]
+    assert type(layers["0"].mlp).__name__ == "Ernie4_5MLP" and type(layers["1"].mlp).__name__ == "MoELayer"
+    assert "model.layers.3.mlp.experts.gate_up_proj" in model.state_dict()
+
+
 @pytest.mark.parametrize("field, value", [
     ("n_expert_groups", 4), ("router_bias", True), ("expert_bias", True), ("expert_activation", "relu2"),
     ("softmax_before_topk", True), ("shared_expert_gate", True), ("shared_expert_inter_dim", 99),

@@ -2,8 +2,8 @@
 run by PyTorch's schedules (GPipe, 1F1B, Interleaved1F1B).
 
 As torchtitan does it: the whole model is built on the meta device, then each rank keeps only
-the decoder layers of its stages (``model.model.layers`` becomes a ``StageLayers`` dict keyed by
-the layer's index in the whole model, so every tensor keeps its HF name) and the embedding,
+the decoder layers of its stages (``model.model.layers`` keeps them keyed by their index in the
+whole model, so every tensor keeps its HF name) and the embedding,
 final norm and LM head become None where its stages do not hold them. A tied LM head on the
 last stage is its own copy of the embedding: ``reduce_tied_gradients`` sums the two gradients,
 so both copies take the same optimizer step and stay equal.
@@ -30,6 +30,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleLoopedBFS, get_schedule_class
 from torch.distributed.tensor import DTensor
 
+from ..models.decoder import DecoderLayers
 from ..models.loss import shifted_cross_entropy
 from ..moe.aux_loss import AuxStats, aux_loss_stats, load_balancing_loss
 from ..sharding import local_part
@@ -47,21 +48,10 @@ def logits_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
     return shifted_cross_entropy(head(hidden), labels, reduction="sum")
 
 
-class StageLayers(nn.ModuleDict):
-    """This rank's decoder blocks keyed by their index in the whole model (names stay
-    ``model.layers.{i}``); iterating yields the blocks, as the ModuleList it replaces does."""
-
-    def __iter__(self):
-        return iter(self.values())
-
-    def __getitem__(self, index: int | str) -> nn.Module:
-        return super().__getitem__(str(index))
-
-
 def keep_stages(model: nn.Module, split: StageSplit, stages: list[int]) -> None:
     """Drop from ``model`` (in place; built on meta, nothing allocated) what other ranks' stages hold."""
     decoder = model.model
-    decoder.layers = StageLayers({str(i): decoder.layers[i] for s in stages for i in split.layers[s]})
+    decoder.layers = DecoderLayers({i: decoder.layers[i] for s in stages for i in split.layers[s]})
     if 0 not in stages:
         decoder.embed_tokens = None
     if split.num_stages - 1 not in stages:

@@ -150,6 +150,32 @@ def resolve_positions(
     return position_ids.expand(batch, -1)
 
 
+class DecoderLayers(nn.ModuleDict):
+    """The decoder blocks keyed by their layer index: "0", "1", ... (checkpoint names ``model.layers.{i}``).
+
+    Read both as transformers' ``ModuleList`` (``layers[0]``, ``layers[-1]``, slices, ``len``;
+    iterating yields the blocks in order) and as NeMo AutoModel's ``ModuleDict`` (``layers["0"]``,
+    ``.items()``). A pipeline stage keeps a subset under the same keys.
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module] | list[nn.Module]):
+        pairs = blocks.items() if isinstance(blocks, dict) else enumerate(blocks)
+        super().__init__({str(i): block for i, block in pairs})
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, index: int | str | slice) -> nn.Module:
+        if isinstance(index, slice):
+            return nn.ModuleList(list(self.values())[index])
+        if isinstance(index, int) and index < 0:
+            return list(self.values())[index]
+        return super().__getitem__(str(index))
+
+    def __setitem__(self, index: int | str, block: nn.Module) -> None:
+        super().__setitem__(str(index), block)
+
+
 class DecoderModel(nn.Module):
     """Embedding -> the given blocks -> final norm (dense and MoE models differ only in their blocks)."""
 
@@ -161,7 +187,7 @@ class DecoderModel(nn.Module):
         padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
         # NOTE: padding_idx matches HF: the pad row gets no gradient.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
-        self.layers = nn.ModuleList(blocks)
+        self.layers = DecoderLayers(blocks)
         self.norm = build_rms_norm(backend.rms_norm, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), rope_theta(config))
         # The last forward's tied-head meeting point (see models/embedding.py); None without one.

@@ -16,6 +16,7 @@ Settings beyond the HF config come from ``MoEConfig`` (``moe_config=`` or ``moe_
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -102,6 +103,8 @@ class Ernie4_5_MoeModel(DecoderModel):
         moe_overrides: dict | None = None,
     ):
         backend = backend or BackendConfig()
+        if backend.gate_precision is None:  # NOTE: a copy (as AutoModel): the caller's config is not changed
+            backend = dataclasses.replace(backend, gate_precision=torch.float32)
         moe_config = resolve_moe_config(config, moe_config, moe_overrides)
         blocks = [Ernie4_5MoeBlock(i, config, moe_config, backend) for i in range(config.num_hidden_layers)]
         super().__init__(config, backend, blocks)

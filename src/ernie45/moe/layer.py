@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
             norm_topk_prob=moe_config.norm_topk_prob,
             norm_min=moe_config.norm_min,
             route_scale=moe_config.route_scale,
-            compute_dtype=backend.gate_precision,
+            gate_precision=backend.gate_precision,
         )
         self.gate.weight.requires_grad_(moe_config.train_gate)
         self.moe_statics = MoEStatics(moe_config.n_routed_experts)

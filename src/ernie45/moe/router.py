@@ -89,7 +89,7 @@ class Router(KeepFloat32):
         norm_topk_prob: bool = True,
         norm_min: float = 1e-12,
         route_scale: float = 1.0,
-        compute_dtype: torch.dtype | None = None,
+        gate_precision: torch.dtype | None = None,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, dim, dtype=torch.float32))
@@ -97,7 +97,7 @@ class Router(KeepFloat32):
         self.norm_topk_prob = norm_topk_prob
         self.norm_min = norm_min
         self.route_scale = route_scale
-        self.compute_dtype = compute_dtype or torch.float32
+        self.gate_precision = gate_precision or torch.float32  # NOTE: AutoModel's name for the compute dtype
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std)
@@ -106,7 +106,7 @@ class Router(KeepFloat32):
         """x [T,H] -> Routing; weights come back in x.dtype."""
         # NOTE: autocast would run this matmul in bf16 and change which experts win.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
+            logits = F.linear(x.to(self.gate_precision), self.weight.to(self.gate_precision))
             probs, topk_idx, weight = route(
                 logits.float(), correction_bias, self.top_k, self.norm_topk_prob, self.norm_min, self.route_scale
             )
