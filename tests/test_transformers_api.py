@@ -27,7 +27,7 @@ from ernie45 import BackendConfig, Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel, E
 from ernie45 import MoEConfig
 from ernie45.checkpoint.state_dict_adapter import Ernie4_5_MoeStateDictAdapter, Ernie4_5StateDictAdapter
 
-from builders import random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
+from builders import moe_model, random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
 
 KINDS = ["dense", "moe"]
 
@@ -222,6 +222,59 @@ def test_torch_dtype_is_an_alias_of_dtype_and_vocab_size_exists(tmp_path):
     assert built.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="disagree"):
         ernie45.from_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_matches_transformers(tmp_path, tied):
+    """Growing keeps every old row and draws the new ones as transformers does (mean and 1e-9 x
+    covariance of the old rows: equal to its rows up to that spread); padding to a multiple and
+    shrinking too; config.vocab_size follows; the head stays tied or stays its own."""
+    hf, ours = pair("dense", tmp_path, tie_word_embeddings=tied, use_bias=True)
+    old = ours.get_input_embeddings().weight.detach().clone()
+    torch.manual_seed(0)
+    hf.resize_token_embeddings(203)
+    torch.manual_seed(0)
+    embedding = ours.resize_token_embeddings(203)
+    assert embedding is ours.get_input_embeddings() and ours.config.vocab_size == ours.vocab_size == 203
+    assert torch.equal(embedding.weight[:160], old)
+    torch.testing.assert_close(embedding.weight, hf.get_input_embeddings().weight, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours.lm_head.weight, hf.lm_head.weight, rtol=0, atol=1e-4)
+    assert (ours.lm_head.weight is embedding.weight) == tied
+    ids = torch.randint(0, 203, (2, 7))
+    torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=0, atol=1e-3)
+    ids = torch.randint(0, 160, (2, 7))  # old tokens only: the old logits, plus the new columns
+    torch.testing.assert_close(ours(ids).logits[..., :160], hf(ids).logits[..., :160])
+    hf.resize_token_embeddings(150, pad_to_multiple_of=64)
+    ours.resize_token_embeddings(150, pad_to_multiple_of=64)
+    assert ours.config.vocab_size == hf.config.vocab_size == 192 and ours.lm_head.weight.shape == (192, 64)
+    ours.resize_token_embeddings(100, mean_resizing=False)
+    assert torch.equal(ours.get_input_embeddings().weight, old[:100]) and ours(ids % 100).logits.shape == (2, 7, 100)
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings()
+    with pytest.raises(ValueError, match="new_num_tokens=0 must be a positive integer"):
+        ours.resize_token_embeddings(0)
+
+
+def test_gradient_checkpointing_switches_as_transformers():
+    """transformers' switches turn ernie45's block checkpointing on and off; gradients unchanged."""
+    reference, model = moe_model(), moe_model()
+    ids = torch.randint(0, 160, (2, 9))
+    reference(ids, labels=ids).loss.backward()
+    assert model.supports_gradient_checkpointing and not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    recomputed = []
+    model.model.layers[1].register_forward_pre_hook(lambda *_: recomputed.append(1))
+    model(ids, labels=ids).loss.backward()
+    assert len(recomputed) == 2  # forward, and again in backward
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, dict(reference.named_parameters())[name].grad, msg=name)
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    recomputed.clear()
+    model(ids, labels=ids).loss.backward()
+    assert len(recomputed) == 1
+    with pytest.raises(ValueError, match="only use_reentrant"):
+        model.gradient_checkpointing_enable({"preserve_rng_state": False})
 
 
 # ----- AutoModel's names -----------------------------------------------------------------------------

@@ -74,8 +74,29 @@ def _moe_contexts(mlp: MoELayer) -> tuple[contextlib.AbstractContextManager, con
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Checkpoint every decoder block of ``model`` in place."""
     for block in decoder_blocks(model):
-        mlp = moe_layer(block)
-        if mlp is None:
-            checkpoint(block)
-        else:
-            checkpoint(block, context_fn=partial(_moe_contexts, mlp))
+        _checkpoint_block(block)
+
+
+def _checkpoint_block(block: nn.Module) -> None:
+    mlp = moe_layer(block)
+    if mlp is None:
+        checkpoint(block)
+    else:
+        checkpoint(block, context_fn=partial(_moe_contexts, mlp))
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn block checkpointing on (applied the first time) or off (its hooks stay, idle): what
+    transformers' ``gradient_checkpointing_enable`` / ``_disable`` switch."""
+    for block in decoder_blocks(model):
+        state = checkpoint.state(block)
+        if state is not None:
+            state.enable_hook = enabled
+        elif enabled:
+            _checkpoint_block(block)
+
+
+def is_checkpointed(model: nn.Module) -> bool:
+    """Whether the decoder blocks of ``model`` recompute in backward."""
+    states = [checkpoint.state(block) for block in decoder_blocks(model)]
+    return bool(states) and all(state is not None and state.enable_hook for state in states)

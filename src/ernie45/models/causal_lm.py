@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import generation
 from ..checkpoint.hf_checkpoint import save_hf_checkpoint
 from ..moe.config import MoEConfig
-from . import accounting, construction
+from . import accounting, construction, resize
 from .capabilities import ModelCapabilities
 from .decoder import DecoderModel, tuple_when_asked
 from .linear import Linear, set_prepacking
@@ -103,6 +104,66 @@ class Ernie4_5CausalLMBase(nn.Module):
         if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """transformers' method: embedding, LM head and ``config.vocab_size`` resized to ``new_num_tokens``
+        (e.g. ``len(tokenizer)`` after adding tokens) rounded up to ``pad_to_multiple_of``; added rows
+        as transformers draws them (``resize.py``). Returns the input embedding."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        size = resize.padded_size(new_num_tokens, old.num_embeddings, pad_to_multiple_of)
+        if size == old.num_embeddings:
+            return old
+        if self.pipeline is not None or any(isinstance(p, DTensor) for p in (old.weight, self.lm_head.weight)):
+            raise RuntimeError("resize_token_embeddings on a parallelised model: resize before parallelize_model")
+        if any(".lora_" in name for name, _ in self.named_parameters() if name.startswith(("lm_head", "model.embed_tokens"))):
+            raise RuntimeError("resize_token_embeddings with LoRA on the embedding or head: resize before apply_lora")
+        std = self.config.initializer_range
+        self.model.embed_tokens = resize.resized_embedding(old, size, mean_resizing, std)
+        self.lm_head = resize.resized_head(self.lm_head, size, mean_resizing, std)
+        self.config.vocab_size = self.vocab_size = size
+        self.tie_weights()
+        return self.model.embed_tokens
+
+    # ----- transformers' training switches ------------------------------------------------------
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' switch (HF Trainer, TRL and PEFT call it): every decoder block recomputes in
+        backward (``ernie45.distributed.apply_activation_checkpointing``: always non-reentrant, so
+        ``use_reentrant`` is accepted and changes nothing; MoE routing is replayed, not recomputed)."""
+        unknown = sorted(set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"})
+        if unknown:
+            raise ValueError(f"gradient_checkpointing_kwargs {unknown} are not supported; only use_reentrant is accepted")
+        from ..distributed.activation_checkpoint import set_activation_checkpointing
+
+        set_activation_checkpointing(self, True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        from ..distributed.activation_checkpoint import set_activation_checkpointing
+
+        set_activation_checkpointing(self, False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from ..distributed.activation_checkpoint import is_checkpointed
+
+        return is_checkpointed(self)
+
+    def enable_input_require_grads(self) -> None:
+        """transformers' helper (PEFT calls it for frozen embeddings): the embedding output requires grad."""
+        self._input_grad_hook = self.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True)
+        )
+
+    def disable_input_require_grads(self) -> None:
+        hook = getattr(self, "_input_grad_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._input_grad_hook = None
+
     # ----- forward ----------------------------------------------------------------------------
     @tuple_when_asked
     def forward(
@@ -137,6 +198,12 @@ class Ernie4_5CausalLMBase(nn.Module):
         return CausalLMOutputWithPast(
             loss=causal_lm_loss(logits, labels, shift_labels), logits=logits, cache=out.cache, hidden_states=out.hidden_states
         )
+
+    main_input_name = "input_ids"  # transformers' name, read by libraries that drive generate()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Prompt + new tokens [B,P+N] with a KV cache, like transformers; see ``ernie45.generation.generate``."""
