@@ -275,6 +275,13 @@ def test_gradient_checkpointing_switches_as_transformers():
     assert len(recomputed) == 1
     with pytest.raises(ValueError, match="only use_reentrant"):
         model.gradient_checkpointing_enable({"preserve_rng_state": False})
+    model.activation_checkpointing_enable(every_n_layers=2)  # transformers 5's name and rule: blocks 0, 2, ...
+    assert model.is_activation_checkpointing
+    counts = [0, 0, 0]
+    for index, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
+    model(ids, labels=ids).loss.backward()
+    assert counts == [2, 1, 2]
 
 
 # ----- AutoModel's names -----------------------------------------------------------------------------

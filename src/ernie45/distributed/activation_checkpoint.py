@@ -85,18 +85,20 @@ def _checkpoint_block(block: nn.Module) -> None:
         checkpoint(block, context_fn=partial(_moe_contexts, mlp))
 
 
-def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Turn block checkpointing on (applied the first time) or off (its hooks stay, idle): what
-    transformers' ``gradient_checkpointing_enable`` / ``_disable`` switch."""
-    for block in decoder_blocks(model):
+def set_activation_checkpointing(model: nn.Module, enabled: bool, every_n_layers: int = 1) -> None:
+    """Turn block checkpointing on for blocks 0, n, 2n, ... (applied the first time) and off for the
+    rest (their hooks stay, idle): what transformers' ``activation_checkpointing_enable`` /
+    ``_disable`` switch, with its ``every_n_layers`` rule."""
+    for index, block in enumerate(decoder_blocks(model)):
+        on = enabled and index % every_n_layers == 0
         state = checkpoint.state(block)
         if state is not None:
-            state.enable_hook = enabled
-        elif enabled:
+            state.enable_hook = on
+        elif on:
             _checkpoint_block(block)
 
 
 def is_checkpointed(model: nn.Module) -> bool:
-    """Whether the decoder blocks of ``model`` recompute in backward."""
+    """Whether any decoder block of ``model`` recomputes in backward."""
     states = [checkpoint.state(block) for block in decoder_blocks(model)]
-    return bool(states) and all(state is not None and state.enable_hook for state in states)
+    return any(state is not None and state.enable_hook for state in states)

@@ -130,27 +130,40 @@ class Ernie4_5CausalLMBase(nn.Module):
     # ----- transformers' training switches ------------------------------------------------------
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' switch (HF Trainer, TRL and PEFT call it): every decoder block recomputes in
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' switch (its Trainer and TRL call it): decoder blocks 0, n, 2n, ... recompute in
         backward (``ernie45.distributed.apply_activation_checkpointing``: always non-reentrant, so
-        ``use_reentrant`` is accepted and changes nothing; MoE routing is replayed, not recomputed)."""
-        unknown = sorted(set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"})
+        ``use_reentrant`` changes nothing; MoE routing is replayed, not recomputed)."""
+        unknown = sorted(set(activation_checkpointing_kwargs or {}) - {"use_reentrant"})
         if unknown:
-            raise ValueError(f"gradient_checkpointing_kwargs {unknown} are not supported; only use_reentrant is accepted")
+            raise ValueError(f"activation checkpointing kwargs {unknown} are not supported; only use_reentrant is accepted")
+        if offload:
+            raise ValueError("offload=True (saved activations in host memory) is not supported; use offload=False")
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers={every_n_layers!r} must be a positive integer")
         from ..distributed.activation_checkpoint import set_activation_checkpointing
 
-        set_activation_checkpointing(self, True)
+        set_activation_checkpointing(self, True, every_n_layers)
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         from ..distributed.activation_checkpoint import set_activation_checkpointing
 
         set_activation_checkpointing(self, False)
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         from ..distributed.activation_checkpoint import is_checkpointed
 
         return is_checkpointed(self)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """transformers' older name of ``activation_checkpointing_enable`` (PEFT and older scripts call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+    is_gradient_checkpointing = is_activation_checkpointing
 
     def enable_input_require_grads(self) -> None:
         """transformers' helper (PEFT calls it for frozen embeddings): the embedding output requires grad."""
@@ -165,26 +178,42 @@ class Ernie4_5CausalLMBase(nn.Module):
             self._input_grad_hook = None
 
     # ----- forward ----------------------------------------------------------------------------
+    # NOTE: transformers' Trainer reads both: it then passes num_items_in_batch (token-weighted gradient
+    # accumulation), counting the labels a shifted causal-LM loss scores (not each row's first)
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
+
     @tuple_when_asked
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: list | None = None,
+        past_key_values: list | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         labels: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         output_attentions: bool | None = None,
-        **body,
+        output_router_logits: bool | None = None,
     ) -> CausalLMOutputWithPast:
         """input_ids [B,S] -> logits [B,S',V] (or [N,V] for a boolean ``logits_to_keep``, see
         ``keep_logits``), with transformers' arguments and output class.
 
-        ``body``: the decoder's keywords (``DecoderModel.forward``): position_ids, attention_mask,
-        padding_mask, inputs_embeds, output_hidden_states, cache (or past_key_values), use_cache,
-        cache_position. ``labels`` (-100 = ignore) adds HF's shifted mean loss (``shift_labels``:
-        already shifted). Keyword-only after ``input_ids`` (as AutoModel): transformers orders these
-        arguments differently, so a positional call would silently mean something else. Any other
-        keyword is a TypeError (from the decoder), never silently ignored.
+        The decoder's keywords are ``DecoderModel.forward``'s (masks, positions, embeddings, KV
+        caches). ``labels`` (-100 = ignore) adds HF's shifted mean loss (``shift_labels``: already
+        shifted; ``num_items_in_batch``: the summed loss over that count, as transformers' Trainer
+        asks). ``output_router_logits``: MoE models only. Keyword-only after ``input_ids`` (as
+        AutoModel): transformers orders these arguments differently, so a positional call would
+        silently mean something else. Every keyword is named here (libraries such as transformers'
+        Trainer read the signature to decide which batch fields to pass); any other is a TypeError.
         """
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: the attention kernels never form the weights")
@@ -193,11 +222,20 @@ class Ernie4_5CausalLMBase(nn.Module):
                 f"this model holds {self.pipeline}, so it has no forward of its own: train it with "
                 "model.pipeline.step(...); generation and evaluation need the whole model (load it with pp=1)"
             )
-        out = self.model(input_ids, **body)
+        out = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, padding_mask=padding_mask,
+            inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values, use_cache=use_cache,
+            cache_position=cache_position, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
         logits = head_logits(self.lm_head, keep_logits(out.last_hidden_state, logits_to_keep))
-        return CausalLMOutputWithPast(
-            loss=causal_lm_loss(logits, labels, shift_labels), logits=logits, cache=out.cache, hidden_states=out.hidden_states
-        )
+        loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
+        return self.causal_lm_output(loss, logits, out, output_router_logits)
+
+    def causal_lm_output(self, loss, logits, out, output_router_logits: bool | None) -> CausalLMOutputWithPast:
+        """The forward's output class (the MoE model adds its router outputs)."""
+        if output_router_logits:
+            raise ValueError("output_router_logits=True: a dense model has no router")
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     main_input_name = "input_ids"  # transformers' name, read by libraries that drive generate()
 
@@ -265,10 +303,20 @@ class Ernie4_5CausalLMBase(nn.Module):
         self.tie_weights()
 
     # ----- accounting (from the config: holds for meta-device and sharded models) --------------
-    def num_parameters(self, active_only: bool = False) -> int:
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False, active_only: bool = False) -> int:
         """Parameter count as transformers' ``num_parameters()`` counts it (tied head once; the MoE
-        correction bias included). ``active_only``: those one token uses (K of E routed experts)."""
-        return accounting.num_parameters(self.config, self.moe_config, active_only, self.lm_head_bias)
+        correction bias included), from the config, so a meta or sharded model counts the whole.
+        ``exclude_embeddings``: without the input embedding (an untied head still counts);
+        ``only_trainable``: the parameters that require grad (what this process holds, whole);
+        ``active_only``: those one token uses (K of E routed experts)."""
+        if only_trainable:
+            held = {id(p): p for p in self.parameters() if p.requires_grad}
+            total = sum(p.numel() for p in held.values())
+            embedding = self.get_input_embeddings()
+            trained_embedding = embedding is not None and embedding.weight.requires_grad
+            return total - (embedding.weight.numel() if exclude_embeddings and trained_embedding else 0)
+        total = accounting.num_parameters(self.config, self.moe_config, active_only, self.lm_head_bias)
+        return total - (self.config.vocab_size * self.config.hidden_size if exclude_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (see ``accounting.flops_per_token``)."""

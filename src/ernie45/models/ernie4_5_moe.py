@@ -155,21 +155,13 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
     def moe_layers(self) -> list[MoELayer]:
         return self.model.moe_layers()
 
-    @tuple_when_asked
-    def forward(
-        self, input_ids: torch.Tensor | None = None, *, output_router_logits: bool | None = None, **kwargs
-    ) -> MoeCausalLMOutputWithPast:
-        """The dense forward (same keywords); ``output_router_logits`` (default: ``aux_loss_coeff > 0``)
-        also returns ``aux_loss`` and the per-MoE-layer ``router_logits`` [T,E] fp32."""
-        out = super().forward(input_ids, **kwargs)
+    def causal_lm_output(self, loss, logits, out, output_router_logits: bool | None) -> MoeCausalLMOutputWithPast:
+        """``output_router_logits`` (default: ``aux_loss_coeff > 0``) also returns ``aux_loss`` and the
+        per-MoE-layer ``router_logits`` [T,E] fp32."""
         collect = self.moe_config.aux_loss_coeff > 0 if output_router_logits is None else bool(output_router_logits)
         aux_loss, router_logits = self.router_outputs() if collect else (None, None)
         return MoeCausalLMOutputWithPast(
-            loss=out.loss,
-            aux_loss=aux_loss,
-            logits=out.logits,
-            cache=out.cache,
-            hidden_states=out.hidden_states,
+            loss=loss, aux_loss=aux_loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
             router_logits=router_logits,
         )
 

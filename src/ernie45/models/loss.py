@@ -36,13 +36,25 @@ def shifted_cross_entropy(
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """transformers' causal-LM loss: mean CE; ``shift_labels`` [B,S'] (already aligned with the
-    logits, as context-parallel training passes them) wins over shifting ``labels`` [B,S]."""
+    logits, as context-parallel training passes them) wins over shifting ``labels`` [B,S].
+    ``num_items_in_batch`` (transformers' Trainer passes the labelled tokens of all accumulated
+    micro-batches): the summed CE divided by it instead of the mean."""
+    if labels is None and shift_labels is None:
+        return None
+    reduction = "mean" if num_items_in_batch is None else "sum"
     if shift_labels is not None:
-        return token_cross_entropy(logits, shift_labels)
-    return shifted_cross_entropy(logits, labels) if labels is not None else None
+        loss = token_cross_entropy(logits, shift_labels, reduction)
+    else:
+        loss = shifted_cross_entropy(logits, labels, reduction)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return loss
 
 
 def _check_shape(labels: torch.Tensor, logits: torch.Tensor) -> None:

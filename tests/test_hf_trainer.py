@@ -1,0 +1,56 @@
+"""transformers' Trainer drives our models as it drives its own: same batches (the signature lets
+the attention mask and labels through), gradient accumulation over ``num_items_in_batch``,
+activation checkpointing switched on by the Trainer, and the same losses and weights after training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+import ernie45
+
+from builders import random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
+from transformers import Ernie4_5ForCausalLM as HFDense
+
+
+class PaddedRows(Dataset):
+    """12 rows of 3-12 tokens, right-padded to 12 (pads masked, labels -100 there)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        length = 3 + index % 10
+        ids = torch.zeros(12, dtype=torch.long)
+        ids[:length] = torch.randint(3, 160, (length,), generator=generator)
+        mask = (torch.arange(12) < length).long()
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _train(model, output_dir) -> list[float]:
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+        learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        activation_checkpointing=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=PaddedRows())
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_transformers_trainer_trains_ours_as_it_trains_transformers(tmp_path, kind):
+    hf = random_hf_model(HFDense, tiny_dense_config()) if kind == "dense" else random_hf_moe(tiny_moe_config())
+    hf.save_pretrained(tmp_path / "start")
+    ours = ernie45.from_pretrained(tmp_path / "start")
+    expected = _train(hf.train(), tmp_path / "hf")
+    got = _train(ours.train(), tmp_path / "ours")
+    assert ours.is_activation_checkpointing  # the Trainer switched it on
+    assert len(got) == len(expected) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    hf_weights = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param, hf_weights[name], rtol=1e-4, atol=1e-5, msg=name)
