@@ -1,6 +1,7 @@
-"""transformers' Trainer drives our models as it drives its own: same batches (the signature lets
-the attention mask and labels through), gradient accumulation over ``num_items_in_batch``,
-activation checkpointing switched on by the Trainer, and the same losses and weights after training."""
+"""transformers' Trainer and TRL's SFTTrainer drive our models as they drive transformers' own:
+same batches (the signature lets the attention mask and labels through), gradient accumulation
+over ``num_items_in_batch``, activation checkpointing switched on by the Trainer, TRL's fused LM
+head over ``model.base_model``, and the same losses and weights after training (fp32)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from transformers import Trainer, TrainingArguments
 
 import ernie45
 
-from builders import random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
+from builders import load_tokenizer, random_hf_model, random_hf_moe, save_tiny_lm, tiny_dense_config, tiny_moe_config
+from transformers import AutoModelForCausalLM
 from transformers import Ernie4_5ForCausalLM as HFDense
 
 
@@ -51,6 +53,34 @@ def test_transformers_trainer_trains_ours_as_it_trains_transformers(tmp_path, ki
     assert ours.is_activation_checkpointing  # the Trainer switched it on
     assert len(got) == len(expected) == 3
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    hf_weights = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param, hf_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _sft(model, tokenizer, output_dir) -> list[float]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    texts = Dataset.from_list([{"text": f"A man is sitting on a roof. He starts {i} times"} for i in range(16)])
+    args = SFTConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+        learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
+    )  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=texts, processing_class=tokenizer)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trl_sft_trainer_trains_ours_as_it_trains_transformers(tmp_path):
+    save_tiny_lm(tmp_path / "start")
+    tokenizer = load_tokenizer(tmp_path / "start")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "start")
+    ours = ernie45.from_pretrained(tmp_path / "start")
+    expected = _sft(hf, tokenizer, tmp_path / "hf")
+    got = _sft(ours, tokenizer, tmp_path / "ours")
+    assert len(got) == len(expected) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     hf_weights = dict(hf.named_parameters())
     for name, param in ours.named_parameters():
         torch.testing.assert_close(param, hf_weights[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -91,6 +91,13 @@ class Ernie4_5CausalLMBase(nn.Module):
         """The decoder stack (``model``), as transformers names the accessor."""
         return self.model
 
+    base_model_prefix = "model"
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder stack, by transformers' other name (TRL's fused head runs it)."""
+        return self.model
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -164,6 +171,11 @@ class Ernie4_5CausalLMBase(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
     is_gradient_checkpointing = is_activation_checkpointing
+
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """transformers' model-card tags (TRL's trainers add theirs), kept in ``model_tags``."""
+        known = getattr(self, "model_tags", None) or []
+        self.model_tags = known + [tag for tag in ([tags] if isinstance(tags, str) else tags) if tag not in known]
 
     def enable_input_require_grads(self) -> None:
         """transformers' helper (PEFT calls it for frozen embeddings): the embedding output requires grad."""
