@@ -1,4 +1,4 @@
-"""transformers' Trainer and TRL's SFTTrainer drive our models as they drive transformers' own:
+"""transformers' Trainer and TRL's SFTTrainer and DPOTrainer drive our models as they drive transformers' own:
 same batches (the signature lets the attention mask and labels through), gradient accumulation
 over ``num_items_in_batch``, activation checkpointing switched on by the Trainer, TRL's fused LM
 head over ``model.base_model``, and the same losses and weights after training (fp32)."""
@@ -84,3 +84,30 @@ def test_trl_sft_trainer_trains_ours_as_it_trains_transformers(tmp_path):
     hf_weights = dict(hf.named_parameters())
     for name, param in ours.named_parameters():
         torch.testing.assert_close(param, hf_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _dpo(model, reference, tokenizer, output_dir) -> list[float]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = Dataset.from_list([
+        {"prompt": f"A man is sitting on a roof {i}.", "chosen": " He climbs down.", "rejected": " He flies away quickly."}
+        for i in range(8)
+    ])  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
+    )  # fmt: skip
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trl_dpo_trainer_trains_ours_as_it_trains_transformers(tmp_path):
+    save_tiny_lm(tmp_path / "start")
+    tokenizer = load_tokenizer(tmp_path / "start")
+    start = tmp_path / "start"
+    expected = _dpo(AutoModelForCausalLM.from_pretrained(start), AutoModelForCausalLM.from_pretrained(start), tokenizer, tmp_path / "hf")
+    got = _dpo(ernie45.from_pretrained(start), ernie45.from_pretrained(start), tokenizer, tmp_path / "ours")
+    assert len(got) == len(expected) == 2 and got[1] != got[0]  # the second loss is after one update
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
