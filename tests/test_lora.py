@@ -155,6 +155,31 @@ def test_an_adapter_made_by_peft_loads_into_ours(tmp_path, kind, lora):
     torch.testing.assert_close(plain(ids).logits, made(ids).logits, **F32)
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_peft_itself_adapts_our_model_as_it_adapts_transformers(tmp_path, kind):
+    """HF PEFT wrapping ours (get_peft_model, as users of PEFT do): the same logits and adapter
+    gradients as PEFT on transformers' model; the adapter it saves loads onto transformers' model."""
+    base, hf = saved_hf_model(tmp_path / "base", kind)
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(5)
+    reference = get_peft_model(hf, LoraConfig(**settings))
+    torch.manual_seed(5)
+    wrapped = get_peft_model(ernie45.from_pretrained(base, dtype=torch.float32), LoraConfig(**settings))
+    ids = token_batch(hf.config.vocab_size, 2, 10)
+    expected, got = reference(ids, labels=ids), wrapped(ids, labels=ids)
+    torch.testing.assert_close(got.logits, expected.logits, **F32)
+    expected.loss.backward()
+    got.loss.backward()
+    reference_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    trained = {name: p.grad for name, p in wrapped.named_parameters() if p.grad is not None}
+    assert trained.keys() == reference_grads.keys() and all("lora_" in name for name in trained)
+    for name, grad in trained.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(ids).logits, got.logits, **F32)
+
+
 def test_merge_cli_writes_a_checkpoint_transformers_loads(tmp_path):
     base, hf = saved_hf_model(tmp_path / "base", "moe")
     ours = _ours(base)
