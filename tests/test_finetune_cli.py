@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from ernie45.training.checkpointing import latest_checkpoint
 from ernie45.jsonl import read_jsonl
 from ernie45.training.data import record_texts
 from ernie45.training.metrics import read_metrics
+from ernie45.training.synthetic import ACTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -140,6 +142,16 @@ def test_default_run_learns_and_exports_an_hf_model_transformers_loads(tmp_path)
     ids = hf_tokenizer("Anna is in the kitchen. Anna picks up the knife, then Anna", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+    # the printed "try it" command continues a held-out context with what the task taught (the
+    # object's action; the manner is a random filler the model cannot know)
+    command = shlex.split(summary["try_it"])
+    assert command[:2] == ["ernie45", "generate"] and command[command.index("--model") + 1] == str(hf_dir)
+    prompt = command[command.index("--prompt") + 1]
+    result = CliRunner().invoke(app, command[1:])
+    assert result.exit_code == 0, result.output
+    picked = next(obj for obj in ACTIONS if f"picks up the {obj}," in prompt)
+    assert ACTIONS[picked] in result.output, (prompt, result.output)
 
 
 # ----- exact resume, and a kill while writing a checkpoint -------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import shlex
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 import yaml
 
 from ..distributed.context_parallel import local_attention, shard_sequence
-from ..evaluation import evaluate_hellaswag
+from ..evaluation import evaluate_hellaswag, example_from_record
 from ..distributed.pipeline import StepLosses
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
 from ..moe.config import is_moe_layer
@@ -528,6 +529,15 @@ class Trainer:
             )
         return f"MoE aux-loss coefficient {coefficient:g} ({source})"
 
+    def try_it(self, hf_dir: Path) -> str | None:
+        """An ``ernie45 generate`` command that continues a held-out context (multiple-choice data) for
+        about as many tokens as its gold ending, so a newcomer sees what was learned."""
+        if self.config.checkpoint.save_consolidated == "false" or not (self.measures_multiple_choice() and self.val_records):
+            return None
+        example = example_from_record(self.val_records[0])
+        new_tokens = len(self.tokenizer(" " + example.endings[example.label], add_special_tokens=False).input_ids)
+        return f"ernie45 generate --model {shlex.quote(str(hf_dir))} --prompt {shlex.quote(example.context)} --max-new-tokens {new_tokens}"
+
     def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
         metrics = read_metrics(self.output_dir / "metrics.jsonl")
         validation = [(e["step"], e["val_loss"]) for e in metrics if "val_loss" in e]
@@ -545,6 +555,7 @@ class Trainer:
             "multiple_choice_before": state.mc_before,
             "multiple_choice_after": mc_after,
             "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated != "false" else None,
+            "try_it": self.try_it(hf_dir),
             "nonfinite_skips": state.nonfinite_skips,
             # real (non-padding) tokens per second and the share of computed positions that were padding
             "tokens_per_s": sum(e["tokens_per_s"] for e in steps) / len(steps) if steps else None,
@@ -581,4 +592,6 @@ def print_summary(summary: dict) -> None:
         lines.append(f"  multiple-choice accuracy ({after['num_examples']} held-out examples): {shown}{after['acc']:.1%} (chance 25%)")
     if summary["hf_dir"]:
         lines.append(f"  HF model + tokenizer: {summary['hf_dir']}")
+    if summary.get("try_it"):
+        lines.append(f"  try it: {summary['try_it']}")
     print("\n".join(lines), flush=True)
