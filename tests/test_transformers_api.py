@@ -326,6 +326,8 @@ def test_layers_read_as_transformers_list_and_as_automodels_dict():
     assert list(layers[1:3]) == blocks[1:3] and [key for key, _ in layers.items()] == ["0", "1", "2", "3"]
     assert type(layers["0"].mlp).__name__ == "Ernie4_5MLP" and type(layers["1"].mlp).__name__ == "MoELayer"
     assert "model.layers.3.mlp.experts.gate_up_proj" in model.state_dict()
+    with pytest.raises(IndexError, match=r"no decoder layer 4 here: this model holds layers \['0', '1', '2', '3'\]"):
+        layers[4]
 
 
 @pytest.mark.parametrize("field, value", [

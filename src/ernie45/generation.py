@@ -304,8 +304,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     with the sequences so far and the step's logits after each token, as transformers does) and
     use_cache (decoding always uses the KV cache: the same tokens either way).
     eos_token_id / pad_token_id default to the model's generation config (else its config);
-    ``eos_token_id=None`` (as in transformers) or ``[]`` disables ending. Rows that have ended are padded with pad_token_id and
-    decoding stops once all rows have ended.
+    ``eos_token_id=None`` (as in transformers) or ``[]`` disables ending. Rows that have ended are
+    padded with pad_token_id and decoding stops once all rows have ended.
     Sampling (do_sample=True) applies temperature, then top_k, then top_p; ``seed`` or
     ``generator`` makes it reproducible. Greedy decoding ignores (but still checks) the sampling values.
     """

@@ -3,10 +3,10 @@ run by PyTorch's schedules (GPipe, 1F1B, Interleaved1F1B).
 
 As torchtitan does it: the whole model is built on the meta device, then each rank keeps only
 the decoder layers of its stages (``model.model.layers`` keeps them keyed by their index in the
-whole model, so every tensor keeps its HF name) and the embedding,
-final norm and LM head become None where its stages do not hold them. A tied LM head on the
-last stage is its own copy of the embedding: ``reduce_tied_gradients`` sums the two gradients,
-so both copies take the same optimizer step and stay equal.
+whole model, so every tensor keeps its HF name) and the embedding, final norm and LM head become
+None where its stages do not hold them. A tied LM head on the last stage is its own copy of the
+embedding: ``reduce_tied_gradients`` sums the two gradients, so both copies take the same
+optimizer step and stay equal.
 
 Each stage is a ``StageModule`` over the model's own blocks: (embedding) -> its blocks -> (final
 norm), sending the hidden states [mb,S,H] to the next stage; with the MoE aux loss on, also the

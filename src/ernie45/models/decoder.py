@@ -170,6 +170,8 @@ class DecoderLayers(nn.ModuleDict):
             return nn.ModuleList(list(self.values())[index])
         if isinstance(index, int) and index < 0:
             return list(self.values())[index]
+        if isinstance(index, int) and str(index) not in self._modules:
+            raise IndexError(f"no decoder layer {index} here: this model holds layers {list(self.keys())}")
         return super().__getitem__(str(index))
 
     def __setitem__(self, index: int | str, block: nn.Module) -> None:
