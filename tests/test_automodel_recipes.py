@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ernie45.cli import app
 from ernie45.training.compat import adapt_recipe
-from ernie45.training.components import hub_snapshot
+from ernie45.checkpoint.hub import hub_snapshot
 from ernie45.training.config import ConfigError, load_recipe, load_yaml, parse_overrides
 from ernie45.training.metrics import read_metrics
 
@@ -249,18 +249,18 @@ def offline_cache(monkeypatch, hf_home):
 
 
 def test_a_hub_id_resolves_to_its_cached_snapshot_offline(offline_cache):
-    snapshot = Path(hub_snapshot(HUB_ID))
+    snapshot = hub_snapshot(HUB_ID, repr(HUB_ID))
     assert snapshot.parent.parent.name == "models--baidu--ERNIE-4.5-21B-A3B-PT" and (snapshot / "config.json").is_file()
 
 
 def test_a_hub_id_neither_cached_nor_downloadable_is_one_error_naming_it_and_hf_home(offline_cache):
-    with pytest.raises(ConfigError) as err:
-        hub_snapshot("baidu/ERNIE-4.5-0.3B-PT")
+    with pytest.raises(FileNotFoundError) as err:
+        hub_snapshot("baidu/ERNIE-4.5-0.3B-PT", repr("baidu/ERNIE-4.5-0.3B-PT"))
     message = str(err.value)
     assert "'baidu/ERNIE-4.5-0.3B-PT' is not a local directory; as a hub id" in message and f"HF_HOME={offline_cache}" in message
     assert "HF_HUB_OFFLINE" in message and "\n" not in message
-    with pytest.raises(ConfigError, match="neither a directory nor a hub id"):
-        hub_snapshot("./no/such/dir")
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a hub id"):
+        hub_snapshot("./no/such/dir", repr("./no/such/dir"))
 
 
 def test_a_hub_dataset_without_the_datasets_package_is_one_error(monkeypatch):

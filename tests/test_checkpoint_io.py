@@ -15,7 +15,7 @@ import ernie45
 from ernie45.checkpoint import CheckpointError, CheckpointFiles
 from ernie45.checkpoint import safetensors_io
 
-from builders import random_hf_model, tiny_dense_config
+from builders import hub_cache_snapshot, random_hf_model, tiny_dense_config
 
 
 def _all_tensors(directory) -> dict[str, torch.Tensor]:
@@ -177,6 +177,47 @@ def test_the_default_dtype_is_transformers_auto(tmp_path, named):
     ours = ernie45.from_pretrained(tmp_path)
     assert ours.dtype == reference.dtype == (getattr(torch, named) if named else torch.float32)
     assert torch.equal(ours.model.norm.weight, reference.model.norm.weight)
+
+
+def test_a_hub_id_loads_from_the_cache_as_transformers_loads_it(tmp_path, monkeypatch):
+    """``ernie45.from_pretrained("namespace/name")`` and the class method read the cached snapshot
+    (offline), as ``AutoModelForCausalLM.from_pretrained`` does; a revision picks the snapshot."""
+    from huggingface_hub import constants
+
+    repo_id = "baidu/tiny-ernie-test"
+    random_hf_model(HFErnie, tiny_dense_config()).save_pretrained(hub_cache_snapshot(tmp_path / "hub", repo_id))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # NOTE: "baidu/..." is no path here
+    reference = AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=tmp_path / "hub")
+    ids = torch.randint(3, 160, (2, 7))
+    for ours in (ernie45.from_pretrained(repo_id, revision="main"), ernie45.Ernie4_5ForCausalLM.from_pretrained(repo_id)):
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits)
+    with pytest.raises(FileNotFoundError, match="'baidu/missing' is not a local directory; as a hub id it is not in the Hugging Face cache"):
+        ernie45.from_pretrained("baidu/missing")
+
+
+def test_transformers_loading_keywords_are_taken_or_refused_by_name(dense_checkpoint):
+    """Code written for ``AutoModelForCausalLM.from_pretrained`` keeps its keywords."""
+    directory, _ = dense_checkpoint
+    model = ernie45.from_pretrained(
+        directory, device_map="auto", low_cpu_mem_usage=True, trust_remote_code=True, attn_implementation="eager",
+        use_safetensors=True,
+    )  # fmt: skip
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu") and model.backend.attn == "eager"
+    assert ernie45.from_pretrained(directory, attn_implementation="flash_attention_2").backend.attn == "sdpa"  # same math
+    assert ernie45.from_pretrained(directory, device_map={"": "cpu"}).device.type == "cpu"
+    for kwargs, error, message in [
+        (dict(device_map={"model.layers.0": 0, "lm_head": "cpu"}), ValueError, "places a model on one device"),
+        (dict(device="cpu", device_map="cuda"), ValueError, "disagree"),
+        (dict(attn_implementation="xformers"), ValueError, "attn_implementation='xformers' is not available"),
+        (dict(attn_implementation="eager", backend=ernie45.BackendConfig(attn="sdpa")), ValueError, "backend.attn='sdpa'"),
+        (dict(load_in_4bit=True), ValueError, "quantised loading is not supported"),
+        (dict(use_safetensors=False), ValueError, "safetensors checkpoints only"),
+        (dict(output_loading_info=True), TypeError, r"unexpected keyword argument\(s\) \['output_loading_info'\]"),
+    ]:
+        with pytest.raises(error, match=message):
+            ernie45.from_pretrained(directory, **kwargs)
 
 
 def test_a_config_given_to_from_pretrained_is_the_one_built(dense_checkpoint):

@@ -8,6 +8,7 @@ import torch
 
 from .checkpoint.hf_checkpoint import load_config
 from .models.backend import BackendConfig
+from .models.hf_loading import checkpoint_path, take_hub_keywords
 from .models.registry import model_class_for
 
 
@@ -22,7 +23,8 @@ def from_pretrained(
     peft_seed: int = 0,
     **kwargs,
 ):
-    """Load any ERNIE 4.5 HF checkpoint directory with the right model class.
+    """Load any ERNIE 4.5 HF checkpoint (a directory or a hub id) with the right model class; takes
+    transformers' loading keywords too (``device_map``, ``attn_implementation``, ``revision``, ...).
 
     ``parallel``: an ``ernie45.distributed.ParallelConfig`` to load each rank's shards straight
     into that layout (under torchrun); None loads the whole model here.
@@ -30,6 +32,7 @@ def from_pretrained(
     ``ernie45.peft.PeftConfig`` (or its keys as a dict) for new adapters drawn from ``peft_seed``.
     Either freezes the base weights (see ``ernie45.peft``).
     """
+    path = checkpoint_path(path, take_hub_keywords(kwargs))  # NOTE: a hub id becomes its local snapshot
     adapters = _adapter_setup(peft, adapter, peft_seed)
     if adapters is not None:
         kwargs["adapters"] = adapters

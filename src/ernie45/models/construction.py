@@ -21,6 +21,7 @@ from ..checkpoint.hf_checkpoint import CheckpointFiles, checkpoint_dtype, load_c
 from ..dtypes import as_dtype, config_dtype, dtype_argument, named_dtype
 from ..generation import load_generation_config
 from .dimensions import head_dim_of
+from .hf_loading import check_constructor_keywords, checkpoint_path, one_device, take_transformers_keywords, with_attention
 from .validation import check_model_config
 
 
@@ -92,12 +93,18 @@ def load_pretrained(
     """``cls`` loaded from an HF checkpoint directory. dtype (or ``torch_dtype``) defaults as
     transformers' ``dtype="auto"`` (its default): the one config.json names, else the weights'.
 
-    ``config``: a transformers config to build instead of the directory's config.json (as
-    transformers' ``config=``; ``ernie45.from_pretrained`` passes the one it has read).
+    ``path``: a checkpoint directory or a hub id (``hf_loading.py``, with transformers' other
+    loading keywords). ``config``: a transformers config to build instead of the directory's
+    config.json (as transformers' ``config=``; ``ernie45.from_pretrained`` passes the one it has read).
 
     ``parallelize(model)`` lays the meta model out over the ranks before anything is allocated;
     ``adapters`` are added before that and filled after the base weights are loaded.
     """
+    hub, mapped_device, attention = take_transformers_keywords(kwargs)
+    path = checkpoint_path(path, hub)
+    device = one_device(device, mapped_device)
+    kwargs["backend"] = with_attention(kwargs.get("backend"), attention)
+    check_constructor_keywords(cls, kwargs)
     config = load_config(path) if config is None else config
     check_config(cls, config)
     files = CheckpointFiles(path)

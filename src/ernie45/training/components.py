@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..auto import from_pretrained
 from ..checkpoint.hf_checkpoint import load_config
+from ..checkpoint.hub import hub_snapshot
 from ..distributed import (
     LayoutError,
     ParallelConfig,
@@ -49,42 +50,15 @@ def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
     return torch.autocast(runtime.device.type, dtype=dtype)
 
 
-# What a checkpoint needs from a hub repo: config, weights, tokenizer (not the repo's remote code).
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-
-
 def resolve_model_path(config: RecipeConfig) -> None:
     """A from_pretrained model named by a hub id (``baidu/ERNIE-4.5-0.3B-PT``) is read from its local
     snapshot: ``model.pretrained_model_name_or_path`` becomes that directory (a local one stays)."""
     path = config.model.pretrained_model_name_or_path
     if config.model.component is from_pretrained and not Path(path).is_dir():
-        config.model.pretrained_model_name_or_path = hub_snapshot(path)
-
-
-def hub_snapshot(repo_id: str) -> str:
-    """The directory of ``repo_id``'s snapshot: from the Hugging Face cache when it is there (so it works
-    offline, HF_HUB_OFFLINE=1), else downloaded into it; a ConfigError naming the id and HF_HOME if neither."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    where = f"model.pretrained_model_name_or_path={repo_id!r}"
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except HFValidationError:
-        raise ConfigError(f"{where} is neither a directory nor a hub id (namespace/name); pass an HF checkpoint directory") from None
-    except FileNotFoundError:
-        pass  # NOTE: not in the cache (LocalEntryNotFoundError)
-    reason = "HF_HUB_OFFLINE is set, so nothing is downloaded"
-    if not constants.HF_HUB_OFFLINE:
         try:
-            return snapshot_download(repo_id, allow_patterns=HUB_FILES)
-        except Exception as err:  # NOTE: network, authentication, a missing repo: all end in the same advice
-            reason = f"downloading it failed: {' '.join(str(err).split())[:300]}"
-    raise ConfigError(
-        f"{where} is not a local directory; as a hub id it is not in the Hugging Face cache "
-        f"(HF_HOME={constants.HF_HOME}), and {reason}. Download it where there is a network "
-        f"(`hf download {repo_id}`, with the same HF_HOME) or pass a local HF checkpoint directory"
-    )
+            config.model.pretrained_model_name_or_path = str(hub_snapshot(path, f"model.pretrained_model_name_or_path={path!r}"))
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
 
 
 # ----- tokenizer -------------------------------------------------------------------------------
