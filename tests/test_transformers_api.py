@@ -208,6 +208,12 @@ def test_every_constructor_initialises_its_weights(build):
     assert torch.isfinite(hidden).all()
 
 
+def test_from_config_takes_transformers_attn_implementation_and_names_unknown_keywords():
+    assert ernie45.from_config(tiny_dense_config(), attn_implementation="eager").backend.attn == "eager"
+    with pytest.raises(TypeError, match=r"from_config\(\) got unexpected keyword argument\(s\) \['moe_k'\]; Ernie4_5ForCausalLM takes"):
+        ernie45.from_config(tiny_dense_config(), moe_k=2)
+
+
 def test_meta_device_build_allocates_nothing():
     with torch.device("meta"):
         model = Ernie4_5_MoeForCausalLM(tiny_moe_config())

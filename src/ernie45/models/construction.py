@@ -21,7 +21,14 @@ from ..checkpoint.hf_checkpoint import CheckpointFiles, checkpoint_dtype, load_c
 from ..dtypes import as_dtype, config_dtype, dtype_argument, named_dtype
 from ..generation import load_generation_config
 from .dimensions import head_dim_of
-from .hf_loading import check_constructor_keywords, checkpoint_path, one_device, take_transformers_keywords, with_attention
+from .hf_loading import (
+    attention_kernel,
+    check_constructor_keywords,
+    checkpoint_path,
+    one_device,
+    take_transformers_keywords,
+    with_attention,
+)
 from .validation import check_model_config
 
 
@@ -68,7 +75,10 @@ def build(
     adapters: Adapters | None = None,
     **kwargs,
 ) -> nn.Module:
-    """A randomly initialised ``cls(config, **kwargs)`` in ``dtype`` (default: the config's) on ``device``."""
+    """A randomly initialised ``cls(config, **kwargs)`` in ``dtype`` (default: the config's) on ``device``;
+    transformers' ``attn_implementation`` names the attention kernel, as in ``from_pretrained``."""
+    kwargs["backend"] = with_attention(kwargs.get("backend"), attention_kernel(kwargs.pop("attn_implementation", None)))
+    check_constructor_keywords(cls, kwargs, "from_config")
     check_config(cls, config)
     with building(as_dtype(dtype_argument(dtype, torch_dtype)) or config_dtype(config), device):
         model = cls(config, **kwargs)
@@ -104,7 +114,7 @@ def load_pretrained(
     path = checkpoint_path(path, hub)
     device = one_device(device, mapped_device)
     kwargs["backend"] = with_attention(kwargs.get("backend"), attention)
-    check_constructor_keywords(cls, kwargs)
+    check_constructor_keywords(cls, kwargs, "from_pretrained")
     config = load_config(path) if config is None else config
     check_config(cls, config)
     files = CheckpointFiles(path)

@@ -50,10 +50,14 @@ def take_transformers_keywords(kwargs: dict) -> tuple[dict, torch.device | str |
         kwargs.pop(name, None)
     hub = take_hub_keywords(kwargs)
     device = device_of_map(kwargs.pop("device_map", None))
-    attention = kwargs.pop("attn_implementation", None)
-    if attention is not None and attention not in ATTENTION:
-        raise ValueError(f"attn_implementation={attention!r} is not available; choose one of {sorted(ATTENTION)}")
-    return hub, device, ATTENTION.get(attention)
+    return hub, device, attention_kernel(kwargs.pop("attn_implementation", None))
+
+
+def attention_kernel(attn_implementation: str | None) -> str | None:
+    """ernie45's kernel (``BackendConfig.attn``) for transformers' ``attn_implementation``."""
+    if attn_implementation is not None and attn_implementation not in ATTENTION:
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not available; choose one of {sorted(ATTENTION)}")
+    return ATTENTION.get(attn_implementation)
 
 
 def device_of_map(device_map) -> torch.device | str | None:
@@ -89,13 +93,12 @@ def with_attention(backend: BackendConfig | None, attention: str | None) -> Back
     return dataclasses.replace(backend or BackendConfig(), attn=attention)
 
 
-def check_constructor_keywords(cls: type, kwargs: dict) -> None:
+def check_constructor_keywords(cls: type, kwargs: dict, caller: str) -> None:
     """A TypeError naming a keyword neither transformers' loading nor ``cls`` takes."""
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise TypeError(
-            f"from_pretrained() got unexpected keyword argument(s) {unknown}; ernie45 takes dtype/torch_dtype, device, "
-            f"backend, {', '.join(sorted(accepted - {'backend'}))}, adapter/peft, and transformers' "
-            f"{', '.join(HUB_KEYWORDS + NO_EFFECT)}, device_map, attn_implementation"
-        )
+        takes = ["dtype/torch_dtype", "device", *sorted(accepted), "adapter/peft", "attn_implementation"]
+        if caller == "from_pretrained":
+            takes += ["device_map", *HUB_KEYWORDS, *NO_EFFECT]
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; {cls.__name__} takes {', '.join(takes)}")
