@@ -322,6 +322,12 @@ def _shift_last(entries: dict) -> None:
     entry["data_offsets"] = [n + 8 for n in entry["data_offsets"]]
 
 
+def _move_first(entries: dict) -> None:
+    """The first tensor's bytes moved 4 later: a gap before it, an overlap after (sizes still match shapes)."""
+    entry = min((v for k, v in entries.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][0])
+    entry["data_offsets"] = [n + 4 for n in entry["data_offsets"]]
+
+
 def _truncate(path: Path, size: int) -> None:
     path.write_bytes(path.read_bytes()[:size])
 
@@ -338,6 +344,7 @@ WEIGHTS_DAMAGE = {
     "offsets-not-shape": (lambda p: _edit_header(p, lambda e: _last_tensor(e).update(shape=[3])), "needs 12 bytes, its data_"),
     "unknown-dtype": (lambda p: _edit_header(p, lambda e: _last_tensor(e).update(dtype="Q9")), "malformed"),
     "trailing-bytes": (lambda p: p.write_bytes(p.read_bytes() + bytes(8)), "is not a readable safetensors file"),
+    "offsets-moved": (lambda p: _edit_header(p, _move_first), "data_offsets leave a gap at byte 0"),
 }
 
 

@@ -97,6 +97,6 @@ def test_read_native_into_equals_read_native(checkpoints, monkeypatch, key, shap
     files.close()
     out = torch.full_like(expected, float("nan"))
     if direct:
-        monkeypatch.setattr(CheckpointFiles, "_handle", lambda *_: pytest.fail("memory-mapped read"))
+        monkeypatch.setattr(CheckpointFiles, "_mapped", lambda *_: pytest.fail("memory-mapped read"))
     read_native_into(files, key, shape, out, index)
     assert torch.equal(out, expected)

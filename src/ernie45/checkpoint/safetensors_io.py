@@ -1,7 +1,7 @@
 """Reading and writing HF-format safetensors checkpoints, one tensor at a time.
 
-Reading never holds more than the tensor being loaded: files are opened lazily with
-``safe_open`` and tensors (or slices of them) are read on demand. Every file's header is checked
+Reading never holds more than the tensor being loaded: each file is memory-mapped once (privately:
+pages are read on first touch) and tensors (or slices of them) are views of it. Every file's header is checked
 against the file's size when the checkpoint is opened, so a truncated or corrupt file is one
 ``CheckpointError`` naming it, not an error from deep inside safetensors. Writing streams tensors
 into shard files (``write_safetensors_stream``) that ``staging.StagedSave`` puts in place.
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
@@ -84,7 +83,8 @@ class CheckpointFiles:
         for key, path in self._file_of.items():
             if key not in self._headers[path]:
                 raise CheckpointError(f"{index} places {key} in {path.name}, but that file does not hold it")
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, torch.UntypedStorage] = {}
+        self._data_starts: dict[Path, int] = {}
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -104,21 +104,30 @@ class CheckpointFiles:
     def dtype(self, key: str) -> torch.dtype:
         return _DTYPES[self._header(key)["dtype"]]
 
-    def _handle(self, key: str):
+    def _mapped(self, key: str) -> torch.UntypedStorage:
+        """The bytes of ``key``: a slice of its file's private memory map (mapped once per file; pages
+        are read on first touch, and writing to a tensor never reaches the file)."""
         path = self._file_of[key]
-        if path not in self._handles:
+        if path not in self._maps:
             try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except SafetensorError as err:
-                raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
-        return self._handles[path]
+                self._maps[path] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+            except (OSError, RuntimeError) as err:
+                raise CheckpointError(f"{path} could not be memory-mapped: {err}") from None
+            self._data_starts[path] = _data_start(path)
+        begin, end = self._header(key)["data_offsets"]
+        start = self._data_starts[path]
+        return self._maps[path][start + begin : start + end]
+
+    def _view(self, key: str) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype(key)).set_(self._mapped(key), 0, self.shape(key))
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        """The whole tensor, a view of the memory-mapped file (its own storage, as safetensors gives)."""
+        return self._view(key)
 
     def get_slice(self, key: str, index: tuple) -> torch.Tensor:
-        """Read only ``tensor[index]`` from disk (index: a tuple of slices)."""
-        return self._handle(key).get_slice(key)[index]
+        """``tensor[index]`` (index: a tuple of slices), a view: only its pages are ever read."""
+        return self._view(key)[index]
 
     def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
         """``out[:] = tensor[start : start + len(out)]`` (rows of dim 0), read straight from disk.
@@ -145,7 +154,7 @@ class CheckpointFiles:
                 view = view[read:]
 
     def close(self) -> None:
-        self._handles.clear()
+        self._maps.clear()  # NOTE: tensors still viewing a map keep it alive
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -193,7 +202,26 @@ def _read_header(path: Path) -> dict:
     header.pop("__metadata__", None)
     for key, entry in header.items():
         _check_entry(path, key, entry, size - 8 - length)
+    _check_coverage(path, header, size - 8 - length)
     return header
+
+
+def _check_coverage(path: Path, header: dict, data_bytes: int) -> None:
+    """The tensors tile the data section exactly, as safetensors requires: no gap, no overlap, no
+    trailing bytes (what an interrupted or appended-to write leaves)."""
+    covered = 0
+    for begin, end in sorted(entry["data_offsets"] for entry in header.values()):
+        if begin != covered:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file: its tensors' data_offsets "
+                f"{'overlap' if begin < covered else 'leave a gap'} at byte {min(begin, covered)} of the data"
+            )
+        covered = end
+    if covered != data_bytes:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: its tensors cover {covered} bytes of its "
+            f"{data_bytes}-byte data section (trailing bytes?)"
+        )
 
 
 def _check_entry(path: Path, key: str, entry, data_bytes: int) -> None:
