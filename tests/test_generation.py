@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+from transformers import GenerationConfig
 from transformers import Ernie4_5ForCausalLM as HFErnie
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 import ernie45
 from ernie45 import BackendConfig
-from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask, token_chooser
+from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask, resolve_settings, token_chooser
 
 from builders import VARIED, random_hf_model, tiny_dense_config
 
@@ -102,6 +105,52 @@ def test_an_explicit_none_end_token_means_none_as_in_transformers(tmp_path):
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **given)
         assert got.shape == expected.shape and torch.equal(got, expected), given
     assert torch.equal(got, plain)  # the last call, with eos_token_id=None, ran every row to the end
+
+
+def test_unset_settings_come_from_the_generation_config_as_in_transformers(tmp_path):
+    """What a call leaves out comes from ``generation_config=``, else the model's generation config,
+    else transformers' defaults; a keyword given wins. Checked token for token against transformers
+    (sampling with top_k=1 is deterministic: it must pick the argmax)."""
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+    for model in (hf, ours):
+        model.generation_config = GenerationConfig(**model.generation_config.to_dict() | dict(do_sample=True, top_k=1, max_new_tokens=7))
+    expected = hf.generate(ids, attention_mask=mask)
+    got = ours.generate(ids, attention_mask=mask)
+    assert got.shape == expected.shape == (3, 9 + 7) and torch.equal(got, expected) and torch.equal(got, greedy)
+    passed = GenerationConfig(max_new_tokens=5, do_sample=False)
+    expected = hf.generate(ids, attention_mask=mask, generation_config=passed)
+    got = ours.generate(ids, attention_mask=mask, generation_config=passed)
+    assert got.shape == expected.shape == (3, 9 + 5) and torch.equal(got, expected)
+    assert ours.generate(ids, attention_mask=mask, generation_config=passed, max_new_tokens=3).shape == (3, 9 + 3)
+    settings = resolve_settings(ours, None, {})
+    assert settings["do_sample"] and settings["top_k"] == 1 and settings["top_p"] == 1.0 and settings["repetition_penalty"] == 1.0
+    assert resolve_settings(ours, GenerationConfig(top_k=None), {})["top_k"] == 1
+    assert resolve_settings(types.SimpleNamespace(), None, {})["top_k"] == 50  # transformers' default when sampling
+
+
+@pytest.mark.parametrize("settings", [dict(repetition_penalty=1.5), dict(repetition_penalty=0.7), dict(min_new_tokens=10)])
+def test_repetition_penalty_and_min_new_tokens_match_transformers(tmp_path, settings):
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    end = int(ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])[1, 9 + 2])  # row 1 ends early
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=end, **settings)
+    expected, got = hf.generate(ids, **kwargs), ours.generate(ids, **kwargs)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_num_return_sequences_and_beams():
+    model = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config(**VARIED))
+    ids = torch.randint(3, 160, (2, 5))
+    out = model.generate(ids, max_new_tokens=4, do_sample=True, num_return_sequences=3, seed=0, eos_token_id=[])
+    assert out.shape == (6, 9) and torch.equal(out[:, :5], ids.repeat_interleave(3, dim=0))
+    with pytest.raises(ValueError, match="num_return_sequences=3 needs do_sample=True"):
+        model.generate(ids, num_return_sequences=3, do_sample=False)
+    with pytest.raises(ValueError, match="num_beams=4: beam search is not supported"):
+        model.generate(ids, num_beams=4)
+    with pytest.raises(ValueError, match="repetition_penalty=0 must be a number > 0"):
+        model.generate(ids, repetition_penalty=0)
 
 
 def test_a_stopping_criterion_without_end_tokens_lets_rows_go_on_until_all_are_done(tmp_path):

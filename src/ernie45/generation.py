@@ -51,14 +51,33 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
 
 
 class _ModelDefault:
-    """The default of ``eos_token_id`` / ``pad_token_id``: the model's. An explicit None means none,
-    as in transformers (``generate(..., eos_token_id=None)`` ends on no token)."""
+    """The default of a generation setting: what the generation config says (``generation_config=``,
+    else the model's, else transformers' defaults). A value given, None too, wins, as in
+    transformers (``generate(..., eos_token_id=None)`` ends on no token)."""
 
     def __repr__(self) -> str:
         return "MODEL_DEFAULT"
 
 
 MODEL_DEFAULT = _ModelDefault()
+
+# transformers' defaults for what neither the call nor a generation config sets (its
+# ``GenerationConfig._get_default_generation_params``); max_new_tokens None: 20 new tokens.
+DEFAULT_SETTINGS = dict(
+    max_new_tokens=None, max_length=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+    repetition_penalty=1.0, min_new_tokens=None, num_beams=1, num_return_sequences=1,
+)  # fmt: skip
+
+
+def resolve_settings(model, generation_config: GenerationConfig | None, given: dict) -> dict:
+    """One call's settings with transformers' precedence: keywords given (None too), then
+    ``generation_config``, then the model's generation config, then ``DEFAULT_SETTINGS``."""
+    settings = dict(DEFAULT_SETTINGS)
+    for source in (getattr(model, "generation_config", None), generation_config):
+        if source is not None:
+            settings.update({name: value for name in DEFAULT_SETTINGS if (value := getattr(source, name, None)) is not None})
+    settings.update({name: value for name, value in given.items() if value is not MODEL_DEFAULT})
+    return settings
 
 
 def default_special_ids(model) -> tuple[list[int], int | None]:
@@ -68,11 +87,17 @@ def default_special_ids(model) -> tuple[list[int], int | None]:
 
 
 def resolve_special_ids(
-    model, eos_token_id: int | list[int] | None | _ModelDefault, pad_token_id: int | None | _ModelDefault
+    model,
+    eos_token_id: int | list[int] | None | _ModelDefault,
+    pad_token_id: int | None | _ModelDefault,
+    generation_config: GenerationConfig | None = None,
 ) -> tuple[list[int], int | None]:
-    """(end ids, pad id) for one call: given values (None too) win over the model's (``MODEL_DEFAULT``);
-    no pad falls back to the first end id."""
+    """(end ids, pad id) for one call: given values (None too) win over ``generation_config``'s, then
+    the model's (``MODEL_DEFAULT``); no pad falls back to the first end id."""
     default_end, default_pad = default_special_ids(model)
+    if generation_config is not None:
+        default_end = _as_id_list(generation_config.eos_token_id) or default_end
+        default_pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else default_pad
     end_ids = default_end if eos_token_id is MODEL_DEFAULT else _as_id_list(eos_token_id)
     pad_id = default_pad if pad_token_id is MODEL_DEFAULT else pad_token_id
     if pad_id is None and end_ids:
@@ -181,18 +206,23 @@ def stream_tokens(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    max_new_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+    do_sample: bool | _ModelDefault = MODEL_DEFAULT,
+    temperature: float | _ModelDefault = MODEL_DEFAULT,
+    top_k: int | None | _ModelDefault = MODEL_DEFAULT,
+    top_p: float | None | _ModelDefault = MODEL_DEFAULT,
     eos_token_id: int | list[int] | None | _ModelDefault = MODEL_DEFAULT,
     pad_token_id: int | None | _ModelDefault = MODEL_DEFAULT,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-    max_length: int | None = None,
+    max_length: int | None | _ModelDefault = MODEL_DEFAULT,
     stopping_criteria=None,
     use_cache: bool = True,
+    repetition_penalty: float | None | _ModelDefault = MODEL_DEFAULT,
+    min_new_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+    num_beams: int | _ModelDefault = MODEL_DEFAULT,
+    num_return_sequences: int | _ModelDefault = MODEL_DEFAULT,
+    generation_config: GenerationConfig | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments)."""
     if not isinstance(input_ids, torch.Tensor):
@@ -201,18 +231,71 @@ def stream_tokens(
             "e.g. torch.tensor([ids])"
         )
     del use_cache  # NOTE: accepted for transformers' callers; decoding always uses the KV cache (the same tokens)
-    max_new_tokens = new_token_budget(max_new_tokens, max_length, input_ids.shape[-1])
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    given = dict(
+        max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+        num_beams=num_beams, num_return_sequences=num_return_sequences,
+    )  # fmt: skip
+    settings = resolve_settings(model, generation_config, given)
+    if settings["num_beams"] != 1:
+        raise ValueError(f"num_beams={settings['num_beams']!r}: beam search is not supported; use num_beams=1 (greedy or sampling)")
+    budget = new_token_budget(settings["max_new_tokens"], settings["max_length"], input_ids.shape[-1])
+    if not (isinstance(budget, int) and budget >= 1):
+        raise ValueError(f"max_new_tokens={budget!r} must be an integer >= 1")
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    choose = token_chooser(Sampling(do_sample, temperature, top_k, top_p), generator)
-    end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id)
+    sampling = Sampling(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"])
+    choose = token_chooser(sampling, generator)
+    end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id, generation_config)
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
+    input_ids, keep = repeated_rows(input_ids, keep, settings["num_return_sequences"], sampling.do_sample)
+    adjust = logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids)
     stop = criteria_check(stopping_criteria)
-    return _decode(model, input_ids, keep, max_new_tokens, choose, end_ids, pad_id, stop)
+    return _decode(model, input_ids, keep, budget, choose, end_ids, pad_id, stop, adjust)
+
+
+def repeated_rows(
+    input_ids: torch.Tensor, keep: torch.Tensor, copies: int, do_sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``num_return_sequences``: each prompt row ``copies`` times in a row (sampling only)."""
+    if not (isinstance(copies, int) and copies >= 1):
+        raise ValueError(f"num_return_sequences={copies!r} must be an integer >= 1")
+    if copies == 1:
+        return input_ids, keep
+    if not do_sample:
+        raise ValueError(f"num_return_sequences={copies} needs do_sample=True: greedy decoding gives one sequence per prompt")
+    return input_ids.repeat_interleave(copies, dim=0), keep.repeat_interleave(copies, dim=0)
+
+
+def logits_adjustment(
+    repetition_penalty: float | None, min_new_tokens: int | None, end_ids: list[int]
+) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """transformers' logits processors that run before token choice, as one function
+    (logits [B,V], sequences so far [B,T], step) -> logits: the end tokens barred until
+    ``min_new_tokens`` are out, and tokens already in the sequence (prompt, padding included)
+    made less likely by ``repetition_penalty`` (a positive logit divided by it, a negative one
+    multiplied). None when neither applies."""
+    penalty = 1.0 if repetition_penalty is None else repetition_penalty
+    if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a number > 0 (1.0 = none)")
+    if min_new_tokens is not None and not (isinstance(min_new_tokens, int) and min_new_tokens >= 0):
+        raise ValueError(f"min_new_tokens={min_new_tokens!r} must be an integer >= 0")
+    bar_until = min_new_tokens if end_ids and min_new_tokens else 0
+    if penalty == 1.0 and bar_until == 0:
+        return None
+
+    def adjust(logits: torch.Tensor, sequences: torch.Tensor, step: int) -> torch.Tensor:
+        if step < bar_until:
+            logits = logits.clone()
+            logits[:, end_ids] = float("-inf")
+        if penalty != 1.0:
+            seen = logits.gather(1, sequences)
+            logits = logits.scatter(1, sequences, torch.where(seen < 0, seen * penalty, seen / penalty))
+        return logits
+
+    return adjust
 
 
 def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int) -> int:
@@ -261,6 +344,7 @@ def _decode(
     end_ids: list[int],
     pad_id: int | None,
     stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    adjust: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     # NOTE: a generator function of its own, so that argument errors above raise at the call.
     # done: rows ended by an end token or a stopping criterion. As in transformers they are padded
@@ -276,19 +360,22 @@ def _decode(
         full_mask[:, :prompt_len] = prompt_keep
     end_ids_t = torch.tensor(end_ids, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    sequences = input_ids  # [B,P+s]: what stopping criteria look at
+    sequences = input_ids  # [B,P+s]: what stopping criteria and the repetition penalty look at
     tokens, positions = input_ids, positions_from_mask(prompt_keep)  # [B,P] for the prefill
     with prepacked_weights(model):
         for step in range(max_new_tokens):
             mask = full_mask[:, : prompt_len + step] if padded else None
             logits = _decode_step_logits(model, tokens, positions, mask, caches)  # [B,V]
+            if adjust is not None:
+                logits = adjust(logits, sequences, step)
             next_tokens = choose(logits)  # [B]
             if end_ids:
                 next_tokens = next_tokens.masked_fill(done, pad_id)
                 done |= torch.isin(next_tokens, end_ids_t)
             yield next_tokens
-            if stop is not None:
+            if stop is not None or adjust is not None:
                 sequences = torch.cat([sequences, next_tokens[:, None].to(sequences.dtype)], dim=1)
+            if stop is not None:
                 done |= stop(sequences, logits)
             if (end_ids or stop is not None) and bool(done.all()):
                 return
@@ -296,18 +383,23 @@ def _decode(
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings) -> torch.Tensor:
-    """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens.
+    """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens
+    (``num_return_sequences`` n: [B*n,P+N], each prompt's rows together).
 
-    ``settings`` are ``stream_tokens``' keywords: max_new_tokens (20), do_sample (False),
-    temperature, top_k, top_p, eos_token_id, pad_token_id, generator, seed; and transformers'
-    max_length (prompt + new tokens, when max_new_tokens is not given), stopping_criteria (called
-    with the sequences so far and the step's logits after each token, as transformers does) and
-    use_cache (decoding always uses the KV cache: the same tokens either way).
-    eos_token_id / pad_token_id default to the model's generation config (else its config);
-    ``eos_token_id=None`` (as in transformers) or ``[]`` disables ending. Rows that have ended are
+    ``settings`` are ``stream_tokens``' keywords, transformers' names and meanings: max_new_tokens,
+    max_length (prompt + new tokens, when max_new_tokens is not given), min_new_tokens, do_sample,
+    temperature, top_k, top_p, repetition_penalty, num_return_sequences (sampling), num_beams (1
+    only), eos_token_id, pad_token_id, stopping_criteria (called with the sequences so far and the
+    step's logits after each token), use_cache (decoding always uses the KV cache: the same tokens
+    either way), generation_config; plus generator or seed for reproducible sampling.
+    What a call does not give comes, as in transformers, from ``generation_config``, else the
+    model's generation config (its checkpoint's generation_config.json, e.g. do_sample=True,
+    top_p=0.8 for ERNIE 4.5 releases), else transformers' defaults (greedy, 20 new tokens; top_k=50
+    when sampling). ``eos_token_id=None`` or ``[]`` disables ending. Rows that have ended are
     padded with pad_token_id and decoding stops once all rows have ended.
-    Sampling (do_sample=True) applies temperature, then top_k, then top_p; ``seed`` or
-    ``generator`` makes it reproducible. Greedy decoding ignores (but still checks) the sampling values.
+    Sampling applies temperature, then top_k, then top_p; greedy decoding ignores (but still
+    checks) the sampling values.
     """
-    new_tokens = torch.stack(list(stream_tokens(model, input_ids, attention_mask, **settings)), dim=1)  # [B,N]
-    return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)
+    new_tokens = torch.stack(list(stream_tokens(model, input_ids, attention_mask, **settings)), dim=1)  # [B*n,N]
+    prompts = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], dim=0)  # n: num_return_sequences
+    return torch.cat([prompts, new_tokens.to(input_ids.dtype)], dim=1)
