@@ -393,8 +393,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     step's logits after each token), use_cache (decoding always uses the KV cache: the same tokens
     either way), generation_config; plus generator or seed for reproducible sampling.
     What a call does not give comes, as in transformers, from ``generation_config``, else the
-    model's generation config (its checkpoint's generation_config.json, e.g. do_sample=True,
-    top_p=0.8 for ERNIE 4.5 releases), else transformers' defaults (greedy, 20 new tokens; top_k=50
+    model's generation config (its checkpoint's generation_config.json: a release's recommended
+    sampling settings, when it has them), else transformers' defaults (greedy, 20 new tokens; top_k=50
     when sampling). ``eos_token_id=None`` or ``[]`` disables ending. Rows that have ended are
     padded with pad_token_id and decoding stops once all rows have ended.
     Sampling applies temperature, then top_k, then top_p; greedy decoding ignores (but still
