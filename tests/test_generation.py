@@ -6,7 +6,9 @@ import types
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import GenerationConfig, PreTrainedTokenizerFast, TextIteratorStreamer
 from transformers import Ernie4_5ForCausalLM as HFErnie
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -138,6 +140,20 @@ def test_repetition_penalty_and_min_new_tokens_match_transformers(tmp_path, sett
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=end, **settings)
     expected, got = hf.generate(ids, **kwargs), ours.generate(ids, **kwargs)
     assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_a_transformers_streamer_gets_what_transformers_gives_it(tmp_path):
+    hf, ours = _dense_pair(tmp_path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({f"t{i}": i for i in range(160)}, unk_token="t0")))
+    ids = torch.randint(3, 160, (1, 6))
+    printed = {}
+    for name, model in (("hf", hf), ("ours", ours)):
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=False)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, streamer=streamer)
+        printed[name] = ("".join(streamer), out)
+    assert printed["ours"][0] == printed["hf"][0] and torch.equal(printed["ours"][1], printed["hf"][1])
+    with pytest.raises(ValueError, match="a streamer takes one prompt row, got 2"):
+        ours.generate(ids.repeat(2, 1), streamer=TextIteratorStreamer(tokenizer))
 
 
 def test_num_return_sequences_and_beams():

@@ -202,6 +202,18 @@ def prompt_mask(
 
 
 # ----- the decoding loop ---------------------------------------------------------------------------
+def _streamed(tokens: Iterator[torch.Tensor], input_ids: torch.Tensor, streamer) -> Iterator[torch.Tensor]:
+    """``tokens`` passed on, each also handed to ``streamer`` (as transformers' generate does)."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"a streamer takes one prompt row, got {input_ids.shape[0]}")
+    streamer.put(input_ids.cpu())
+    for token in tokens:
+        streamer.put(token.cpu())
+        yield token
+    streamer.end()
+
+
+
 def stream_tokens(
     model,
     input_ids: torch.Tensor,
@@ -382,7 +394,9 @@ def _decode(
             tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
 
 
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings) -> torch.Tensor:
+def generate(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, streamer=None, **settings
+) -> torch.Tensor:
     """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens
     (``num_return_sequences`` n: [B*n,P+N], each prompt's rows together).
 
@@ -398,8 +412,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     when sampling). ``eos_token_id=None`` or ``[]`` disables ending. Rows that have ended are
     padded with pad_token_id and decoding stops once all rows have ended.
     Sampling applies temperature, then top_k, then top_p; greedy decoding ignores (but still
-    checks) the sampling values.
+    checks) the sampling values. ``streamer`` (transformers' ``TextStreamer`` and kin, one prompt
+    row) is given the prompt, then each new token as it comes, then ``end()``.
     """
-    new_tokens = torch.stack(list(stream_tokens(model, input_ids, attention_mask, **settings)), dim=1)  # [B*n,N]
+    tokens = stream_tokens(model, input_ids, attention_mask, **settings)
+    if streamer is not None:
+        tokens = _streamed(tokens, input_ids, streamer)
+    new_tokens = torch.stack(list(tokens), dim=1)  # [B*n,N]
     prompts = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], dim=0)  # n: num_return_sequences
     return torch.cat([prompts, new_tokens.to(input_ids.dtype)], dim=1)
