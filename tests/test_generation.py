@@ -126,10 +126,23 @@ def test_unset_settings_come_from_the_generation_config_as_in_transformers(tmp_p
     got = ours.generate(ids, attention_mask=mask, generation_config=passed)
     assert got.shape == expected.shape == (3, 9 + 5) and torch.equal(got, expected)
     assert ours.generate(ids, attention_mask=mask, generation_config=passed, max_new_tokens=3).shape == (3, 9 + 3)
+    for model in (hf, ours):  # a max_length from a config counts the prompt too
+        model.generation_config = GenerationConfig(**model.generation_config.to_dict() | dict(max_new_tokens=None, max_length=13))
+    expected, got = hf.generate(ids, attention_mask=mask), ours.generate(ids, attention_mask=mask)
+    assert got.shape == expected.shape == (3, 13) and torch.equal(got, expected)
     settings = resolve_settings(ours, None, {})
     assert settings["do_sample"] and settings["top_k"] == 1 and settings["top_p"] == 1.0 and settings["repetition_penalty"] == 1.0
     assert resolve_settings(ours, GenerationConfig(top_k=None), {})["top_k"] == 1
     assert resolve_settings(types.SimpleNamespace(), None, {})["top_k"] == 50  # transformers' default when sampling
+
+
+def test_the_default_length_stays_within_max_position_embeddings_as_in_transformers(tmp_path):
+    hf = random_hf_model(HFErnie, tiny_dense_config(**VARIED, max_position_embeddings=12))
+    hf.save_pretrained(tmp_path)
+    ours = ernie45.from_pretrained(tmp_path)
+    ids = torch.randint(3, 160, (1, 9))
+    expected, got = hf.generate(ids, do_sample=False, eos_token_id=None), ours.generate(ids, do_sample=False, eos_token_id=None)
+    assert got.shape == expected.shape == (1, 12) and torch.equal(got, expected)  # 3 new tokens, not 20
 
 
 @pytest.mark.parametrize("settings", [dict(repetition_penalty=1.5), dict(repetition_penalty=0.7), dict(min_new_tokens=10)])

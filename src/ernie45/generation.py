@@ -251,7 +251,11 @@ def stream_tokens(
     settings = resolve_settings(model, generation_config, given)
     if settings["num_beams"] != 1:
         raise ValueError(f"num_beams={settings['num_beams']!r}: beam search is not supported; use num_beams=1 (greedy or sampling)")
-    budget = new_token_budget(settings["max_new_tokens"], settings["max_length"], input_ids.shape[-1])
+    # NOTE: as in transformers, with no length set anywhere: 20 new tokens, within max_position_embeddings
+    default, room = 20, getattr(model.config, "max_position_embeddings", None)
+    if room is not None and room > input_ids.shape[-1]:
+        default = min(default, room - input_ids.shape[-1])
+    budget = new_token_budget(settings["max_new_tokens"], settings["max_length"], input_ids.shape[-1], default)
     if not (isinstance(budget, int) and budget >= 1):
         raise ValueError(f"max_new_tokens={budget!r} must be an integer >= 1")
     if generator is not None and seed is not None:
@@ -310,11 +314,11 @@ def logits_adjustment(
     return adjust
 
 
-def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int) -> int:
+def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int, default: int = 20) -> int:
     """New tokens to generate: ``max_new_tokens`` (it wins, as in transformers), else what
-    ``max_length`` (prompt + new) leaves after the prompt, else 20."""
+    ``max_length`` (prompt + new) leaves after the prompt, else ``default``."""
     if max_new_tokens is not None or max_length is None:
-        return 20 if max_new_tokens is None else max_new_tokens
+        return default if max_new_tokens is None else max_new_tokens
     if not (isinstance(max_length, int) and max_length > prompt_len):
         raise ValueError(
             f"max_length={max_length!r} (prompt + new tokens) leaves no room after the prompt's {prompt_len} "
