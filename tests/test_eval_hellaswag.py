@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from types import SimpleNamespace
 
@@ -211,6 +212,19 @@ def test_cli_reports_progress_and_writes_json(tiny_lm_dir, tmp_path):
     assert saved["num_examples"] == 4 and 0 <= saved["acc"] <= 1 and 0 <= saved["acc_norm"] <= 1
     assert f"acc {saved['acc']:.4f}" in result.stdout
     assert "hellaswag: 100%" in result.stderr and "16/16" in result.stderr  # the progress bar, 4 x 4 sequences
+
+
+def test_cli_prints_its_warnings_as_one_line(tiny_lm_dir, tmp_path):
+    """A cut context is one ``warning: ...`` line, not Python's file:line and source echo."""
+    short = tmp_path / "short-window"
+    shutil.copytree(tiny_lm_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 24}))
+    args = ["eval", "hellaswag", "--model", str(short), "--data", str(HELLASWAG), "--limit", "4", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "exceed the model's window of 24 tokens" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: hellaswag: ") and "UserWarning" not in result.stderr
 
 
 def test_cli_names_a_missing_data_file(tiny_lm_dir, tmp_path):

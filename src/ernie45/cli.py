@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import typer
 
@@ -28,6 +30,24 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
 ) -> None:
     """ERNIE 4.5 toolkit."""
+    _one_line_warnings()
+
+
+def _one_line_warnings() -> None:
+    """ernie45's own warnings (a cut context, a long prompt) as one ``warning: ...`` line on stderr,
+    not Python's file:line and source echo; other libraries' warnings keep their form."""
+    package, show = str(Path(__file__).parent), warnings.showwarning
+    if getattr(show, "one_line", False):
+        return  # NOTE: installed by an earlier command in this process
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    one_line.one_line = True
+    warnings.showwarning = one_line
 
 
 # ----- generate and eval (logic in generation.py, chat.py, evaluation.py) -------------------------
