@@ -57,6 +57,10 @@ def test_chat_keeps_the_conversation_across_turns(tiny_lm_dir):
         expected += f"User: Assistant: {reply}\n"
     assert prompt.startswith("<|begin_of_sentence|>User: hello there\nAssistant: ")  # ERNIE's format, turn 1 kept
     assert result.stdout == expected + "User: "
+    assert "(a blank line, /exit or Ctrl-D ends the chat)" in result.stderr
+    for end in ("/exit", " /quit "):  # a command ends it as a blank line does, and is not sent to the model
+        ended = _run("--model", str(tiny_lm_dir), "--chat", "--max-new-tokens", "10", stdin="\n".join([*turns, end, "more"]) + "\n")
+        assert ended.exit_code == 0 and ended.stdout == result.stdout, ended.output
 
 
 def test_seeded_sampling_from_the_cli_is_reproducible(tiny_lm_dir):

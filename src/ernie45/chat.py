@@ -44,6 +44,9 @@ def chat_end_ids(model, tokenizer) -> list[int]:
     return end_ids + [i for i in extra if i is not None and i not in end_ids]
 
 
+END_COMMANDS = ("/exit", "/quit")
+
+
 def length_warning(model, prompt_len: int, max_new_tokens: int) -> str | None:
     """What to say when prompt + new tokens run past ``max_position_embeddings`` (as transformers warns):
     positions the model never saw in training, where its output may degrade."""
@@ -65,7 +68,8 @@ def chat(
     warn: Callable[[str], None] | None = None,
     **generate_kwargs,
 ) -> list[dict[str, str]]:
-    """A multi-turn chat: ``read`` gives the next user message (None or blank ends it); returns the messages.
+    """A multi-turn chat: ``read`` gives the next user message (None, a blank line, /exit or /quit
+    ends it); returns the messages.
 
     Every turn re-encodes the whole conversation with the tokenizer's chat template. ``warn`` is
     told once when the conversation + ``max_new_tokens`` outgrows the model's positions.
@@ -73,7 +77,7 @@ def chat(
     messages: list[dict[str, str]] = []
     end_ids = chat_end_ids(model, tokenizer)
     with prepacked_weights(model):  # NOTE: one block for the whole conversation
-        while (user := read()) is not None and user.strip():
+        while (user := read()) is not None and user.strip() and user.strip() not in END_COMMANDS:
             messages.append({"role": "user", "content": user.strip()})
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)

@@ -206,6 +206,7 @@ def generate_command(
         lm, tok = _load_model_and_tokenizer(model, tokenizer, device, dtype)
         if chat:
             _check_kv_cache_fits(lm, 1, max_new_tokens)  # NOTE: the first turn's least; absurd values stop here
+            typer.echo("(a blank line, /exit or Ctrl-D ends the chat)", err=True)
             run_chat(lm, tok, read, write, warn=warn, **sampling)
         else:
             prompt_ids = tok.encode(prompt)  # the tokenizer's own BOS rule
