@@ -130,6 +130,12 @@ def test_unset_settings_come_from_the_generation_config_as_in_transformers(tmp_p
         model.generation_config = GenerationConfig(**model.generation_config.to_dict() | dict(max_new_tokens=None, max_length=13))
     expected, got = hf.generate(ids, attention_mask=mask), ours.generate(ids, attention_mask=mask)
     assert got.shape == expected.shape == (3, 13) and torch.equal(got, expected)
+    for model in (hf, ours):  # greedy ignores a config's sampling values, even invalid ones
+        model.generation_config = GenerationConfig(**model.generation_config.to_dict() | dict(temperature=0.0, top_k=None))
+    expected, got = hf.generate(ids, attention_mask=mask, do_sample=False), ours.generate(ids, attention_mask=mask, do_sample=False)
+    assert torch.equal(got, expected)
+    for model in (hf, ours):
+        model.generation_config = GenerationConfig(**model.generation_config.to_dict() | dict(temperature=0.8, top_k=1))
     settings = resolve_settings(ours, None, {})
     assert settings["do_sample"] and settings["top_k"] == 1 and settings["top_p"] == 1.0 and settings["repetition_penalty"] == 1.0
     assert resolve_settings(ours, GenerationConfig(top_k=None), {})["top_k"] == 1

@@ -213,7 +213,6 @@ def _streamed(tokens: Iterator[torch.Tensor], input_ids: torch.Tensor, streamer)
     streamer.end()
 
 
-
 def stream_tokens(
     model,
     input_ids: torch.Tensor,
@@ -262,7 +261,10 @@ def stream_tokens(
         raise ValueError("pass either generator or seed, not both")
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    sampling = Sampling(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"])
+    # NOTE: greedy decoding checks only the sampling values given to the call: a generation config's
+    # (e.g. temperature=0.0 beside do_sample=False) is ignored, as transformers ignores it
+    chosen = settings if settings["do_sample"] else DEFAULT_SETTINGS | {k: v for k, v in given.items() if v is not MODEL_DEFAULT}
+    sampling = Sampling(settings["do_sample"], chosen["temperature"], chosen["top_k"], chosen["top_p"])
     choose = token_chooser(sampling, generator)
     end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id, generation_config)
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
