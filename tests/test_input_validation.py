@@ -457,9 +457,10 @@ def test_chat_input_that_is_not_utf8_is_replaced_with_a_warning(tiny_lm_dir):
     args = ("generate", "--model", str(tiny_lm_dir), "--chat", "--max-new-tokens", "6", "--device", "cpu")
     bad = _cli(*args, stdin=b"hello \xff there\n\n")
     assert bad.exit_code == 0, bad.output
-    assert bad.stderr == "warning: this line of input is not valid UTF-8; its undecodable bytes were replaced with U+FFFD\n"
+    hint = "(a blank line, /exit or Ctrl-D ends the chat)\n"
+    assert bad.stderr == hint + "warning: this line of input is not valid UTF-8; its undecodable bytes were replaced with U+FFFD\n"
     clean = _cli(*args, stdin="hello \ufffd there\n\n".encode())
-    assert clean.exit_code == 0 and clean.stderr == ""
+    assert clean.exit_code == 0 and clean.stderr == hint
     assert bad.stdout == clean.stdout and bad.stdout.startswith("User: Assistant: ")
 
 
