@@ -175,6 +175,22 @@ def test_a_transformers_streamer_gets_what_transformers_gives_it(tmp_path):
         ours.generate(ids.repeat(2, 1), streamer=TextIteratorStreamer(tokenizer))
 
 
+@pytest.mark.parametrize("sampling", [dict(do_sample=False, repetition_penalty=1.3), dict(do_sample=True, top_k=1, temperature=0.7)])
+def test_return_dict_with_scores_and_logits_matches_transformers(tmp_path, sampling):
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    expected, got = hf.generate(ids, **kwargs, **sampling), ours.generate(ids, **kwargs, **sampling)
+    assert torch.equal(got.sequences, expected.sequences) and len(got.scores) == len(expected.scores) == 6
+    for name in ("scores", "logits"):
+        for mine, theirs in zip(getattr(got, name), getattr(expected, name)):
+            finite = torch.isfinite(theirs)
+            assert torch.equal(torch.isfinite(mine), finite), name
+            torch.testing.assert_close(mine[finite], theirs[finite].float(), rtol=1e-4, atol=1e-4, msg=name)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, **sampling)
+    assert torch.equal(plain.sequences, got.sequences) and plain.scores is None and plain.logits is None
+
+
 def test_num_return_sequences_and_beams():
     model = ernie45.Ernie4_5ForCausalLM.from_config(tiny_dense_config(**VARIED))
     ids = torch.randint(3, 160, (2, 5))

@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .checkpoint.safetensors_io import json_object
 from .models.kv_cache import KVCache, make_kv_caches  # noqa: F401  (KVCache: re-exported, its old home)
@@ -157,6 +159,12 @@ def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return logits
 
 
+def processed_scores(sampling: Sampling, logits: torch.Tensor) -> torch.Tensor:
+    """The scores a token is chosen from: ``logits`` [B,V] themselves for greedy decoding, else tempered
+    and filtered (transformers' ``scores`` of a step)."""
+    return sampling_logits(logits, sampling) if sampling.do_sample else logits
+
+
 def token_chooser(sampling: Sampling, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function fp32 logits [B,V] -> next token ids [B]."""
     if not sampling.do_sample:
@@ -234,8 +242,11 @@ def stream_tokens(
     num_beams: int | _ModelDefault = MODEL_DEFAULT,
     num_return_sequences: int | _ModelDefault = MODEL_DEFAULT,
     generation_config: GenerationConfig | None = None,
+    step_scores: list | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments)."""
+    """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments).
+    ``step_scores``: a list that gets (logits, scores) [B,V] fp32 per step, transformers' ``logits``
+    (as the model gave them) and ``scores`` (after the processors and, when sampling, the warpers)."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(
             f"input_ids must be an integer tensor [batch, seq], got a {type(input_ids).__name__}; "
@@ -269,9 +280,10 @@ def stream_tokens(
     end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id, generation_config)
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
     input_ids, keep = repeated_rows(input_ids, keep, settings["num_return_sequences"], sampling.do_sample)
-    adjust = logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids)
+    adjust = logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids, keep)
     stop = criteria_check(stopping_criteria)
-    return _decode(model, input_ids, keep, budget, choose, end_ids, pad_id, stop, adjust)
+    record = None if step_scores is None else (step_scores, partial(processed_scores, sampling))
+    return _decode(model, input_ids, keep, budget, choose, end_ids, pad_id, stop, adjust, record)
 
 
 def repeated_rows(
@@ -288,13 +300,13 @@ def repeated_rows(
 
 
 def logits_adjustment(
-    repetition_penalty: float | None, min_new_tokens: int | None, end_ids: list[int]
+    repetition_penalty: float | None, min_new_tokens: int | None, end_ids: list[int], prompt_keep: torch.Tensor
 ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
     """transformers' logits processors that run before token choice, as one function
     (logits [B,V], sequences so far [B,T], step) -> logits: the end tokens barred until
-    ``min_new_tokens`` are out, and tokens already in the sequence (prompt, padding included)
-    made less likely by ``repetition_penalty`` (a positive logit divided by it, a negative one
-    multiplied). None when neither applies."""
+    ``min_new_tokens`` are out, and tokens already in the sequence (its left padding aside, as
+    transformers leaves it) made less likely by ``repetition_penalty`` (a positive logit divided by
+    it, a negative one multiplied). None when neither applies."""
     penalty = 1.0 if repetition_penalty is None else repetition_penalty
     if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
         raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a number > 0 (1.0 = none)")
@@ -303,14 +315,19 @@ def logits_adjustment(
     bar_until = min_new_tokens if end_ids and min_new_tokens else 0
     if penalty == 1.0 and bar_until == 0:
         return None
+    padding = prompt_keep.long().argmax(dim=1)  # [B] leading pad tokens (each row has a real token)
 
     def adjust(logits: torch.Tensor, sequences: torch.Tensor, step: int) -> torch.Tensor:
         if step < bar_until:
             logits = logits.clone()
             logits[:, end_ids] = float("-inf")
         if penalty != 1.0:
-            seen = logits.gather(1, sequences)
-            logits = logits.scatter(1, sequences, torch.where(seen < 0, seen * penalty, seen / penalty))
+            vocab = logits.shape[-1]
+            # NOTE: left padding points at an extra column, dropped after the scatter
+            ids = sequences.masked_fill(torch.arange(sequences.shape[1], device=sequences.device) < padding[:, None], vocab)
+            padded = torch.nn.functional.pad(logits, (0, 1))
+            seen = padded.gather(1, ids)
+            logits = padded.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))[:, :vocab]
         return logits
 
     return adjust
@@ -363,6 +380,7 @@ def _decode(
     pad_id: int | None,
     stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     adjust: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    record: tuple[list, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> Iterator[torch.Tensor]:
     # NOTE: a generator function of its own, so that argument errors above raise at the call.
     # done: rows ended by an end token or a stopping criterion. As in transformers they are padded
@@ -383,9 +401,11 @@ def _decode(
     with prepacked_weights(model):
         for step in range(max_new_tokens):
             mask = full_mask[:, : prompt_len + step] if padded else None
-            logits = _decode_step_logits(model, tokens, positions, mask, caches)  # [B,V]
+            raw = logits = _decode_step_logits(model, tokens, positions, mask, caches)  # [B,V]
             if adjust is not None:
                 logits = adjust(logits, sequences, step)
+            if record is not None:
+                record[0].append((raw, record[1](logits)))
             next_tokens = choose(logits)  # [B]
             if end_ids:
                 next_tokens = next_tokens.masked_fill(done, pad_id)
@@ -401,8 +421,15 @@ def _decode(
 
 
 def generate(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, streamer=None, **settings
-) -> torch.Tensor:
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    streamer=None,
+    return_dict_in_generate: bool = False,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    **settings,
+) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Continue left-padded prompts input_ids [B,P]; returns prompt + new tokens [B,P+N], N <= max_new_tokens
     (``num_return_sequences`` n: [B*n,P+N], each prompt's rows together).
 
@@ -420,10 +447,20 @@ def generate(
     Sampling applies temperature, then top_k, then top_p; greedy decoding ignores (but still
     checks) the sampling values. ``streamer`` (transformers' ``TextStreamer`` and kin, one prompt
     row) is given the prompt, then each new token as it comes, then ``end()``.
+    ``return_dict_in_generate``: transformers' ``GenerateDecoderOnlyOutput`` instead of the tensor,
+    with per-step ``scores`` (``output_scores``) and ``logits`` (``output_logits``), [B,V] fp32 each.
     """
-    tokens = stream_tokens(model, input_ids, attention_mask, **settings)
+    recorded = [] if return_dict_in_generate and (output_scores or output_logits) else None
+    tokens = stream_tokens(model, input_ids, attention_mask, step_scores=recorded, **settings)
     if streamer is not None:
         tokens = _streamed(tokens, input_ids, streamer)
     new_tokens = torch.stack(list(tokens), dim=1)  # [B*n,N]
     prompts = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], dim=0)  # n: num_return_sequences
-    return torch.cat([prompts, new_tokens.to(input_ids.dtype)], dim=1)
+    sequences = torch.cat([prompts, new_tokens.to(input_ids.dtype)], dim=1)
+    if not return_dict_in_generate:
+        return sequences
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences,
+        scores=tuple(scores for _, scores in recorded) if output_scores else None,
+        logits=tuple(logits for logits, _ in recorded) if output_logits else None,
+    )
