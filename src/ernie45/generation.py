@@ -282,8 +282,8 @@ def stream_tokens(
     input_ids, keep = repeated_rows(input_ids, keep, settings["num_return_sequences"], sampling.do_sample)
     adjust = logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids, keep)
     stop = criteria_check(stopping_criteria)
-    record = None if step_scores is None else (step_scores, partial(processed_scores, sampling))
-    return _decode(model, input_ids, keep, budget, choose, end_ids, pad_id, stop, adjust, record)
+    scores_of = partial(processed_scores, sampling)
+    return _decode(model, input_ids, keep, budget, choose, end_ids, pad_id, stop, adjust, scores_of, step_scores)
 
 
 def repeated_rows(
@@ -378,9 +378,10 @@ def _decode(
     choose: Callable[[torch.Tensor], torch.Tensor],
     end_ids: list[int],
     pad_id: int | None,
-    stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    adjust: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
-    record: tuple[list, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    adjust: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None,
+    scores_of: Callable[[torch.Tensor], torch.Tensor],
+    record: list | None,
 ) -> Iterator[torch.Tensor]:
     # NOTE: a generator function of its own, so that argument errors above raise at the call.
     # done: rows ended by an end token or a stopping criterion. As in transformers they are padded
@@ -404,8 +405,8 @@ def _decode(
             raw = logits = _decode_step_logits(model, tokens, positions, mask, caches)  # [B,V]
             if adjust is not None:
                 logits = adjust(logits, sequences, step)
-            if record is not None:
-                record[0].append((raw, record[1](logits)))
+            if record is not None:  # NOTE: transformers' scores of a step are after the warpers too
+                record.append((raw, scores_of(logits)))
             next_tokens = choose(logits)  # [B]
             if end_ids:
                 next_tokens = next_tokens.masked_fill(done, pad_id)
