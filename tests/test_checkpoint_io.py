@@ -197,6 +197,19 @@ def test_a_hub_id_loads_from_the_cache_as_transformers_loads_it(tmp_path, monkey
         ernie45.from_pretrained("baidu/missing")
 
 
+def test_save_pretrained_takes_transformers_keywords(tmp_path, dense_checkpoint):
+    directory, hf = dense_checkpoint
+    ours = ernie45.from_pretrained(directory)
+    ours.save_pretrained(tmp_path / "out", safe_serialization=True, is_main_process=True, max_shard_size="5GB")
+    reloaded, original = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), hf.state_dict()
+    assert reloaded.keys() == original.keys() and all(torch.equal(reloaded[k], original[k]) for k in reloaded)
+    with pytest.raises(ValueError, match="writes safetensors only"):
+        ours.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(ValueError, match="does not upload"):
+        ours.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    assert not (tmp_path / "bin").exists() and not (tmp_path / "hub").exists()
+
+
 def test_transformers_loading_keywords_are_taken_or_refused_by_name(dense_checkpoint):
     """Code written for ``AutoModelForCausalLM.from_pretrained`` keeps its keywords."""
     directory, _ = dense_checkpoint

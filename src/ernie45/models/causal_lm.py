@@ -206,8 +206,25 @@ class Ernie4_5CausalLMBase(TransformersMethods, nn.Module):
         """Load an HF checkpoint directory; dtype defaults as transformers' (config.json's, else the weights')."""
         return construction.load_pretrained(cls, path, dtype=dtype, device=device, backend=backend, **kwargs)
 
-    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """config.json + safetensors in the HF layout (tied head omitted), written atomically."""
+    def save_pretrained(
+        self,
+        path: str | Path,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+    ) -> None:
+        """config.json + safetensors in the HF layout (tied head omitted), written atomically.
+
+        transformers' keywords that scripts pass are taken: ``safe_serialization`` (safetensors is
+        the only format written), ``is_main_process`` (ignored: a parallel model's ranks all call
+        this and rank 0 writes), ``push_to_hub`` (refused: nothing is uploaded from here).
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: ernie45 writes safetensors only (transformers and vLLM read them)")
+        if push_to_hub:
+            raise ValueError("push_to_hub=True: ernie45 does not upload; save here, then `hf upload REPO PATH`")
+        del is_main_process
         save_hf_checkpoint(self, path, max_shard_size=max_shard_size)
 
     def materialize_buffers(self) -> None:
