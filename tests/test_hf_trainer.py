@@ -107,7 +107,11 @@ def test_trl_dpo_trainer_trains_ours_as_it_trains_transformers(tmp_path):
     save_tiny_lm(tmp_path / "start")
     tokenizer = load_tokenizer(tmp_path / "start")
     start = tmp_path / "start"
-    expected = _dpo(AutoModelForCausalLM.from_pretrained(start), AutoModelForCausalLM.from_pretrained(start), tokenizer, tmp_path / "hf")
-    got = _dpo(ernie45.from_pretrained(start), ernie45.from_pretrained(start), tokenizer, tmp_path / "ours")
+    hf, ours = AutoModelForCausalLM.from_pretrained(start), ernie45.from_pretrained(start)
+    expected = _dpo(hf, AutoModelForCausalLM.from_pretrained(start), tokenizer, tmp_path / "hf")
+    got = _dpo(ours, ernie45.from_pretrained(start), tokenizer, tmp_path / "ours")
     assert len(got) == len(expected) == 2 and got[1] != got[0]  # the second loss is after one update
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    hf_weights = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param, hf_weights[name], rtol=1e-4, atol=1e-5, msg=name)

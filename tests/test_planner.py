@@ -199,7 +199,8 @@ def _accumulation_case(rank: int, world: int, sizes: dict) -> None:
     with StorageTracker() as tracker:
         loss.backward()
     # NOTE: gloo's worker thread lets go of a finished collective's tensors a moment after wait()
-    # returns; one CI run found layer 0's all-gathered weights (7,744 floats) still held. Poll a while.
+    # returns; one CI run held 32,128 bytes too many, exactly layer 0's all-gathered weights (7,744
+    # floats), and never reproduced here. Poll a while.
     deadline = time.monotonic() + 5.0
     while (held := tracker.alive_bytes(params)) > expected.accumulation * 1.02 and time.monotonic() < deadline:
         time.sleep(0.01)

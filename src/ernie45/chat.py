@@ -77,8 +77,8 @@ def chat(
     messages: list[dict[str, str]] = []
     end_ids = chat_end_ids(model, tokenizer)
     with prepacked_weights(model):  # NOTE: one block for the whole conversation
-        while (user := read()) is not None and user.strip() and user.strip() not in END_COMMANDS:
-            messages.append({"role": "user", "content": user.strip()})
+        while (user := (read() or "").strip()) and user not in END_COMMANDS:
+            messages.append({"role": "user", "content": user})
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
             notice = length_warning(model, len(prompt_ids), generate_kwargs.get("max_new_tokens", 0))

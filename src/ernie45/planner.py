@@ -65,6 +65,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from transformers import Ernie4_5_MoeConfig, Ernie4_5Config
 
 from .checkpoint.hf_checkpoint import load_config
+from .checkpoint.hub import looks_like_hub_id
 from .distributed.config import LayoutError, ParallelConfig, check_model_fits, plan_stages
 from .distributed.model_parts import decoder_blocks, is_tied, moe_layer
 from .distributed.tensor_parallel import block_plan, vocab_plan
@@ -157,7 +158,7 @@ def resolve_model_config(model):
         return PRESETS[model.lower()]()
     if Path(model).exists():
         return load_config(model)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+    if looks_like_hub_id(model):
         return load_config(_cached_hub_snapshot(model))
     raise ValueError(
         f"--model {model!r} is not a preset ({', '.join(PRESETS)}), an existing checkpoint directory or a hub id"

@@ -1,10 +1,11 @@
 """Reading and writing HF-format safetensors checkpoints, one tensor at a time.
 
 Reading never holds more than the tensor being loaded: each file is memory-mapped once (privately:
-pages are read on first touch) and tensors (or slices of them) are views of it. Every file's header is checked
-against the file's size when the checkpoint is opened, so a truncated or corrupt file is one
-``CheckpointError`` naming it, not an error from deep inside safetensors. Writing streams tensors
-into shard files (``write_safetensors_stream``) that ``staging.StagedSave`` puts in place.
+pages are read on first touch) and tensors (or slices of them) are views of it. Every file's
+header is checked against the file's size when the checkpoint is opened, so a truncated or
+corrupt file is one ``CheckpointError`` naming it, not an error from deep inside safetensors.
+Writing streams tensors into shard files (``write_safetensors_stream``) that ``staging.StagedSave``
+puts in place.
 """
 
 from __future__ import annotations

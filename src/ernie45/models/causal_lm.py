@@ -20,9 +20,9 @@ from . import accounting, construction
 from .capabilities import ModelCapabilities
 from .decoder import DecoderModel, tuple_when_asked
 from .linear import Linear, set_prepacking
-from .transformers_methods import TransformersMethods
 from .loss import causal_lm_loss
 from .rope import RotaryEmbedding
+from .transformers_methods import TransformersMethods
 
 
 def keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -261,8 +261,7 @@ class Ernie4_5CausalLMBase(TransformersMethods, nn.Module):
         ``only_trainable``: the parameters that require grad (what this process holds, whole);
         ``active_only``: those one token uses (K of E routed experts)."""
         if only_trainable:
-            held = {id(p): p for p in self.parameters() if p.requires_grad}
-            total = sum(p.numel() for p in held.values())
+            total = sum(p.numel() for p in self.parameters() if p.requires_grad)
             embedding = self.get_input_embeddings()
             trained_embedding = embedding is not None and embedding.weight.requires_grad
             return total - (embedding.weight.numel() if exclude_embeddings and trained_embedding else 0)

@@ -44,7 +44,7 @@ def take_transformers_keywords(kwargs: dict) -> tuple[dict, torch.device | str |
     for name in QUANTISATION:
         if kwargs.get(name):
             raise ValueError(f"from_pretrained({name}=...): ernie45 loads bf16/fp16/fp32 weights only; quantised loading is not supported")
-    if kwargs.pop("use_safetensors", True) is False:
+    if kwargs.get("use_safetensors") is False:
         raise ValueError("use_safetensors=False: ernie45 reads safetensors checkpoints only")
     for name in NO_EFFECT:
         kwargs.pop(name, None)

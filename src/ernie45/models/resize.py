@@ -68,12 +68,15 @@ def resized_embedding(old: nn.Embedding, size: int, mean_resizing: bool, std: fl
     return new
 
 
-def resized_head(old: nn.Linear, size: int, mean_resizing: bool, std: float) -> nn.Linear:
-    """A new LM head (the same class) with ``size`` output rows and, when it has one, bias entries."""
+def resized_head(
+    old: nn.Linear, size: int, mean_resizing: bool, std: float, tied: nn.Parameter | None = None
+) -> nn.Linear:
+    """A new LM head (the same class) with ``size`` output rows and, when it has one, bias entries;
+    ``tied``: the (resized) embedding weight it shares, used instead of resizing its own."""
     new = type(old)(old.in_features, size, bias=old.bias is not None, device="meta")
     if hasattr(old, "prepack"):  # NOTE: ernie45's Linear: keep its prepacked-inference setting
         new.prepack = old.prepack
-    new.weight = nn.Parameter(resized_matrix(old.weight, size, mean_resizing, std), old.weight.requires_grad)
+    new.weight = tied if tied is not None else nn.Parameter(resized_matrix(old.weight, size, mean_resizing, std), old.weight.requires_grad)
     if old.bias is not None:
         bias = old.bias[:size].clone()
         count = size - old.bias.shape[0]

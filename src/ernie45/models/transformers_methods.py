@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..checkpoint.hf_checkpoint import is_adapter_tensor
 from . import resize
 
 
@@ -29,11 +30,12 @@ class TransformersMethods:
             return old
         if self.pipeline is not None or any(isinstance(p, DTensor) for p in (old.weight, self.lm_head.weight)):
             raise RuntimeError("resize_token_embeddings on a parallelised model: resize before parallelize_model")
-        if any(".lora_" in name for name, _ in self.named_parameters() if name.startswith(("lm_head", "model.embed_tokens"))):
+        if any(is_adapter_tensor(name) for name, _ in self.named_parameters() if name.startswith(("lm_head", "model.embed_tokens"))):
             raise RuntimeError("resize_token_embeddings with LoRA on the embedding or head: resize before apply_lora")
         std = self.config.initializer_range
         self.model.embed_tokens = resize.resized_embedding(old, size, mean_resizing, std)
-        self.lm_head = resize.resized_head(self.lm_head, size, mean_resizing, std)
+        tied = self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
+        self.lm_head = resize.resized_head(self.lm_head, size, mean_resizing, std, tied)
         self.config.vocab_size = self.vocab_size = size
         self.tie_weights()
         return self.model.embed_tokens
@@ -82,6 +84,7 @@ class TransformersMethods:
 
     def enable_input_require_grads(self) -> None:
         """transformers' helper (PEFT calls it for frozen embeddings): the embedding output requires grad."""
+        self.disable_input_require_grads()  # NOTE: a second call replaces the hook, as transformers' does
         self._input_grad_hook = self.get_input_embeddings().register_forward_hook(
             lambda module, args, output: output.requires_grad_(True)
         )

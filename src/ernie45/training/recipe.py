@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from ..distributed.context_parallel import local_attention, shard_sequence
-from ..evaluation import evaluate_hellaswag, example_from_record
+from ..evaluation import encode_pair, evaluate_hellaswag, example_from_record
 from ..distributed.pipeline import StepLosses
 from ..moe.balancing import collect_tokens_per_expert, update_correction_bias
 from ..moe.config import is_moe_layer
@@ -529,19 +529,20 @@ class Trainer:
             )
         return f"MoE aux-loss coefficient {coefficient:g} ({source})"
 
-    def try_it(self, hf_dir: Path) -> str | None:
+    def try_it(self, hf_dir: str | None) -> str | None:
         """An ``ernie45 generate`` command that continues a held-out context (multiple-choice data) for
-        about as many tokens as its gold ending, so a newcomer sees what was learned."""
-        if self.config.checkpoint.save_consolidated == "false" or not (self.measures_multiple_choice() and self.val_records):
+        as many tokens as its gold ending, so a newcomer sees what was learned."""
+        if hf_dir is None or not (self.measures_multiple_choice() and self.val_records):
             return None
         example = example_from_record(self.val_records[0])
-        new_tokens = len(self.tokenizer(" " + example.endings[example.label], add_special_tokens=False).input_ids)
-        return f"ernie45 generate --model {shlex.quote(str(hf_dir))} --prompt {shlex.quote(example.context)} --max-new-tokens {new_tokens}"
+        _, ending = encode_pair(self.tokenizer, example.context, " " + example.endings[example.label])
+        return f"ernie45 generate --model {shlex.quote(hf_dir)} --prompt {shlex.quote(example.context)} --max-new-tokens {len(ending)}"
 
     def summary(self, state: RunState, seconds: float, mc_after: dict | None, resumed_from: int | None, hf_dir: Path) -> dict:
         metrics = read_metrics(self.output_dir / "metrics.jsonl")
         validation = [(e["step"], e["val_loss"]) for e in metrics if "val_loss" in e]
         steps = [e for e in metrics if "padding_fraction" in e]
+        exported = str(hf_dir) if self.config.checkpoint.save_consolidated != "false" else None
         return {
             "output_dir": str(self.output_dir),
             "steps": state.step,
@@ -554,8 +555,8 @@ class Trainer:
             "val_loss_after": validation[-1][1] if validation else None,
             "multiple_choice_before": state.mc_before,
             "multiple_choice_after": mc_after,
-            "hf_dir": str(hf_dir) if self.config.checkpoint.save_consolidated != "false" else None,
-            "try_it": self.try_it(hf_dir),
+            "hf_dir": exported,
+            "try_it": self.try_it(exported),
             "nonfinite_skips": state.nonfinite_skips,
             # real (non-padding) tokens per second and the share of computed positions that were padding
             "tokens_per_s": sum(e["tokens_per_s"] for e in steps) / len(steps) if steps else None,
