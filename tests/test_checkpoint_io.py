@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +20,7 @@ import ernie45
 from ernie45.checkpoint import CheckpointError, CheckpointFiles
 from ernie45.checkpoint import safetensors_io
 
-from builders import hub_cache_snapshot, random_hf_model, tiny_dense_config
+from builders import hub_cache_snapshot, random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
 
 
 def _all_tensors(directory) -> dict[str, torch.Tensor]:
@@ -248,3 +253,41 @@ def test_a_config_given_to_from_pretrained_is_the_one_built(dense_checkpoint):
 @pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("200MiB", 200 * 2**20), (1234, 1234), ("30KB", 30000)])
 def test_parse_size(text, expected):
     assert safetensors_io.parse_size(text) == expected
+
+
+def _resident_bytes(path) -> int:
+    """Bytes of ``path``'s memory maps resident in this process (Linux ``/proc/self/smaps``)."""
+    total, mapped = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
+            mapped = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and mapped == str(path):
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back on Linux only (MADV_DONTNEED)")
+@pytest.mark.parametrize("kind", ["fp32 view in a bf16 file", "bf16 MoE"])
+def test_tensors_copied_out_of_the_file_do_not_stay_resident(tmp_path, kind):
+    """A few views of a file (an fp32 tensor in a bf16 checkpoint loaded into fp32; a MoE's plain
+    tensors, while its experts are stacked into new tensors) keep only their own pages of it."""
+    if kind == "bf16 MoE":
+        random_hf_moe(tiny_moe_config(vocab_size=1024, hidden_size=128, moe_intermediate_size=256)).to(torch.bfloat16).save_pretrained(tmp_path)
+        model = ernie45.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    else:
+        random_hf_model(HFErnie, tiny_dense_config(vocab_size=4096, hidden_size=128)).to(torch.bfloat16).save_pretrained(tmp_path)
+        tensors = {k: t.clone() for k, t in load_file(tmp_path / "model.safetensors").items()}
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].float()
+        save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        del tensors
+        model = ernie45.from_pretrained(tmp_path, dtype=torch.float32)
+    file, page = tmp_path / "model.safetensors", os.sysconf("SC_PAGE_SIZE")
+    files = CheckpointFiles(tmp_path)  # NOTE: headers only; nothing of the file is mapped by the test
+    views = [k for k in files.keys() if ".experts." not in k] if kind == "bf16 MoE" else ["model.norm.weight"]
+    viewed = sum(math.prod(files.shape(k)) * files.dtype(k).itemsize + 2 * page for k in views)  # + shared pages
+    assert _resident_bytes(file) <= viewed < file.stat().st_size / 2
+    reference = load_file(file)
+    for name, tensor in model.state_dict().items():  # views and copies read the right bytes
+        if ".experts." not in name and name != "lm_head.weight":
+            assert torch.equal(tensor, reference[name].to(tensor.dtype)), name

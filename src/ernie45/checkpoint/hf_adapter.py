@@ -83,7 +83,10 @@ def read_native(
     if not match:
         _check(files, native_key, native_shape, "the model")
         tensor = files.get_slice(native_key, index) if index else files.get(native_key)
-        return tensor.to(device=device, dtype=dtype)
+        value = tensor.to(device=device, dtype=dtype)
+        if value.data_ptr() != tensor.data_ptr():
+            files.copied(native_key)
+        return value
     full = _full_index(native_shape, index)
     dtype = dtype or files.dtype(_expert_parts(files, match, native_shape, 0)[0])
     out = torch.empty([max(0, s.stop - s.start) for s in full], dtype=dtype, device=device)
@@ -147,6 +150,7 @@ def _copy_mapped(files: CheckpointFiles, key: str, out: torch.Tensor, index: tup
     """``out[:] = files[key][index]`` from the memory map: while the file is in the page cache this
     is one plain (casting) ``copy_``, faster than a read syscall per tensor."""
     out.copy_(files.get_slice(key, index))
+    files.copied(key)
 
 
 def _copy_read(files: CheckpointFiles, key: str, out: torch.Tensor, index: tuple[slice, ...]) -> None:

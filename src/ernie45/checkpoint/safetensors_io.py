@@ -4,18 +4,23 @@ Reading never holds more than the tensor being loaded: each file is memory-mappe
 pages are read on first touch) and tensors (or slices of them) are views of it. Every file's
 header is checked against the file's size when the checkpoint is opened, so a truncated or
 corrupt file is one ``CheckpointError`` naming it, not an error from deep inside safetensors.
+Tensors that were copied out (cast, stacked) give their pages back when loading ends, so a few
+views (fp32 router weights in a bf16 file) do not keep the whole file resident.
 Writing streams tensors into shard files (``write_safetensors_stream``) that ``staging.StagedSave``
 puts in place.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import secrets
 import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,6 +91,7 @@ class CheckpointFiles:
                 raise CheckpointError(f"{index} places {key} in {path.name}, but that file does not hold it")
         self._maps: dict[Path, torch.UntypedStorage] = {}
         self._data_starts: dict[Path, int] = {}
+        self._copied: dict[Path, list[tuple[int, int]]] = {}  # byte ranges to give back on close()
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -142,6 +148,7 @@ class CheckpointFiles:
             raise ValueError(f"rows {start}..{start + out.shape[0]} of shape {list(out.shape)} do not fit {key} {stored}")
         if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != _DTYPES[header["dtype"]]:
             out.copy_(self.get_slice(key, (slice(start, start + out.shape[0]),)))
+            self.copied(key)
             return
         path = self._file_of[key]
         row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
@@ -154,8 +161,46 @@ class CheckpointFiles:
                     raise CheckpointError(f"{path} ends inside tensor {key} (was it truncated after it was opened?)")
                 view = view[read:]
 
+    def copied(self, key: str) -> None:
+        """``key``'s bytes were copied out of the map and no view of them is kept: close() gives its
+        pages back. NOTE: never for a key a kept view reads (a write to that view would be lost)."""
+        path = self._file_of[key]
+        if path in self._maps:
+            begin, end = self._header(key)["data_offsets"]
+            self._copied.setdefault(path, []).append((self._data_starts[path] + begin, self._data_starts[path] + end))
+
     def close(self) -> None:
-        self._maps.clear()  # NOTE: tensors still viewing a map keep it alive
+        """Forget the maps; tensors still viewing one keep it alive, holding only their own pages."""
+        for path, ranges in self._copied.items():
+            _release_pages(self._maps[path], ranges)
+        self._copied.clear()
+        self._maps.clear()
+
+
+def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> None:
+    """Drop the whole pages inside ``ranges`` (byte offsets, non-overlapping) of a private file map
+    from this process (Linux ``MADV_DONTNEED``: the next touch would read the file again).
+
+    Copying a tensor out of the map makes its pages resident, and one kept view keeps the whole
+    map; without this, a bf16 file loaded into fp32 with its fp32 router weights as views keeps
+    every byte of the file in RSS (0.73 GiB for the benchmarks' mini-MoE). Adjacent ranges are
+    merged, so pages between two copied tensors go too; pages shared with a view stay."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page, base = mmap.PAGESIZE, storage.data_ptr()
+    merged: list[list[int]] = []
+    for begin, end in sorted(ranges):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    for begin, end in merged:
+        first, stop = -(-begin // page) * page, end // page * page
+        if first < stop:
+            _LIBC.madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(stop - first), mmap.MADV_DONTNEED)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _weight_map(index: Path) -> dict[str, str]:
