@@ -130,10 +130,9 @@ def _chunked_cross_entropy_and_grads(
         fp32_rows = scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
     want_hidden, want_weight, want_bias = needed
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
-    grad_weight = None
-    if want_weight:  # fp32 for fp32 weights and for sums over chunks; a low-precision weight's single chunk keeps its dtype
-        grad_dtype = weight.dtype if n <= rows_per_chunk and weight.dtype == dtype else torch.float32
-        grad_weight = torch.empty_like(weight, dtype=grad_dtype) if n > 0 else torch.zeros_like(weight, dtype=grad_dtype)
+    # fp32 for fp32 weights and for sums over chunks; a low-precision weight's single chunk keeps its dtype
+    grad_dtype = weight.dtype if n <= rows_per_chunk and weight.dtype == dtype else torch.float32
+    grad_weight = torch.zeros_like(weight, dtype=grad_dtype) if want_weight and n == 0 else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want_bias else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
@@ -147,7 +146,9 @@ def _chunked_cross_entropy_and_grads(
             _grad_hidden_into_(grad_hidden[start : start + len(y)], logits, w)
         if start + rows_per_chunk >= n:
             w = None  # NOTE: the last chunk frees the cast weight before the head gradient's products
-        if grad_weight is not None:
+        if want_weight:
+            if start == 0:  # NOTE: made here, so with one chunk it never coexists with the cast weight
+                grad_weight = torch.empty_like(weight, dtype=grad_dtype)
             _add_grad_weight_(grad_weight, logits, h, first=start == 0)
     return total, grad_hidden, grad_weight, grad_bias
 
