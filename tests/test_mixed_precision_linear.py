@@ -104,3 +104,41 @@ def test_a_model_trained_under_autocast_gets_f_linear_s_loss_and_gradients_bitwi
     }
     assert low_precision_weights & set(reference_saved)
     assert not low_precision_weights & set(saved)
+
+
+def test_layers_reading_one_fp32_input_share_its_one_bf16_cast(monkeypatch):
+    """q/k/v read the norm's fp32 output: one bf16 copy of it is kept for backward, not three; a
+    changed input (in place) or another input is cast afresh."""
+    torch.manual_seed(0)
+    layers = [Linear(64, n, bias=False) for n in (96, 32, 32)]
+    x = torch.randn(2, 11, 64, requires_grad=True)
+
+    def run(change_in_between: bool = False):
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        x.grad = None
+        storages = []
+
+        def pack(tensor):
+            if tensor.dtype == torch.bfloat16 and tensor.numel() == x.numel():  # F.linear saves it as [22, 64]
+                storages.append(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        source = x * 1.0
+        outs = []
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for layer in layers:
+                outs.append(layer(source))
+                if change_in_between:
+                    source.mul_(1.0)  # same values, new version: not the tensor that was cast
+        sum(out.float().sum() for out in outs).backward()
+        return [o.detach() for o in outs], [x.grad] + [layer.weight.grad for layer in layers], storages
+
+    outs, grads, storages = run()
+    assert len(storages) == 3 and len(set(storages)) == 1
+    _, _, changed = run(change_in_between=True)
+    assert len(set(changed)) == 3
+    _f_linear(monkeypatch)
+    reference_outs, reference_grads, reference_storages = run()
+    assert len(set(reference_storages)) == 3  # autocast: a copy per layer
+    assert all(torch.equal(a, b) for a, b in zip(outs + grads, reference_outs + reference_grads))
