@@ -142,3 +142,17 @@ def test_layers_reading_one_fp32_input_share_its_one_bf16_cast(monkeypatch):
     reference_outs, reference_grads, reference_storages = run()
     assert len(set(reference_storages)) == 3  # autocast: a copy per layer
     assert all(torch.equal(a, b) for a, b in zip(outs + grads, reference_outs + reference_grads))
+
+
+def test_compiled_training_under_autocast_traces_plain_f_linear():
+    """Under torch.compile the layer is F.linear (the compiler decides what to keep), one graph."""
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    x = torch.randn(3, 64, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+        reference = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(out, reference)
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32

@@ -177,6 +177,9 @@ class CheckpointFiles:
         self._maps.clear()
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
 def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> None:
     """Drop the whole pages inside ``ranges`` (byte offsets, non-overlapping) of a private file map
     from this process (Linux ``MADV_DONTNEED``: the next touch would read the file again).
@@ -199,8 +202,6 @@ def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]])
         if first < stop:
             _LIBC.madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(stop - first), mmap.MADV_DONTNEED)
 
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _weight_map(index: Path) -> dict[str, str]:

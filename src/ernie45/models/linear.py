@@ -130,11 +130,12 @@ class _RecastLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``, without keeping the weight's autocast copy for backward where that applies:
-    a plain fp32 weight under autocast, with a gradient to compute."""
+    a plain fp32 weight under autocast, with a gradient to compute, outside ``torch.compile`` (whose
+    own partitioner decides what a compiled graph keeps)."""
     dtype = _autocast_cast_dtype(weight)
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     plain = type(weight) in (torch.Tensor, nn.Parameter) and (bias is None or bias.dtype == torch.float32)
-    if dtype is None or not wants_grad or not plain:
+    if dtype is None or not wants_grad or not plain or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     return _RecastLinear.apply(x, weight, bias, dtype)
 
