@@ -121,9 +121,14 @@ class CheckpointFiles:
             except (OSError, RuntimeError) as err:
                 raise CheckpointError(f"{path} could not be memory-mapped: {err}") from None
             self._data_starts[path] = _data_start(path)
+        begin, end = self._byte_range(key)
+        return self._maps[path][begin:end]
+
+    def _byte_range(self, key: str) -> tuple[int, int]:
+        """Where ``key``'s bytes are in its (mapped) file: [begin, end)."""
         begin, end = self._header(key)["data_offsets"]
-        start = self._data_starts[path]
-        return self._maps[path][start + begin : start + end]
+        start = self._data_starts[self._file_of[key]]
+        return start + begin, start + end
 
     def _view(self, key: str) -> torch.Tensor:
         return torch.empty(0, dtype=self.dtype(key)).set_(self._mapped(key), 0, self.shape(key))
@@ -166,8 +171,7 @@ class CheckpointFiles:
         pages back. NOTE: never for a key a kept view reads (a write to that view would be lost)."""
         path = self._file_of[key]
         if path in self._maps:
-            begin, end = self._header(key)["data_offsets"]
-            self._copied.setdefault(path, []).append((self._data_starts[path] + begin, self._data_starts[path] + end))
+            self._copied.setdefault(path, []).append(self._byte_range(key))
 
     def close(self) -> None:
         """Forget the maps; tensors still viewing one keep it alive, holding only their own pages."""
@@ -187,8 +191,8 @@ def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]])
     Copying a tensor out of the map makes its pages resident, and one kept view keeps the whole
     map; without this, a bf16 file loaded into fp32 with its fp32 router weights as views keeps
     every byte of the file in RSS (0.73 GiB for the benchmarks' mini-MoE). Adjacent ranges are
-    merged, so pages between two copied tensors go too; pages shared with a view stay."""
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+    merged, so a page two copied tensors share goes too; a page shared with a view stays."""
+    if _LIBC is None:
         return
     page, base = mmap.PAGESIZE, storage.data_ptr()
     merged: list[list[int]] = []
@@ -201,7 +205,6 @@ def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]])
         first, stop = -(-begin // page) * page, end // page * page
         if first < stop:
             _LIBC.madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(stop - first), mmap.MADV_DONTNEED)
-
 
 
 def _weight_map(index: Path) -> dict[str, str]:
