@@ -39,10 +39,11 @@ missing or AutoModel does not import there, the run says why once and goes on wi
 AutoModel has train and forward here; its other metrics show n/a with the reason.
 
 ``--host-memory`` says in which processes glibc keeps freed memory for reuse instead of handing it
-back to the OS (fresh pages cost a page fault each; see ``ernie45/training/host_memory.py``):
-"shipped" (default) as each library's training entry leaves it, i.e. ours' training processes on
-CPU (ernie45's trainer does this) and no other; "system": none; "keep": every process of every
-implementation, which compares the libraries with the allocator out of the picture.
+back to the OS (fresh pages cost a page fault each; see ``ernie45/host_memory.py``): "shipped"
+(default) as each library leaves it, i.e. ours on CPU (its trainer from the start, its models from
+their first forward) and no other; "system": none (ours with ``ERNIE45_KEEP_HOST_MEMORY=0``);
+"keep": every process of every implementation from the start, which compares the libraries with
+the allocator out of the picture.
 
 ``--seq-lens 256,512,...`` measures train, ac_train, lora_train and forward (those of ``--metrics``) at each
 sequence length, batch 1, and prints one row per length and metric: tokens/s of each side, the
@@ -66,10 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import DEFAULT_CACHE, DTYPES, MAX_POSITIONS, WORKLOADS, Workload, hf_config  # noqa: E402
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
-# --host-memory: "keep" is ernie45.training.host_memory.keep_freed_host_memory() as glibc's
-# environment variables, so that every implementation (and AutoModel's venv) can be given it.
+# --host-memory: "keep" is ernie45.host_memory.keep_freed_host_memory() as glibc's environment
+# variables, so that every implementation (and AutoModel's venv) can be given it.
 HOST_MEMORY_MODES = ("shipped", "system", "keep")
 KEEP_HOST_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+OURS_OPT_OUT = "ERNIE45_KEEP_HOST_MEMORY"  # "0": ernie45 leaves glibc's defaults
 TRAINER_KINDS = ("train", "ac_train", "lora_train")  # what ernie45's trainer runs (it keeps host memory on CPU)
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
@@ -241,23 +243,26 @@ def format_sweep_table(rows: list[dict]) -> str:
 
 
 # ----- running measurement processes -----------------------------------------------------------------
-def keeps_host_memory(mode: str, impl: str, kind: str, device: str) -> bool:
-    """Whether ``impl``'s ``kind`` process runs with glibc keeping freed memory: all of them under
-    "keep", none under "system"; "shipped": as each library's training entry leaves it (ernie45's
-    trainer keeps it for CPU training, transformers' and AutoModel's do not)."""
-    if mode == "shipped":
-        return impl == "ours" and kind in TRAINER_KINDS and device == "cpu"
-    return mode == "keep"
+def host_memory_setting(mode: str, impl: str, kind: str, device: str) -> str:
+    """How ``impl``'s ``kind`` process treats freed host memory: "keep" (glibc told so from the
+    start), "system" (glibc's defaults throughout) or "library" (as the library leaves it: ernie45
+    keeps it from its model's first CPU forward, the others never). "shipped": ernie45's trainer
+    keeps it from the start on CPU (before loading), everything else as its library leaves it."""
+    if mode != "shipped":
+        return mode
+    return "keep" if impl == "ours" and kind in TRAINER_KINDS and device == "cpu" else "library"
 
 
 def run_measurement(task: dict, timeout_s: float, python: str | None = None) -> dict:
     """Run ``measure.py`` on one task in a fresh process (``python``, default this interpreter);
-    failures come back as {"unavailable": why}. ``task["keep_host_memory"]``: glibc keeps freed
-    memory in that process (else glibc's defaults, whatever this environment says)."""
-    env = {key: value for key, value in os.environ.items() if key not in KEEP_HOST_MEMORY_ENV}
+    failures come back as {"unavailable": why}. ``task["host_memory"]``: "keep", "system" or
+    "library" (``host_memory_setting``), whatever this environment says."""
+    env = {key: value for key, value in os.environ.items() if key not in KEEP_HOST_MEMORY_ENV and key != OURS_OPT_OUT}
     env.update(OMP_NUM_THREADS=str(task["threads"]), MKL_NUM_THREADS=str(task["threads"]))
-    if task.get("keep_host_memory"):
+    if task.get("host_memory") == "keep":
         env.update(KEEP_HOST_MEMORY_ENV)
+    elif task.get("host_memory") == "system":
+        env[OURS_OPT_OUT] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     command = [python or sys.executable, str(MEASURE), json.dumps(task)]
@@ -344,7 +349,7 @@ def measure_workload(
                     kind=kind, impl=impl, workload=workload.name, dtype=dtype, checkpoint=checkpoint,
                     threads=args.threads, device=args.device, warmup=plan.warmup[kind], reps=plan.reps[kind],
                     min_seconds=plan.min_seconds,
-                    keep_host_memory=keeps_host_memory(args.host_memory, impl, kind, args.device),
+                    host_memory=host_memory_setting(args.host_memory, impl, kind, args.device),
                 )  # fmt: skip
                 if seq_len:
                     task["seq_len"] = seq_len

@@ -113,23 +113,28 @@ def test_tiny_score_scores_the_same_examples_on_both_sides(tmp_path):
 
 
 def test_host_memory_modes_pick_the_processes_that_keep_freed_memory():
-    shipped = {(impl, kind): compare.keeps_host_memory("shipped", impl, kind, "cpu")
+    shipped = {(impl, kind): compare.host_memory_setting("shipped", impl, kind, "cpu")
                for impl in ("ours", "hf", "automodel") for kind in compare.KINDS}  # fmt: skip
-    assert {key for key, keep in shipped.items() if keep} == {("ours", kind) for kind in compare.TRAINER_KINDS}
-    assert not compare.keeps_host_memory("shipped", "ours", "train", "cuda")
-    assert all(compare.keeps_host_memory("keep", impl, "forward", "cpu") for impl in ("ours", "hf", "automodel"))
-    assert not any(compare.keeps_host_memory("system", impl, "train", "cpu") for impl in ("ours", "hf"))
+    assert {key for key, setting in shipped.items() if setting == "keep"} == {("ours", kind) for kind in compare.TRAINER_KINDS}
+    assert {setting for setting in shipped.values()} == {"keep", "library"}
+    assert compare.host_memory_setting("shipped", "ours", "train", "cuda") == "library"
+    assert all(compare.host_memory_setting("keep", impl, "forward", "cpu") == "keep" for impl in ("ours", "hf", "automodel"))
+    assert all(compare.host_memory_setting("system", impl, "train", "cpu") == "system" for impl in ("ours", "hf"))
 
 
 def test_measurement_process_gets_glibcs_keep_settings_only_when_asked(tmp_path, monkeypatch):
-    """The measuring process sees the keep variables when its task keeps host memory, and none of
-    them otherwise, even when this process has them set."""
+    """The measuring process sees the keep variables when its task keeps host memory, ernie45's
+    opt-out when it runs glibc's defaults, and neither when the library decides, even when this
+    process has them set."""
+    names = sorted([*compare.KEEP_HOST_MEMORY_ENV, compare.OURS_OPT_OUT])
     probe = tmp_path / "probe.py"
-    probe.write_text("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in %r}))\n"
-                     % sorted(compare.KEEP_HOST_MEMORY_ENV))  # fmt: skip
+    probe.write_text("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in %r}))\n" % names)
     monkeypatch.setattr(compare, "MEASURE", probe)
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv(compare.OURS_OPT_OUT, "1")
     task = {"threads": 1}
-    assert compare.run_measurement({**task, "keep_host_memory": True}, 60) == compare.KEEP_HOST_MEMORY_ENV
-    assert compare.run_measurement({**task, "keep_host_memory": False}, 60) == dict.fromkeys(compare.KEEP_HOST_MEMORY_ENV)
+    unset = dict.fromkeys(names)
+    assert compare.run_measurement({**task, "host_memory": "keep"}, 60) == {**unset, **compare.KEEP_HOST_MEMORY_ENV}
+    assert compare.run_measurement({**task, "host_memory": "system"}, 60) == {**unset, compare.OURS_OPT_OUT: "0"}
+    assert compare.run_measurement({**task, "host_memory": "library"}, 60) == unset
     assert compare.parse_args([]).host_memory == "shipped"

@@ -1,9 +1,11 @@
-"""The trainer keeps freed host memory for reuse on CPU (training/host_memory.py): measured by the
-page faults of a fresh process, and wired to ``dist_env.keep_host_memory``."""
+"""Freed host memory is kept for reuse on CPU (ernie45/host_memory.py): measured by the page faults
+of a fresh process; turned on by the trainer (``dist_env.keep_host_memory``) or else by a model's
+first CPU forward, off with ``ERNIE45_KEEP_HOST_MEMORY=0``; ``release_host_memory`` gives it back."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,17 +16,26 @@ import torch
 
 from ernie45.training import runtime
 from ernie45.training.config import ConfigError, DistEnvConfig
-from ernie45.training.host_memory import keep_freed_host_memory
+from ernie45 import host_memory
+from ernie45.host_memory import keep_freed_host_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Training steps in miniature: a 64 MB tensor written and freed, twelve times over; the page faults
-# of each.
+# of each. Before them, per mode: "keep" asks for kept memory, "forward" runs a tiny model's forward
+# on CPU.
 FAULTS_PER_STEP = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from ernie45.training.host_memory import keep_freed_host_memory
+    from transformers import Ernie4_5Config
+    import ernie45
+    from ernie45.host_memory import keep_freed_host_memory
     kept = keep_freed_host_memory() if sys.argv[1] == "keep" else None
+    if sys.argv[1] == "forward":
+        config = Ernie4_5Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        with torch.no_grad():
+            ernie45.from_config(config).eval()(torch.arange(8)[None])
     faults = []
     for step in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -35,8 +46,11 @@ FAULTS_PER_STEP = textwrap.dedent(
 )
 
 
-def faults_per_step(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True, check=True)
+def faults_per_step(mode: str, **env: str) -> dict:
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    environment = {key: value for key, value in inherited.items() if key != host_memory.OPT_OUT} | env
+    command = [sys.executable, "-c", FAULTS_PER_STEP, mode]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,6 +70,63 @@ def test_kept_host_memory_is_reused_instead_of_faulted_in_again():
     assert max(kept["faults"][-4:]) < 1_000, kept["faults"]
 
 
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_a_cpu_forward_keeps_host_memory_unless_the_environment_opts_out():
+    """With no choice made before it, the first CPU forward keeps freed memory (later calls reuse
+    it); ERNIE45_KEEP_HOST_MEMORY=0 leaves glibc's defaults."""
+    assert max(faults_per_step("forward")["faults"][-4:]) < 1_000
+    opted_out = faults_per_step("forward", ERNIE45_KEEP_HOST_MEMORY="0")
+    assert min(opted_out["faults"]) > 15_000, opted_out["faults"]
+
+
+@pytest.mark.parametrize(
+    ("earlier_choice", "environment", "kept"),
+    [(None, None, True), (None, "false", False), ("recipe-off", None, False), ("trainer-keeps", "0", True)],
+)
+def test_the_first_choice_of_a_process_holds(monkeypatch, earlier_choice, environment, kept):
+    """A forward keeps freed memory only when nothing chose before it: a recipe's keep_host_memory
+    false (or the trainer's keeping it) stands, and the environment can opt out."""
+    calls = []
+    monkeypatch.setattr(host_memory, "_decided", None)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: calls.append("mallopt") and None)
+    if environment is None:
+        monkeypatch.delenv(host_memory.OPT_OUT, raising=False)
+    else:
+        monkeypatch.setenv(host_memory.OPT_OUT, environment)
+    if earlier_choice == "recipe-off":
+        host_memory.leave_host_memory_alone()
+    elif earlier_choice == "trainer-keeps":
+        host_memory.keep_freed_host_memory()
+    host_memory.keep_host_memory_by_default()
+    host_memory.keep_host_memory_by_default()
+    assert host_memory._decided is kept
+    assert len(calls) == (1 if kept else 0)
+
+
+RELEASE = textwrap.dedent(
+    """
+    import json, os, torch
+    from ernie45.host_memory import keep_freed_host_memory, release_host_memory
+    def resident_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+    keep_freed_host_memory()
+    torch.ones(64 * 2**20)  # 256 MB written, then freed: kept in the heap
+    kept = resident_mb()
+    released = release_host_memory()
+    print(json.dumps({"kept": kept, "released": released, "after": resident_mb()}))
+    """
+)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_release_host_memory_hands_the_kept_pages_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
+    sizes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sizes["released"] is True
+    assert sizes["kept"] - sizes["after"] > 200, sizes
+
+
 @pytest.mark.skipif(GLIBC, reason="non-glibc platforms only")
 def test_elsewhere_keeping_host_memory_is_a_no_op():
     assert keep_freed_host_memory() is False
@@ -65,12 +136,13 @@ def test_elsewhere_keeping_host_memory_is_a_no_op():
 def test_cpu_training_keeps_host_memory_unless_the_recipe_turns_it_off(monkeypatch, keep):
     calls = []
     monkeypatch.setattr(runtime, "keep_freed_host_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(runtime, "leave_host_memory_alone", lambda: calls.append(False))
     threads = torch.get_num_threads()
     try:
         runtime.init_runtime(DistEnvConfig(keep_host_memory=keep))
     finally:
         torch.set_num_threads(threads)
-    assert calls == ([True] if keep else [])
+    assert calls == [keep]
 
 
 def test_keep_host_memory_is_on_by_default_and_refuses_a_non_boolean():

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import generation
 from ..checkpoint.hf_checkpoint import save_hf_checkpoint
+from ..host_memory import keep_host_memory_by_default
 from ..moe.config import MoEConfig
 from . import accounting, construction
 from .capabilities import ModelCapabilities
@@ -156,6 +157,9 @@ class Ernie4_5CausalLMBase(TransformersMethods, nn.Module):
                 f"this model holds {self.pipeline}, so it has no forward of its own: train it with "
                 "model.pipeline.step(...); generation and evaluation need the whole model (load it with pp=1)"
             )
+        first_input = input_ids if input_ids is not None else inputs_embeds
+        if first_input is not None and first_input.device.type == "cpu" and not torch.compiler.is_compiling():
+            keep_host_memory_by_default()  # NOTE: ~10% of a CPU forward is fresh pages otherwise (host_memory.py)
         out = self.model(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, padding_mask=padding_mask,
             inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values, use_cache=use_cache,

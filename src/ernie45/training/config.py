@@ -352,7 +352,7 @@ class DistEnvConfig(Section):
     keep_host_memory: bool = Field(
         True,
         description="CPU training: glibc keeps freed memory for the next step instead of returning it to the OS "
-        "(fresh pages cost a page fault each; ernie45.training.host_memory); false: glibc's defaults",
+        "(fresh pages cost a page fault each; ernie45.host_memory); false: glibc's defaults",
     )
 
     @field_validator("cpu_threads")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, DistEnvConfig
-from .host_memory import keep_freed_host_memory
+from ..host_memory import keep_freed_host_memory, leave_host_memory_alone
 
 EXIT_FAILED = 1  # a rank failed (or a collective timed out)
 EXIT_BAD_INPUT = 2  # the recipe, the data or the output directory cannot be used; or the disk is full
@@ -95,6 +95,8 @@ def init_runtime(config: DistEnvConfig) -> Runtime:
         set_cpu_threads(config)
         if config.keep_host_memory:
             keep_freed_host_memory()
+        else:
+            leave_host_memory_alone()
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Runtime(0, 1, 0, torch.device("cuda") if use_cuda else torch.device("cpu"))
     check_backend(config)
