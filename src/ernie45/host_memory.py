@@ -30,7 +30,7 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes
-OPT_OUT = "ERNIE45_KEEP_HOST_MEMORY"  # "0" / "false" / "no": glibc's defaults in this process
+OPT_OUT = "ERNIE45_KEEP_HOST_MEMORY"  # "0" / "false" / "no" / "off": glibc's defaults in this process
 
 _decided: bool | None = None  # this process's choice, once made: True kept, False glibc's defaults
 
