@@ -103,6 +103,13 @@ def test_the_first_choice_of_a_process_holds(monkeypatch, earlier_choice, enviro
     assert len(calls) == (1 if kept else 0)
 
 
+def test_an_unreadable_opt_out_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(host_memory, "_decided", None)
+    monkeypatch.setenv(host_memory.OPT_OUT, "maybe")
+    with pytest.raises(ValueError, match="ERNIE45_KEEP_HOST_MEMORY='maybe' is not a switch: set it to 1"):
+        host_memory.keep_host_memory_by_default()
+
+
 RELEASE = textwrap.dedent(
     """
     import json, os, torch

@@ -31,6 +31,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes
 OPT_OUT = "ERNIE45_KEEP_HOST_MEMORY"  # "0" / "false" / "no" / "off": glibc's defaults in this process
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 _decided: bool | None = None  # this process's choice, once made: True kept, False glibc's defaults
 
@@ -67,10 +68,13 @@ def keep_host_memory_by_default() -> None:
     every CPU forward, so after the first call it is one global read."""
     if _decided is not None:
         return
-    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
-        leave_host_memory_alone()
-    else:
+    setting = os.environ.get(OPT_OUT, "1").strip().lower()
+    if setting not in _SWITCH:
+        raise ValueError(f"{OPT_OUT}={os.environ[OPT_OUT]!r} is not a switch: set it to 1 (keep freed host memory) or 0")
+    if _SWITCH[setting]:
         keep_freed_host_memory()
+    else:
+        leave_host_memory_alone()
 
 
 def release_host_memory() -> bool:
