@@ -26,7 +26,9 @@ serve_decode_tokens_per_s (the same calls in one serving loop: ours keeps one
 transformers + HF PEFT on the other side): lora_train_tokens_per_s, lora_peak_rss and
 lora_over_full_peak_rss (each side's LoRA peak over its own full fine-tune's); the opt-in memory
 saver, activation checkpointing (ours: ``distributed.activation_checkpointing``, transformers:
-``gradient_checkpointing_enable()``): ac_train_tokens_per_s, ac_peak_rss, ac_over_full_peak_rss.
+``gradient_checkpointing_enable()``): ac_train_tokens_per_s, ac_peak_rss, ac_over_full_peak_rss;
+and its selective variant, every second block only (``activation_checkpointing_enable(every_n_layers=2)``
+on both sides): ac2_train_tokens_per_s, ac2_peak_rss, ac2_over_full_peak_rss.
 A piece of ours that is missing shows as n/a.
 
 ``--dtypes auto`` picks bf16 where the CPU multiplies bf16 natively (bf16 ceiling above fp32's),
@@ -45,7 +47,7 @@ their first forward) and no other; "system": none (ours with ``ERNIE45_KEEP_HOST
 "keep": every process of every implementation from the start, which compares the libraries with
 the allocator out of the picture.
 
-``--seq-lens 256,512,...`` measures train, ac_train, lora_train and forward (those of ``--metrics``) at each
+``--seq-lens 256,512,...`` measures train, ac_train, ac2_train, lora_train and forward (those of ``--metrics``) at each
 sequence length, batch 1, and prints one row per length and metric: tokens/s of each side, the
 ratio, and for training the ratio of peak memory (JSON rows carry "seq_len"). load and decode run
 once at the workload's own shapes. Without the flag: each workload's own seq_len, as always.
@@ -72,12 +74,13 @@ MEASURE = Path(__file__).resolve().with_name("measure.py")
 HOST_MEMORY_MODES = ("shipped", "system", "keep")
 KEEP_HOST_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 OURS_OPT_OUT = "ERNIE45_KEEP_HOST_MEMORY"  # "0": ernie45 leaves glibc's defaults
-TRAINER_KINDS = ("train", "ac_train", "lora_train")  # what ernie45's trainer runs (it keeps host memory on CPU)
+TRAINER_KINDS = ("train", "ac_train", "ac2_train", "lora_train")  # what ernie45's trainer runs (it keeps host memory on CPU)
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
-KINDS = ("train", "ac_train", "lora_train", "forward", "score", "load", "decode", "serve_decode")
-SWEPT_KINDS = ("train", "ac_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
+KINDS = ("train", "ac_train", "ac2_train", "lora_train", "forward", "score", "load", "decode", "serve_decode")
+SWEPT_KINDS = ("train", "ac_train", "ac2_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
+DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "ac2_train")  # NOTE: the selective saver when asked, to keep --quick's budget
 SETUP_AUTOMODEL = "benchmarks/setup_automodel.sh"
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
@@ -107,8 +110,8 @@ FULL = Plan(
 # NOTE: sized so that dense-0.3b + mini-moe + tiny in one dtype fit in 20 minutes on 2 cores.
 QUICK = Plan(
     rounds=1,
-    warmup=dict(train=1, ac_train=1, lora_train=1, forward=1, score=0, load=1, decode=1, serve_decode=1),
-    reps=dict(train=2, ac_train=2, lora_train=2, forward=2, score=1, load=2, decode=1, serve_decode=1),
+    warmup=dict(train=1, ac_train=1, ac2_train=1, lora_train=1, forward=1, score=0, load=1, decode=1, serve_decode=1),
+    reps=dict(train=2, ac_train=2, ac2_train=2, lora_train=2, forward=2, score=1, load=2, decode=1, serve_decode=1),
     min_seconds=2.0,
     ceiling_budget_s=10.0,
 )
@@ -222,7 +225,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 # The memory row each throughput row of the sweep table shows as a ratio column.
-MEMORY_OF = {"train_tokens_per_s": "peak_rss", "ac_train_tokens_per_s": "ac_peak_rss", "lora_train_tokens_per_s": "lora_peak_rss"}
+MEMORY_OF = {
+    "train_tokens_per_s": "peak_rss",
+    "ac_train_tokens_per_s": "ac_peak_rss",
+    "ac2_train_tokens_per_s": "ac2_peak_rss",
+    "lora_train_tokens_per_s": "lora_peak_rss",
+}
 
 
 def format_sweep_table(rows: list[dict]) -> str:
@@ -409,6 +417,8 @@ def workload_rows(
         row("train", "peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
         row("ac_train", "ac_train_tokens_per_s", "tokens/s", values),
         row("ac_train", "ac_peak_rss", "bytes", largest("peak_rss")),
+        row("ac2_train", "ac2_train_tokens_per_s", "tokens/s", values),
+        row("ac2_train", "ac2_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_train_tokens_per_s", "tokens/s", values),
         row("lora_train", "lora_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
@@ -420,7 +430,7 @@ def workload_rows(
     ]
     rows = [r for r in rows if r is not None]
     by_metric = {r["metric"]: r for r in rows}
-    for saver in ("ac", "lora"):  # each side's peak with the saver over its own full fine-tune's
+    for saver in ("ac", "ac2", "lora"):  # each side's peak with the saver over its own full fine-tune's
         if "peak_rss" in by_metric and f"{saver}_peak_rss" in by_metric:
             full, saved = by_metric["peak_rss"], by_metric[f"{saver}_peak_rss"]
             over = {impl: saved[impl] / full[impl] if saved[impl] and full[impl] else None for impl in impls}
@@ -443,7 +453,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the result rows to this file")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}")
     parser.add_argument("--dtypes", default="auto", help="'auto', or comma-separated from bfloat16,float32")
-    parser.add_argument("--metrics", default=",".join(KINDS), help=f"comma-separated measurements, from {list(KINDS)}")
+    parser.add_argument(
+        "--metrics", default=",".join(DEFAULT_KINDS),
+        help=f"comma-separated measurements, from {list(KINDS)} (default: all but ac2_train)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, help="processes per implementation and measurement (default: 3, quick 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every process")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

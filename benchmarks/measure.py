@@ -247,11 +247,15 @@ def measure_train(task: dict, workload: Workload, dtype: torch.dtype, device: to
 def measure_ac_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
     """``train`` with activation checkpointing, the opt-in memory saver: every block recomputed in
     backward (ours: ``apply_activation_checkpointing``, as ``distributed.activation_checkpointing``
-    sets it; transformers: ``gradient_checkpointing_enable()``)."""
+    sets it; transformers: ``gradient_checkpointing_enable()``); "ac2_train": only every second
+    block, the selective variant (``activation_checkpointing_enable(every_n_layers=2)``, the same
+    method on both sides)."""
     if task["impl"] == "automodel":
         raise Unavailable("AutoModel's activation checkpointing is applied by its parallelizer, not wired in here")
     model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
-    if task["impl"] == "hf":
+    if task["kind"] == "ac2_train":
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
+    elif task["impl"] == "hf":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         from ernie45.distributed.activation_checkpoint import apply_activation_checkpointing
@@ -431,6 +435,7 @@ def automodel_check() -> dict:
 MEASUREMENTS = {
     "train": measure_train,
     "ac_train": measure_ac_train,
+    "ac2_train": measure_ac_train,
     "lora_train": measure_lora_train,
     "forward": measure_forward,
     "load": measure_load,

@@ -93,6 +93,25 @@ def test_tiny_lora_train_one_rep_trains_the_same_adapters_on_both_sides(tmp_path
     assert over["ours"] == pytest.approx(rows[3]["ours"] / rows[1]["ours"])
 
 
+def test_tiny_selective_checkpointing_runs_on_both_sides_and_reports_its_peak_over_the_full_one(tmp_path):
+    """ac2_train: activation checkpointing of every second block through the method both libraries
+    have (activation_checkpointing_enable(every_n_layers=2)); its rows and its peak over the full
+    fine-tune's; not in the default metrics (the --quick budget)."""
+    common = dict(workload="tiny", dtype="float32", threads=2)
+    written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
+    results = {"train": {}, "ac2_train": {}}
+    for kind in results:
+        for impl in compare.IMPLS:
+            task = dict(common, kind=kind, impl=impl, checkpoint=written["info"]["path"], warmup=0, reps=1)
+            out = measure.run_task(task)
+            assert out["values"][0] > 0, out
+            results[kind][impl] = {"values": out["values"], "peak_rss": [out["peak_rss"]], "unavailable": None}
+    rows = {r["metric"]: r for r in compare.workload_rows(WORKLOADS["tiny"], "float32", results, 50.0, None)}
+    assert {"ac2_train_tokens_per_s", "ac2_peak_rss", "ac2_over_full_peak_rss"} <= set(rows)
+    assert rows["ac2_over_full_peak_rss"]["hf"] == pytest.approx(rows["ac2_peak_rss"]["hf"] / rows["peak_rss"]["hf"])
+    assert "ac2_train" not in compare.parse_args([]).kinds and "ac2_train" in compare.parse_args(["--metrics", "ac2_train"]).kinds
+
+
 def test_tiny_score_scores_the_same_examples_on_both_sides(tmp_path):
     """HellaSwag scoring: ours' evaluate_hellaswag and lm-eval's HFLM over transformers on the same
     fixture examples and tokenizer (fp32: the same accuracies), a row with the ratio; AutoModel n/a."""
