@@ -70,20 +70,27 @@ def test_gpu_peak_by_name_prefers_the_specific_variant():
     assert compare.gpu_bf16_peak_gflops("Tesla T4") is None
 
 
-def test_tiny_lora_train_one_rep_trains_the_same_adapters_on_both_sides(tmp_path):
-    """LoRA steps (ours: ernie45.peft, theirs: HF PEFT) on the same targets: same trainable count, rows."""
+def tiny_training_runs(tmp_path, kinds: tuple[str, ...]) -> tuple[dict, dict]:
+    """One step of each training ``kind`` on both sides (tiny workload, fp32): compare's results
+    and each run's ``info``."""
     common = dict(workload="tiny", dtype="float32", threads=2)
     written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
-    results, trainable = {"train": {}, "lora_train": {}}, {}
-    for kind in results:
+    results, info = {kind: {} for kind in kinds}, {}
+    for kind in kinds:
         for impl in compare.IMPLS:
             task = dict(common, kind=kind, impl=impl, checkpoint=written["info"]["path"], warmup=0, reps=1)
             out = measure.run_task(task)
             assert out["values"][0] > 0, out
             results[kind][impl] = {"values": out["values"], "peak_rss": [out["peak_rss"]], "unavailable": None}
-            if kind == "lora_train":
-                trainable[impl] = out["info"]["trainable_parameters"]
-                assert out["info"]["adapter_dtypes"] == ["torch.float32"]
+            info[kind, impl] = out.get("info", {})
+    return results, info
+
+
+def test_tiny_lora_train_one_rep_trains_the_same_adapters_on_both_sides(tmp_path):
+    """LoRA steps (ours: ernie45.peft, theirs: HF PEFT) on the same targets: same trainable count, rows."""
+    results, info = tiny_training_runs(tmp_path, ("train", "lora_train"))
+    trainable = {impl: info["lora_train", impl]["trainable_parameters"] for impl in compare.IMPLS}
+    assert all(info["lora_train", impl]["adapter_dtypes"] == ["torch.float32"] for impl in compare.IMPLS)
     # 2 layers x rank 16 x (q and o: 64 in + 64 out; k and v: 64 in + 32 out)
     assert trainable["ours"] == trainable["hf"] == 2 * 16 * (2 * (64 + 64) + 2 * (64 + 32))
     rows = compare.workload_rows(WORKLOADS["tiny"], "float32", results, 50.0, None)
@@ -97,15 +104,7 @@ def test_tiny_selective_checkpointing_runs_on_both_sides_and_reports_its_peak_ov
     """ac2_train: activation checkpointing of every second block through the method both libraries
     have (activation_checkpointing_enable(every_n_layers=2)); its rows and its peak over the full
     fine-tune's; not in the default metrics (the --quick budget)."""
-    common = dict(workload="tiny", dtype="float32", threads=2)
-    written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
-    results = {"train": {}, "ac2_train": {}}
-    for kind in results:
-        for impl in compare.IMPLS:
-            task = dict(common, kind=kind, impl=impl, checkpoint=written["info"]["path"], warmup=0, reps=1)
-            out = measure.run_task(task)
-            assert out["values"][0] > 0, out
-            results[kind][impl] = {"values": out["values"], "peak_rss": [out["peak_rss"]], "unavailable": None}
+    results, _ = tiny_training_runs(tmp_path, ("train", "ac2_train"))
     rows = {r["metric"]: r for r in compare.workload_rows(WORKLOADS["tiny"], "float32", results, 50.0, None)}
     assert {"ac2_train_tokens_per_s", "ac2_peak_rss", "ac2_over_full_peak_rss"} <= set(rows)
     assert rows["ac2_over_full_peak_rss"]["hf"] == pytest.approx(rows["ac2_peak_rss"]["hf"] / rows["peak_rss"]["hf"])
