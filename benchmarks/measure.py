@@ -9,7 +9,8 @@ code paths or peak-memory marks. The task is a JSON object; the last stdout line
     {"unavailable": "why"}        (a piece of ours is not there yet: never a made-up number)
 
 Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an HF checkpoint),
-"train" (forward + loss + backward + AdamW step, tokens/s and peak memory), "lora_train" (the same
+"train" (forward + loss + backward + AdamW step, tokens/s and peak memory), "ac_train" / "ac2_train"
+(the same step with activation checkpointing of every block / every second block), "lora_train" (the same
 step with the base frozen in the measured dtype and rank-16 float32 LoRA adapters on attention and
 the routed experts: ours with ``ernie45.peft``, transformers with HF PEFT), "forward" (inference
 tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
@@ -17,7 +18,7 @@ new tokens/s; "serve_decode": the same calls in one serving loop), "score" (Hell
 as each library's evaluation scores them: ours ``evaluate_hellaswag``, the ``ernie45 eval hellaswag``
 path; transformers through lm-evaluation-harness's ``HFLM``, the ``lm_eval --model hf`` path; task
 keys "hellaswag" (the JSONL file) and "examples"), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
-"seq_len" replaces the workload's sequence length (batch 1) for train, lora_train and forward.
+"seq_len" replaces the workload's sequence length (batch 1) for the training kinds and forward.
 Precision: bf16 training is mixed precision as in our recipe and HF Trainer's ``bf16=True`` (fp32
 weights and AdamW state, forward under ``torch.autocast``); inference and loading use the
 checkpoint dtype.
