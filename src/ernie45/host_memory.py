@@ -58,7 +58,9 @@ def keep_freed_host_memory() -> bool:
 
 
 def leave_host_memory_alone() -> None:
-    """Keep glibc's defaults for the rest of the process (a recipe's ``keep_host_memory: false``)."""
+    """Keep glibc's defaults for the rest of the process (a recipe's ``keep_host_memory: false``; the
+    trainer decides before its first forward). NOTE: it cannot undo an earlier keep: ``mallopt``
+    settings switch off glibc's own adaptive thresholds for good."""
     global _decided
     _decided = False
 
