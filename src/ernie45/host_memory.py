@@ -5,7 +5,8 @@ of 32 MB and more) and free memory at the top of its heap. Training steps, forwa
 calls free and allocate the same sizes call after call (logits, activations, oneDNN's packed copy
 of each weight, gradients), so each call then writes into freshly mapped pages, and the first touch
 of each 4 KB page is a page fault that zeroes it: ~0.35 ms per MB on the 2-core VM the benchmarks
-run on, 6-21% of a bf16 training step and ~10% of a forward (benchmarks/PROFILE.md, "Fresh pages").
+run on, 6-21% of a bf16 training step and ~10% of a forward (benchmarks/PROFILE.md, "Fresh pages"
+and "Inference pays fresh pages too").
 
 ``keep_freed_host_memory()`` tells glibc to serve every allocation from its heap (no private
 mappings) and never to shrink the heap, so the next call reuses the pages the last one freed: what
