@@ -27,8 +27,10 @@ from ..distributed import (
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
+from ..distributed.model_parts import decoder_blocks, moe_layer
 from ..peft import LoRALinear, has_adapters, merge, save_adapter
 from ..tokenizer import train_tokenizer
+from .compile import compile_blocks
 from .config import ConfigError, RecipeConfig
 from .data import record_texts
 from .loss import FusedLinearCrossEntropy
@@ -239,11 +241,25 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
     check_peft_model(config, model)
     if getattr(model, "pipeline", None) is not None:
         check_pipeline_batch(config, model)
-    if parallel is None:
-        if config.distributed.activation_checkpointing:  # NOTE: one process recomputes blocks too
-            apply_activation_checkpointing(model)
-        return model.train(), Layout()
-    return model.train(), layout_of(config, runtime)
+    if parallel is None and config.distributed.activation_checkpointing:  # NOTE: one process recomputes blocks too
+        apply_activation_checkpointing(model)
+    if config.compile.enabled:
+        compile_model(config, model)
+    return model.train(), layout_of(config, runtime) if parallel is not None else Layout()
+
+
+def compile_model(config: RecipeConfig, model: nn.Module) -> None:
+    """The ``compile:`` section applied to the laid-out model (after FSDP2, EP and checkpointing)."""
+    moe = any(moe_layer(block) is not None for block in decoder_blocks(model))
+    if moe and config.distributed.activation_checkpointing:
+        raise ConfigError(
+            "compile.enabled with distributed.activation_checkpointing is not supported for MoE models (the "
+            "recompute of a block around its eager routed experts does not match its forward); turn one off"
+        )
+    try:
+        compile_blocks(model, config.compile.settings())
+    except ValueError as err:
+        raise ConfigError(f"compile: {err}") from None
 
 
 def layout_of(config: RecipeConfig, runtime: Runtime) -> Layout:

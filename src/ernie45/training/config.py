@@ -28,6 +28,7 @@ from pydantic import field_validator, model_validator
 from ..auto import from_config, from_pretrained
 from ..distributed.pipeline_split import SCHEDULES, canonical_schedule
 from ..tokenizer import train_tokenizer
+from .compile import CompileSettings, check_settings
 from .preference import check_preference_recipe
 from .registry import allowed_names, canonical_name, check_arguments, default_name, resolve
 
@@ -463,6 +464,28 @@ class PackedSequenceConfig(Section):
     split_across_pack: bool = Field(False, description="cut examples across rows instead of packing whole ones")
 
 
+class CompileConfig(Section):
+    """``torch.compile`` of each decoder block's training forward (AutoModel's keys; ``ernie45.training.compile``)."""
+
+    enabled: bool = False
+    mode: str = Field("default", description="default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
+    fullgraph: bool = Field(False, description="one graph per block, no breaks (dense models only)")
+    dynamic: bool | None = Field(
+        None, description="null: torch's automatic dynamic shapes; false: one compilation per sequence length"
+    )
+    backend: str | None = Field(None, description="a torch.compile backend (null: inductor)")
+    options: dict[str, Any] = Field({}, description="inductor options (instead of mode)")
+    dynamo_cache_size_limit: PositiveInt = Field(256, description="compilations kept per block before it runs eagerly")
+
+    @model_validator(mode="after")
+    def _valid_settings(self):
+        check_settings(self.settings())
+        return self
+
+    def settings(self) -> CompileSettings:
+        return CompileSettings(**self.model_dump(exclude={"enabled"}))
+
+
 class WandbConfig(Section):
     """Weights & Biases: the metrics.jsonl entries logged to a run (needs the wandb package: the ernie45 wandb extra)."""
 
@@ -518,6 +541,7 @@ class RecipeConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     peft: PeftSection | None = Field(None, description="LoRA: train adapters only (None: full fine-tuning)")
     packed_sequence: PackedSequenceConfig = PackedSequenceConfig()
+    compile: CompileConfig = CompileConfig()
     wandb: WandbConfig | None = None
     mlflow: MLflowConfig | None = None
 
@@ -535,6 +559,18 @@ class RecipeConfig(Section):
             raise ValueError("give the backend either as a top-level `backend` section or as `model.backend`, not both")
         if self.lr_scheduler.min_lr > self.optimizer.lr:
             raise ValueError(f"lr_scheduler.min_lr={self.lr_scheduler.min_lr} must not exceed optimizer.lr={self.optimizer.lr}")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_fits(self):
+        if not self.compile.enabled:
+            return self
+        for key in ("tp_size", "cp_size", "pp_size"):
+            if getattr(self.distributed, key) > 1:
+                raise ValueError(
+                    f"compile.enabled with distributed.{key} > 1 is not supported yet (tested: one process, "
+                    "FSDP2 and expert parallelism); set compile.enabled: false"
+                )
         return self
 
     @model_validator(mode="after")
