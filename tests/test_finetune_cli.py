@@ -221,6 +221,10 @@ def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_pa
          ["model.pretrained_model_name_or_path='tiny-ernie4_5' is not a local directory"]),  # before the ranks start
         (["--nproc-per-node=2", "--step_scheduler.local_batch_size=16"],
          ["global_batch_size=16 must be a multiple of local_batch_size=16 x 2 data-parallel ranks"]),
+        (["--compile.mode=fast"], ["compile", "mode='fast' is not a torch.compile mode"]),
+        (["--compile.enabled=true", "--distributed.tp_size=2"], ["compile.enabled with distributed.tp_size > 1"]),
+        (["--compile.enabled=true", "--distributed.activation_checkpointing=true"],
+         ["compile.enabled with distributed.activation_checkpointing is not supported for MoE models"]),
     ],
 )
 def test_bad_configs_are_reported_by_key_without_a_traceback(tmp_path, args, expected):
@@ -324,6 +328,37 @@ def test_expert_parallel_over_two_ranks_follows_the_single_process_curve_across_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["resumed_from_step"] == 4
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single_process_moe), rtol=1e-5, atol=1e-6)
+
+
+# ----- torch.compile ---------------------------------------------------------------------------
+# NOTE: aot_eager runs the compiler's graphs on eager kernels: the same bits as the eager run, and
+# seconds instead of inductor's minutes to build; tests/test_compile.py checks inductor's values.
+COMPILED = ("--compile.enabled=true", "--compile.backend=aot_eager")
+
+
+def test_compiled_blocks_follow_the_eager_curve(tmp_path, dense_dir, straight_run):
+    """AutoModel's compile section: the 0.3B twin (bf16 autocast) trains with compiled blocks and
+    evaluates eagerly; the losses are the straight run's, bit for bit."""
+    out = tmp_path / "run"
+    summary = finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *COMPILED))
+    assert summary["steps"] == 8
+    assert train_losses(out) == straight_run
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["dense_dp2", "moe_ep2"])
+def test_compiled_blocks_on_two_ranks_follow_one_process(tmp_path, dense_dir, moe_dir, straight_run, single_process_moe, kind):
+    """FSDP2 over 2 gloo ranks (dense) and expert parallelism (MoE, ep=2) with compiled blocks."""
+    out = tmp_path / "run"
+    if kind == "dense_dp2":
+        args, expected = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *COMPILED), straight_run
+    else:
+        args = twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, out, *COMPILED, "--distributed.ep_size=2")
+        expected = single_process_moe
+    run = finetune_process(*args, "--nproc-per-node=2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_compute_keeps_fp32_master_state_and_the_bias_update_is_opt_in(tmp_path):
