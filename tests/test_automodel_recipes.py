@@ -168,6 +168,25 @@ def test_every_key_of_the_recipe_is_read(recipe_file):
     config.build_backend()  # what BackendConfig refuses was replaced
 
 
+# The compile section of AutoModel's other llm_finetune recipes (baichuan_2_7b_squad.yaml), upstream's text.
+AUTOMODEL_COMPILE = """\
+compile:
+  enabled: false
+  mode: "default"  # Options: "default", "reduce-overhead", "max-autotune"
+  fullgraph: false
+  dynamic: true  # Set to false for better performance with fixed shapes
+  backend: null  # Use default backend (inductor)
+"""
+
+
+def test_automodels_compile_section_is_read(tmp_path):
+    path = tmp_path / "with_compile.yaml"
+    path.write_text(AUTOMODEL_RECIPE + AUTOMODEL_COMPILE)
+    assert load_recipe(path).compile.model_dump() == dict(
+        enabled=False, mode="default", fullgraph=False, dynamic=True, backend=None, options={}, dynamo_cache_size_limit=256
+    )
+
+
 @pytest.mark.parametrize(
     "given, expected", [(True, "every"), (False, "false"), ("final", "final"), ("every", "every"), ("false", "false")]
 )
