@@ -28,7 +28,10 @@ lora_over_full_peak_rss (each side's LoRA peak over its own full fine-tune's); t
 saver, activation checkpointing (ours: ``distributed.activation_checkpointing``, transformers:
 ``gradient_checkpointing_enable()``): ac_train_tokens_per_s, ac_peak_rss, ac_over_full_peak_rss;
 and its selective variant, every second block only (``activation_checkpointing_enable(every_n_layers=2)``
-on both sides): ac2_train_tokens_per_s, ac2_peak_rss, ac2_over_full_peak_rss.
+on both sides): ac2_train_tokens_per_s, ac2_peak_rss, ac2_over_full_peak_rss; and the opt-in
+compiler, ``torch.compile`` of each decoder block (ours: the recipe's ``compile:`` section,
+transformers: each decoder layer's ``compile()``; the first step, which compiles, is the warm-up):
+compile_train_tokens_per_s, compile_peak_rss.
 A piece of ours that is missing shows as n/a.
 
 ``--dtypes auto`` picks bf16 where the CPU multiplies bf16 natively (bf16 ceiling above fp32's),
@@ -74,13 +77,14 @@ MEASURE = Path(__file__).resolve().with_name("measure.py")
 HOST_MEMORY_MODES = ("shipped", "system", "keep")
 KEEP_HOST_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 OURS_OPT_OUT = "ERNIE45_KEEP_HOST_MEMORY"  # "0": ernie45 leaves glibc's defaults
-TRAINER_KINDS = ("train", "ac_train", "ac2_train", "lora_train")  # training steps: ours keep host memory from the start on CPU, as its trainer does
+TRAINER_KINDS = ("train", "ac_train", "ac2_train", "lora_train", "compile_train")  # training steps: ours keep host memory from the start on CPU, as its trainer does
 IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
-KINDS = ("train", "ac_train", "ac2_train", "lora_train", "forward", "score", "load", "decode", "serve_decode")
+KINDS = ("train", "ac_train", "ac2_train", "lora_train", "compile_train", "forward", "score", "load", "decode", "serve_decode")
 SWEPT_KINDS = ("train", "ac_train", "ac2_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
-DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "ac2_train")  # NOTE: the selective saver when asked, to keep --quick's budget
+OPT_IN_KINDS = ("ac2_train", "compile_train")  # NOTE: measured when asked, to keep --quick's budget
+DEFAULT_KINDS = tuple(kind for kind in KINDS if kind not in OPT_IN_KINDS)
 SETUP_AUTOMODEL = "benchmarks/setup_automodel.sh"
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
@@ -110,8 +114,8 @@ FULL = Plan(
 # NOTE: sized so that dense-0.3b + mini-moe + tiny in one dtype fit in 20 minutes on 2 cores.
 QUICK = Plan(
     rounds=1,
-    warmup=dict(train=1, ac_train=1, ac2_train=1, lora_train=1, forward=1, score=0, load=1, decode=1, serve_decode=1),
-    reps=dict(train=2, ac_train=2, ac2_train=2, lora_train=2, forward=2, score=1, load=2, decode=1, serve_decode=1),
+    warmup=dict(train=1, ac_train=1, ac2_train=1, lora_train=1, compile_train=1, forward=1, score=0, load=1, decode=1, serve_decode=1),
+    reps=dict(train=2, ac_train=2, ac2_train=2, lora_train=2, compile_train=2, forward=2, score=1, load=2, decode=1, serve_decode=1),
     min_seconds=2.0,
     ceiling_budget_s=10.0,
 )
@@ -229,6 +233,7 @@ MEMORY_OF = {
     "train_tokens_per_s": "peak_rss",
     "ac_train_tokens_per_s": "ac_peak_rss",
     "ac2_train_tokens_per_s": "ac2_peak_rss",
+    "compile_train_tokens_per_s": "compile_peak_rss",
     "lora_train_tokens_per_s": "lora_peak_rss",
 }
 
@@ -419,6 +424,8 @@ def workload_rows(
         row("ac_train", "ac_peak_rss", "bytes", largest("peak_rss")),
         row("ac2_train", "ac2_train_tokens_per_s", "tokens/s", values),
         row("ac2_train", "ac2_peak_rss", "bytes", largest("peak_rss")),
+        row("compile_train", "compile_train_tokens_per_s", "tokens/s", values),
+        row("compile_train", "compile_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_train_tokens_per_s", "tokens/s", values),
         row("lora_train", "lora_peak_rss", "bytes", largest("peak_rss")),
         row("lora_train", "lora_peak_gpu_memory", "bytes", largest("peak_device_memory")) if on_gpu else None,
@@ -455,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="auto", help="'auto', or comma-separated from bfloat16,float32")
     parser.add_argument(
         "--metrics", default=",".join(DEFAULT_KINDS),
-        help=f"comma-separated measurements, from {list(KINDS)} (default: all but ac2_train)",
+        help=f"comma-separated measurements, from {list(KINDS)} (default: all but {', '.join(OPT_IN_KINDS)})",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, help="processes per implementation and measurement (default: 3, quick 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every process")

@@ -10,7 +10,8 @@ code paths or peak-memory marks. The task is a JSON object; the last stdout line
 
 Tasks (``kind``): "ceiling" (matmul GFLOP/s per dtype), "checkpoint" (write an HF checkpoint),
 "train" (forward + loss + backward + AdamW step, tokens/s and peak memory), "ac_train" / "ac2_train"
-(the same step with activation checkpointing of every block / every second block), "lora_train" (the same
+(the same step with activation checkpointing of every block / every second block), "compile_train" (the
+same step with each decoder block compiled), "lora_train" (the same
 step with the base frozen in the measured dtype and rank-16 float32 LoRA adapters on attention and
 the routed experts: ours with ``ernie45.peft``, transformers with HF PEFT), "forward" (inference
 tokens/s), "load" (checkpoint directory -> ready model, seconds), "decode" (greedy generate,
@@ -266,6 +267,24 @@ def measure_ac_train(task: dict, workload: Workload, dtype: torch.dtype, device:
     return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
 
 
+def measure_compile_train(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
+    """``train`` with each decoder block compiled (inductor): ours as the recipe's ``compile:`` section
+    does (``compile_blocks``: training forwards compiled, MoE routing eager), transformers by each
+    decoder layer's ``compile()``. The first (warm-up) step compiles; only later steps are timed."""
+    if task["impl"] == "automodel":
+        raise Unavailable("AutoModel compiles the whole model in its recipe, not wired in here")
+    model = load_model(task["impl"], workload, task["checkpoint"], torch.float32, device).train()
+    if task["impl"] == "hf":
+        for layer in model.model.layers:
+            layer.compile()
+    else:
+        from ernie45.training.compile import CompileSettings, compile_blocks
+
+        compile_blocks(model, CompileSettings())
+    step = train_step(model, list(model.parameters()), 1e-5, task, workload, dtype, device)
+    return {"values": [workload.tokens / s for s in repeated(step, device, task)], "unit": "tokens/s"}
+
+
 LORA_RANK, LORA_ALPHA = 16, 32
 
 
@@ -438,6 +457,7 @@ MEASUREMENTS = {
     "ac_train": measure_ac_train,
     "ac2_train": measure_ac_train,
     "lora_train": measure_lora_train,
+    "compile_train": measure_compile_train,
     "forward": measure_forward,
     "load": measure_load,
     "decode": measure_decode,

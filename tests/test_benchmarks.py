@@ -111,6 +111,17 @@ def test_tiny_selective_checkpointing_runs_on_both_sides_and_reports_its_peak_ov
     assert "ac2_train" not in compare.parse_args([]).kinds and "ac2_train" in compare.parse_args(["--metrics", "ac2_train"]).kinds
 
 
+@pytest.mark.slow
+def test_tiny_compiled_blocks_train_on_both_sides(tmp_path):
+    """compile_train: each decoder block compiled by inductor (ours: compile_blocks, as the recipe's
+    compile section; transformers: each decoder layer's compile()); its rows; opt-in, not a default."""
+    results, _ = tiny_training_runs(tmp_path, ("compile_train",))
+    rows = {r["metric"]: r for r in compare.workload_rows(WORKLOADS["tiny"], "float32", results, 50.0, None)}
+    assert rows["compile_train_tokens_per_s"]["ours"] > 0 and rows["compile_train_tokens_per_s"]["hf"] > 0
+    assert rows["compile_peak_rss"]["ours"] > 0 and rows["compile_peak_rss"]["hf"] > 0
+    assert "compile_train" not in compare.parse_args([]).kinds
+
+
 def test_tiny_score_scores_the_same_examples_on_both_sides(tmp_path):
     """HellaSwag scoring: ours' evaluate_hellaswag and lm-eval's HFLM over transformers on the same
     fixture examples and tokenizer (fp32: the same accuracies), a row with the ratio; AutoModel n/a."""
