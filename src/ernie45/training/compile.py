@@ -12,8 +12,10 @@ The wrappers' hooks (FSDP2, activation checkpointing) stay outside the region, e
 * Only training-mode forwards run compiled. Evaluation and generation (eval mode: new shapes on
   every call, KV caches) run the eager forward, so they never trigger a recompilation.
 
-What it buys on a 2-core CPU in bf16 (``benchmarks/PROFILE.md``): dense-0.3b 125-128 vs 115-120
-tokens/s after a first step of ~27 s, the mini-MoE within noise. GPUs fuse more.
+What it buys on a 2-core CPU in bf16 (``benchmarks/compare.py --metrics train,compile_train``,
+``benchmarks/PROFILE.md``): little. Dense-0.3b 117 vs 116 tokens/s eager, the mini-MoE 236 vs 222,
+at the same peak memory; the step is matmuls and the attention kernel, which compiling leaves as
+they are. The first step pays the compilation (~27 s for the 0.3B with a cold cache).
 """
 
 from __future__ import annotations
