@@ -345,7 +345,7 @@ def test_the_synthetic_task_learns_to_prefer_the_chosen_answers(tmp_path):
     assert summary["preference"]["accuracies_last"] >= 0.9 and summary["val_loss_after"] < 0.5 < summary["val_loss_before"]
 
 
-def test_resume_is_exact_and_a_precomputed_reference_gives_the_same_run(tmp_path):
+def test_resume_is_exact_and_a_precomputed_reference_or_compiled_blocks_give_the_same_run(tmp_path):
     common = [str(DEFAULT), "--dataset.num_examples=200", "--step_scheduler.max_steps=6", "--step_scheduler.ckpt_every_steps=3", "--validation_dataset=null",
               "--lr_scheduler.lr_decay_steps=6", "--checkpoint.save_consolidated=false"]  # fmt: skip
     finetune(*common, f"--output_dir={tmp_path / 'straight'}")
@@ -357,6 +357,10 @@ def test_resume_is_exact_and_a_precomputed_reference_gives_the_same_run(tmp_path
     finetune(*common, f"--output_dir={tmp_path / 'precomputed'}", "--dpo.precompute_ref_log_probs=true")
     for key in ("loss", "rewards/margins"):
         torch.testing.assert_close(torch.tensor(metric(tmp_path / "precomputed", key)), torch.tensor(metric(tmp_path / "straight", key)))
+    # compile: the policy's blocks compiled (aot_eager: the compiler's graphs on eager kernels), the same bits
+    finetune(*common, f"--output_dir={tmp_path / 'compiled'}", "--compile.enabled=true", "--compile.backend=aot_eager")
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert metric(tmp_path / "compiled", key) == metric(tmp_path / "straight", key)
 
 
 # ----- LoRA's reference, and two gloo ranks against one process ----------------------------------

@@ -346,6 +346,14 @@ def test_compiled_blocks_follow_the_eager_curve(tmp_path, dense_dir, straight_ru
 
 
 @pytest.mark.slow
+def test_compiled_blocks_with_lora_follow_the_eager_lora_run(tmp_path, dense_dir):
+    lora = ("--peft.target_modules=['*_proj']", "--checkpoint.enabled=false")
+    finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, tmp_path / "eager", *lora))
+    finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, tmp_path / "compiled", *lora, *COMPILED))
+    assert train_losses(tmp_path / "compiled") == train_losses(tmp_path / "eager")
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["dense_dp2", "moe_ep2"])
 def test_compiled_blocks_on_two_ranks_follow_one_process(tmp_path, dense_dir, moe_dir, straight_run, single_process_moe, kind):

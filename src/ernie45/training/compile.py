@@ -79,7 +79,11 @@ def check_settings(settings: CompileSettings) -> None:
 
 
 def compile_blocks(model: nn.Module, settings: CompileSettings) -> None:
-    """Compile every decoder block's training forward in place (names and state dict unchanged)."""
+    """Compile every decoder block's training forward in place (names and state dict unchanged).
+
+    NOTE: call it on the model you train, after any copy of it is made: each block's new forward
+    belongs to that block, so a ``copy.deepcopy`` made afterwards would still run the original's.
+    """
     check_settings(settings)
     blocks = decoder_blocks(model)
     if settings.fullgraph and any(moe_layer(block) is not None for block in blocks):
