@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Ernie4_5ForCausalLM as HFErnie
 
 import ernie45
@@ -84,6 +85,27 @@ def test_a_query_that_sees_no_key_gets_zeros_and_finite_gradients_in_every_kerne
     with torch.no_grad():  # NOTE: flex has no backward on CPU
         flex = ATTENTION_KERNELS["flex"](q.detach(), k.detach(), v.detach(), mask, 8**-0.5)
     torch.testing.assert_close(flex, outputs["sdpa"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_bf16_query_over_a_cache_is_the_fp32_kernel_rounded_and_no_less_accurate(dtype, masked):
+    """Decoding on a CPU: one reduced-precision query per sequence runs torch's kernel in fp32 (much
+    faster there) and is rounded once; its error against fp64 is at most that of the kernel in dtype."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 32, generator=generator)  # 8 query heads over 2 key/value heads
+    k, v = (torch.randn(3, 2, 200, 32, generator=generator) for _ in range(2))
+    mask = None
+    if masked:  # left padding: the first rows' keys start late
+        mask = build_attention_mask(torch.arange(200).expand(3, 200) >= torch.tensor([[0], [37], [150]]), 1)
+    low = [t.to(dtype) for t in (q, k, v)]
+    ours = ATTENTION_KERNELS["sdpa"](*low, mask, 32**-0.5)
+    assert ours.dtype == dtype
+    as_fp32 = F.scaled_dot_product_attention(*(t.float() for t in low), attn_mask=mask, scale=32**-0.5, enable_gqa=True)
+    assert torch.equal(ours, as_fp32.to(dtype))
+    exact = F.scaled_dot_product_attention(*(t.double() for t in low), attn_mask=mask, scale=32**-0.5, enable_gqa=True)
+    in_dtype = F.scaled_dot_product_attention(*low, attn_mask=mask, scale=32**-0.5, enable_gqa=True)
+    assert (ours.double() - exact).abs().mean() <= (in_dtype.double() - exact).abs().mean()
 
 
 def test_flex_attention_forward_matches(tmp_path):
