@@ -355,12 +355,16 @@ def test_compiled_blocks_with_lora_follow_the_eager_lora_run(tmp_path, dense_dir
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["dense_dp2", "moe_ep2"])
+@pytest.mark.parametrize("kind", ["dense_dp2", "dense_cp2", "dense_pp2", "moe_ep2"])
 def test_compiled_blocks_on_two_ranks_follow_one_process(tmp_path, dense_dir, moe_dir, straight_run, single_process_moe, kind):
-    """FSDP2 over 2 gloo ranks (dense) and expert parallelism (MoE, ep=2) with compiled blocks."""
+    """Compiled blocks on 2 gloo ranks: FSDP2 (dense), context parallelism (each sequence split), pipeline
+    stages (one layer each) and expert parallelism (MoE, ep=2)."""
     out = tmp_path / "run"
-    if kind == "dense_dp2":
-        args, expected = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *COMPILED), straight_run
+    layouts = {"dense_dp2": (), "dense_cp2": ("--distributed.cp_size=2",), "dense_pp2": ("--distributed.pp_size=2",)}
+    if kind in layouts:
+        args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *COMPILED, *layouts[kind])
+        args += ["--step_scheduler.local_batch_size=8"] if layouts[kind] else []
+        expected = straight_run
     else:
         args = twin("ernie4_5_21b_a3b_hellaswag_cpu.yaml", moe_dir, out, *COMPILED, "--distributed.ep_size=2")
         expected = single_process_moe
