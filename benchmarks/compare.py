@@ -54,6 +54,7 @@ the allocator out of the picture.
 sequence length, batch 1, and prints one row per length and metric: tokens/s of each side, the
 ratio, and for training the ratio of peak memory (JSON rows carry "seq_len"). load and decode run
 once at the workload's own shapes. Without the flag: each workload's own seq_len, as always.
+``--prompt-len N`` gives decode and serve_decode prompts of N tokens (default: the workload's 64).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ IMPLS = ("ours", "hf")
 PEERS = ("automodel",)  # optional further columns, each with a ratio ours/peer
 LABELS = {"ours": "ours", "hf": "transformers", "automodel": "AutoModel"}
 KINDS = ("train", "ac_train", "ac2_train", "lora_train", "compile_train", "forward", "score", "load", "decode", "serve_decode")
+DECODE_KINDS = ("decode", "serve_decode")  # the measurements --prompt-len applies to
 SWEPT_KINDS = ("train", "ac_train", "ac2_train", "lora_train", "forward")  # the measurements --seq-lens repeats per length
 OPT_IN_KINDS = ("ac2_train", "compile_train")  # NOTE: measured when asked, to keep --quick's budget
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind not in OPT_IN_KINDS)
@@ -366,6 +368,8 @@ def measure_workload(
                 )  # fmt: skip
                 if seq_len:
                     task["seq_len"] = seq_len
+                if args.prompt_len and kind in DECODE_KINDS:
+                    task["prompt_len"] = args.prompt_len
                 if kind == "score":
                     task.update(hellaswag=str(args.hellaswag), examples=args.score_examples)
                 started = time.perf_counter()
@@ -491,6 +495,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seq-lens", default="", help=f"comma-separated sequence lengths (batch 1, at most {MAX_POSITIONS}) at which "
         f"{'/'.join(SWEPT_KINDS)} run, one row per length; default: each workload's own",
     )  # fmt: skip
+    parser.add_argument(
+        "--prompt-len", type=int, default=None,
+        help="prompt tokens of decode/serve_decode (default: each workload's own, 64); new tokens stay the workload's",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.workload_list = [WORKLOADS[name] for name in args.workloads.split(",")]
     args.kinds = [kind for kind in args.metrics.split(",") if kind]
@@ -506,6 +514,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seq_len_list = parse_seq_lens(parser, args.seq_lens)
     if args.seq_len_list and not set(args.kinds) & set(SWEPT_KINDS):
         parser.error(f"--seq-lens applies to {list(SWEPT_KINDS)}; --metrics {args.metrics!r} has none of them")
+    if args.prompt_len is not None:
+        longest = max(MAX_POSITIONS - w.new_tokens for w in args.workload_list)
+        if not 1 <= args.prompt_len <= longest:
+            parser.error(f"--prompt-len {args.prompt_len}: must be in 1..{longest} (the new tokens must fit too)")
+        if not set(args.kinds) & set(DECODE_KINDS):
+            parser.error(f"--prompt-len applies to {list(DECODE_KINDS)}; --metrics {args.metrics!r} has none of them")
     args.impls = IMPLS  # the peers join in main() once their environment answers
     return args
 
@@ -541,7 +555,8 @@ def machine_description(args) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     load_text = f", load average {load[0]:.2f}" if load else ""
     device = device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
-    return f"{device}, {args.threads} threads, torch {torch.__version__}{load_text}, --host-memory {args.host_memory}"
+    prompts = f", decode prompts of {args.prompt_len} tokens" if args.prompt_len else ""
+    return f"{device}, {args.threads} threads, torch {torch.__version__}{load_text}, --host-memory {args.host_memory}{prompts}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,8 @@ new tokens/s; "serve_decode": the same calls in one serving loop), "score" (Hell
 as each library's evaluation scores them: ours ``evaluate_hellaswag``, the ``ernie45 eval hellaswag``
 path; transformers through lm-evaluation-harness's ``HFLM``, the ``lm_eval --model hf`` path; task
 keys "hellaswag" (the JSONL file) and "examples"), "automodel_check" (NeMo AutoModel imports here: its versions). A task's optional
-"seq_len" replaces the workload's sequence length (batch 1) for the training kinds and forward.
+"seq_len" replaces the workload's sequence length (batch 1) for the training kinds and forward;
+"prompt_len" the decode prompt's length.
 Precision: bf16 training is mixed precision as in our recipe and HF Trainer's ``bf16=True`` (fp32
 weights and AdamW state, forward under ``torch.autocast``); inference and loading use the
 checkpoint dtype.
@@ -365,7 +366,7 @@ def measure_decode(task: dict, workload: Workload, dtype: torch.dtype, device: t
         from ernie45.models.linear import prepacked_weights
     with prepacked_weights(model) if serving else contextlib.nullcontext():
         seconds = repeated(run, device, task)
-    return {"values": [workload.batch * new / s for s in seconds], "unit": "tokens/s"}
+    return {"values": [workload.batch * new / s for s in seconds], "unit": "tokens/s", "info": {"prompt_tokens": ids.shape[1]}}
 
 
 SCORE_BATCH = 16  # ``ernie45 eval``'s default; lm-eval's HFLM gets the same
@@ -477,6 +478,8 @@ def run_task(task: dict) -> dict:
     workload = WORKLOADS[task["workload"]]
     if task.get("seq_len"):
         workload = dataclasses.replace(workload, batch=1, seq_len=task["seq_len"])
+    if task.get("prompt_len"):
+        workload = dataclasses.replace(workload, prompt_len=task["prompt_len"])
     if task["kind"] == "checkpoint":
         path = ensure_checkpoint(workload, task["dtype"], Path(task["cache_dir"]))
         return {"values": [], "unit": "", "info": {"path": str(path)}}

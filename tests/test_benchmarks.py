@@ -141,6 +141,20 @@ def test_tiny_score_scores_the_same_examples_on_both_sides(tmp_path):
     assert row["metric"] == "score_examples_per_s" and row["ratio"] == pytest.approx(row["ours"] / row["hf"])
 
 
+def test_prompt_len_sets_the_decode_prompt_and_is_checked(tmp_path):
+    assert compare.parse_args(["--metrics", "decode,serve_decode", "--prompt-len", "1024"]).prompt_len == 1024
+    for bad in (["--metrics", "decode", "--prompt-len", "0"], ["--metrics", "decode", "--prompt-len", "4090"],
+                ["--metrics", "train", "--prompt-len", "100"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            compare.parse_args(bad)
+    common = dict(workload="tiny", dtype="float32", threads=2)
+    written = measure.run_task(dict(common, kind="checkpoint", cache_dir=str(tmp_path)))
+    task = dict(common, kind="decode", checkpoint=written["info"]["path"], warmup=0, reps=1, prompt_len=40)
+    for impl in compare.IMPLS:
+        out = measure.run_task(dict(task, impl=impl))
+        assert out["values"][0] > 0 and out["info"]["prompt_tokens"] == 40
+
+
 def test_host_memory_modes_pick_the_processes_that_keep_freed_memory():
     shipped = {(impl, kind): compare.host_memory_setting("shipped", impl, kind, "cpu")
                for impl in ("ours", "hf", "automodel") for kind in compare.KINDS}  # fmt: skip
