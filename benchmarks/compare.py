@@ -515,7 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seq_len_list and not set(args.kinds) & set(SWEPT_KINDS):
         parser.error(f"--seq-lens applies to {list(SWEPT_KINDS)}; --metrics {args.metrics!r} has none of them")
     if args.prompt_len is not None:
-        longest = max(MAX_POSITIONS - w.new_tokens for w in args.workload_list)
+        longest = min(MAX_POSITIONS - w.new_tokens for w in args.workload_list)
         if not 1 <= args.prompt_len <= longest:
             parser.error(f"--prompt-len {args.prompt_len}: must be in 1..{longest} (the new tokens must fit too)")
         if not set(args.kinds) & set(DECODE_KINDS):

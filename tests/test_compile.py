@@ -92,9 +92,13 @@ def test_bad_settings_are_named(settings, message):
     assert message in str(err.value)
 
 
-def test_fullgraph_is_refused_for_moe_blocks():
+def test_fullgraph_and_activation_checkpointing_are_refused_for_moe_blocks():
     with pytest.raises(ValueError, match="fullgraph=true: a MoE block's routed experts run eagerly"):
         compile_blocks(moe_model(seed=0), CompileSettings(fullgraph=True, backend="aot_eager"))
+    checkpointed = moe_model(seed=0)
+    checkpointed.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="activation checkpointing of a MoE model cannot run compiled blocks"):
+        compile_blocks(checkpointed, CompileSettings(backend="aot_eager"))
 
 
 def test_torch_compile_keywords():

@@ -89,7 +89,7 @@ def test_a_query_that_sees_no_key_gets_zeros_and_finite_gradients_in_every_kerne
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("masked", [False, True])
-def test_one_bf16_query_over_a_cache_is_the_fp32_kernel_rounded_and_no_less_accurate(dtype, masked):
+def test_one_low_precision_query_over_a_cache_is_the_fp32_kernel_rounded_and_no_less_accurate(dtype, masked):
     """Decoding on a CPU: one reduced-precision query per sequence runs torch's kernel in fp32 (much
     faster there) and is rounded once; its error against fp64 is at most that of the kernel in dtype."""
     generator = torch.Generator().manual_seed(0)

@@ -224,7 +224,7 @@ def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_usable(tmp_pa
         (["--compile.mode=fast"], ["compile", "mode='fast' is not a torch.compile mode"]),
         (["--compile.enabled=true", "--distributed.tp_size=2"], ["compile.enabled with distributed.tp_size > 1"]),
         (["--compile.enabled=true", "--distributed.activation_checkpointing=true"],
-         ["compile.enabled with distributed.activation_checkpointing is not supported for MoE models"]),
+         ["compile: activation checkpointing of a MoE model cannot run compiled blocks"]),
     ],
 )
 def test_bad_configs_are_reported_by_key_without_a_traceback(tmp_path, args, expected):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed.activation_checkpoint import is_checkpointed
 from ..distributed.model_parts import decoder_blocks, moe_layer
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -81,16 +82,23 @@ def check_settings(settings: CompileSettings) -> None:
 def compile_blocks(model: nn.Module, settings: CompileSettings) -> None:
     """Compile every decoder block's training forward in place (names and state dict unchanged).
 
-    NOTE: call it on the model you train, after any copy of it is made: each block's new forward
-    belongs to that block, so a ``copy.deepcopy`` made afterwards would still run the original's.
+    NOTE: call it on the model you train, after its activation checkpointing and any copy of it: each
+    block's new forward belongs to that block, so a ``copy.deepcopy`` made afterwards would still run
+    the original's.
     """
     check_settings(settings)
     blocks = decoder_blocks(model)
-    if settings.fullgraph and any(moe_layer(block) is not None for block in blocks):
-        raise ValueError(
-            "fullgraph=true: a MoE block's routed experts run eagerly inside its compiled forward (a graph "
-            "break: their shapes follow the routing); set fullgraph to false"
-        )
+    if any(moe_layer(block) is not None for block in blocks):
+        if settings.fullgraph:
+            raise ValueError(
+                "fullgraph=true: a MoE block's routed experts run eagerly inside its compiled forward (a graph "
+                "break: their shapes follow the routing); set fullgraph to false"
+            )
+        if is_checkpointed(model):
+            raise ValueError(
+                "activation checkpointing of a MoE model cannot run compiled blocks (the recompute of a block around "
+                "its eager routed experts does not match its forward); turn one of them off"
+            )
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, settings.dynamo_cache_size_limit)

@@ -27,7 +27,6 @@ from ..distributed import (
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
-from ..distributed.model_parts import decoder_blocks, moe_layer
 from ..peft import LoRALinear, has_adapters, merge, save_adapter
 from ..tokenizer import train_tokenizer
 from .compile import compile_blocks
@@ -250,12 +249,6 @@ def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.M
 
 def compile_model(config: RecipeConfig, model: nn.Module) -> None:
     """The ``compile:`` section applied to the laid-out model (after FSDP2, EP and checkpointing)."""
-    moe = any(moe_layer(block) is not None for block in decoder_blocks(model))
-    if moe and config.distributed.activation_checkpointing:
-        raise ConfigError(
-            "compile.enabled with distributed.activation_checkpointing is not supported for MoE models (the "
-            "recompute of a block around its eager routed experts does not match its forward); turn one off"
-        )
     try:
         compile_blocks(model, config.compile.settings())
     except ValueError as err:
