@@ -156,3 +156,43 @@ def test_keep_host_memory_is_on_by_default_and_refuses_a_non_boolean():
     assert DistEnvConfig().keep_host_memory is True
     with pytest.raises((ConfigError, ValueError), match="keep_host_memory"):
         DistEnvConfig(keep_host_memory="sometimes")
+
+
+def _transparent_huge_pages() -> str | None:
+    """The kernel's THP mode ("always", "madvise", "never"), None where it has none."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping of this process that holds ``address``."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                start, stop = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < stop
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(_transparent_huge_pages() in (None, "never"), reason="the kernel has no transparent huge pages to ask for")
+def test_empty_in_huge_pages_asks_for_huge_pages_and_is_an_ordinary_tensor():
+    """``madvise(MADV_HUGEPAGE)`` marks the mapping "hg"; the tensor itself is torch.empty's."""
+    tensor = host_memory.empty_in_huge_pages((3, 4 * 2**20), torch.bfloat16)  # 24 MB
+    assert tensor.shape == (3, 4 * 2**20) and tensor.dtype == torch.bfloat16 and tensor.is_contiguous()
+    middle = tensor.data_ptr() + tensor.numel() * tensor.element_size() // 2
+    assert "hg" in _vm_flags(middle)
+    tensor.fill_(1.5)
+    assert tensor.sum(dtype=torch.float64).item() == 1.5 * tensor.numel()
+
+
+def test_empty_in_huge_pages_of_a_small_or_empty_tensor_is_plain_empty():
+    for shape in [(0, 8), (3,), (1000, 10)]:
+        tensor = host_memory.empty_in_huge_pages(shape, torch.float32)
+        assert tensor.shape == shape and tensor.dtype == torch.float32

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..host_memory import empty_in_huge_pages
 from .safetensors_io import CheckpointError, CheckpointFiles
 
 _EXPERTS = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
@@ -83,13 +84,18 @@ def read_native(
     if not match:
         _check(files, native_key, native_shape, "the model")
         tensor = files.get_slice(native_key, index) if index else files.get(native_key)
-        value = tensor.to(device=device, dtype=dtype)
+        if torch.device(device).type == "cpu" and dtype not in (None, tensor.dtype):
+            value = empty_in_huge_pages(tuple(tensor.shape), dtype).copy_(tensor)
+        else:
+            value = tensor.to(device=device, dtype=dtype)
         if value.data_ptr() != tensor.data_ptr():
             files.copied(native_key)
         return value
     full = _full_index(native_shape, index)
     dtype = dtype or files.dtype(_expert_parts(files, match, native_shape, 0)[0])
-    out = torch.empty([max(0, s.stop - s.start) for s in full], dtype=dtype, device=device)
+    shape = tuple(max(0, s.stop - s.start) for s in full)
+    cpu = torch.device(device).type == "cpu"
+    out = empty_in_huge_pages(shape, dtype) if cpu else torch.empty(shape, dtype=dtype, device=device)
     _read_experts_into(files, match, native_shape, out, full, _copy_mapped)
     return out
 
