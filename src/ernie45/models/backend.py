@@ -53,8 +53,9 @@ class BackendConfig:
         uniform weights, for throughput tests only. gate_precision: router compute dtype
         (default float32). prepack_cpu_inference: CPU bf16 generation and evaluation multiply by
         oneDNN-prepacked copies of the linear weights (bitwise the same logits, faster decoding;
-        one extra copy of those weights while a ``prepacked_weights`` block is open; see
-        ``models/linear.py``).
+        one extra copy of those weights while a ``prepacked_weights`` block is open), and fp32
+        calls of a few rows (decode steps) by oneDNN on the plain weights (no copy; equal within
+        fp32 rounding); see ``models/linear.py``.
     """
 
     attn: str = "sdpa"

@@ -18,13 +18,22 @@ autograd needed, bf16 weights, contiguous bf16 input) multiply by a copy of the 
 oneDNN's own layout. The product is the same oneDNN kernel on the same numbers: the result is
 bitwise equal to ``F.linear`` (tested).
 
+In fp32 there is nothing to pack, but the call itself is slow for a few rows: ``F.linear`` goes to
+MKL, whose product of one row (decode) or a few (batched decode) runs at ~13 GiB/s of weight on
+the 2-core development VM (AVX2, no native bf16), where oneDNN, given the plain weight, reaches
+~23 GiB/s (1.3-2.9x faster at 1-32 rows; at 64 rows and more the two are level). So inside a block
+an fp32 inference call of at most ``FP32_ONEDNN_MAX_ROWS`` rows goes to oneDNN with the layer's own
+weight: no copy, nothing to go stale. The sum runs in another order than MKL's, so results differ
+from ``F.linear`` within fp32 rounding (tested at rtol 1e-5), not bitwise.
+
 The copy is made on first use inside a block and freed when the outermost block ends (making it
 costs ~0.4 s for the 0.3B, so a serving loop keeps one block open around many ``generate`` calls).
 Inside a block it is checked against the weight's storage and version on every call; writes
 through ``.data`` (PEFT's merge, EMA updates) leave the version unchanged, so weights must not be
 changed that way inside a block; between blocks anything goes. ``train()`` and ``.to()`` drop it.
-The price is one extra copy of the linear weights while a block is open;
-``BackendConfig(prepack_cpu_inference=False)`` (or ``set_prepacking(model, False)``) turns it off.
+The price is one extra copy of the linear weights (bf16) while a block is open;
+``BackendConfig(prepack_cpu_inference=False)`` (or ``set_prepacking(model, False)``) turns both
+routes off.
 FSDP turns it off: its weights are gathered per forward, and a packed copy would keep the whole
 gathered weight on every rank.
 """
@@ -41,17 +50,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+FP32_ONEDNN_MAX_ROWS = 32  # fp32 inference rows sent to oneDNN inside a block (see the module docstring)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """oneDNN is built into this torch (the fp32 route)."""
+    return torch.backends.mkldnn.is_available()
+
+
 @functools.cache
 def prepacking_available() -> bool:
-    """oneDNN is built in and this CPU multiplies bf16 with it."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """oneDNN is built in and this CPU multiplies bf16 with it (the bf16 prepacked route)."""
+    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def set_prepacking(model: nn.Module, enabled: bool) -> None:
-    """Turn the prepacked inference weights of every ``Linear`` in ``model`` on or off."""
+    """Turn the oneDNN inference routes (bf16 prepacked, fp32 few-row) of every ``Linear`` in
+    ``model`` on or off."""
     for module in model.modules():
         if isinstance(module, Linear):
-            module.prepack = enabled and prepacking_available()
+            module.prepack = enabled and onednn_available()
             module._packed = None
 
 
@@ -155,16 +174,16 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **factory):
         super().__init__(in_features, out_features, bias=bias, **factory)
-        self.prepack = prepacking_available()
+        self.prepack = onednn_available()
         self._packed: _Packed | None = None
         self._blocks = 0  # open prepacked_weights blocks around this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_block = self.prepack and self._blocks and not torch.compiler.is_compiling()
-        packed = self._packed_weight(x) if in_block else None
-        if packed is None:
+        weight = self._onednn_weight(x) if in_block else None
+        if weight is None:
             return linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
     def reset_parameters(self) -> None:
         """nn.Linear's init, except on the meta device (nothing to draw; loading fills the weight)."""
@@ -186,16 +205,19 @@ class Linear(nn.Linear):
         """Copies and pickles carry the weight, not the packed copy (made again in a block)."""
         return {**super().__getstate__(), "_packed": None, "_blocks": 0}
 
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The prepacked weight when this call is inference on a CPU in bf16, else None."""
+    def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weight oneDNN multiplies by when this call is inference on a CPU: the prepacked copy
+        in bf16, the layer's own weight for a few fp32 rows; else None (``F.linear``)."""
         weight = self.weight
         inference = not self.training and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         plain = type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type == "cpu" and weight.is_contiguous()
-        plain = plain and not weight.is_inference()  # NOTE: an inference tensor has no version to check
-        if not (inference and plain and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16):
-            return None
-        if not x.is_contiguous() or x.device.type != "cpu":
+        if not (inference and plain and x.dtype == weight.dtype and x.is_contiguous() and x.device.type == "cpu"):
             return None  # NOTE: F.linear itself rounds differently for a strided input; keep its result
+        if weight.dtype == torch.float32:
+            few_rows = 0 < x.numel() <= FP32_ONEDNN_MAX_ROWS * x.shape[-1]
+            return weight if few_rows and (self.bias is None or self.bias.dtype == torch.float32) else None
+        if weight.dtype != torch.bfloat16 or not prepacking_available() or weight.is_inference():
+            return None  # NOTE: an inference tensor has no version to check the packed copy against
         if self._packed is None or self._packed.key != (weight.data_ptr(), weight._version):
             self._packed = None  # free the stale copy before making the new one
             self._packed = _Packed(weight)
