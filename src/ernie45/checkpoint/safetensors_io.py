@@ -20,13 +20,14 @@ import os
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
+
+from ..host_memory import LINUX_LIBC
 
 if TYPE_CHECKING:
     from .staging import StagedSave
@@ -181,8 +182,6 @@ class CheckpointFiles:
         self._maps.clear()
 
 
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
 
 def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> None:
     """Drop the whole pages inside ``ranges`` (byte offsets, non-overlapping) of a private file map
@@ -192,7 +191,7 @@ def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]])
     map; without this, a bf16 file loaded into fp32 with its fp32 router weights as views keeps
     every byte of the file in RSS (0.73 GiB for the benchmarks' mini-MoE). Adjacent ranges are
     merged, so a page two copied tensors share goes too; a page shared with a view stays."""
-    if _LIBC is None:
+    if LINUX_LIBC is None:
         return
     page, base = mmap.PAGESIZE, storage.data_ptr()
     merged: list[list[int]] = []
@@ -204,7 +203,7 @@ def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]])
     for begin, end in merged:
         first, stop = -(-begin // page) * page, end // page * page
         if first < stop:
-            _LIBC.madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(stop - first), mmap.MADV_DONTNEED)
+            LINUX_LIBC.madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(stop - first), mmap.MADV_DONTNEED)
 
 
 def _weight_map(index: Path) -> dict[str, str]:

@@ -20,8 +20,8 @@ bitwise equal to ``F.linear`` (tested).
 
 In fp32 there is nothing to pack, but the call itself is slow for a few rows: ``F.linear`` goes to
 MKL, whose product of one row (decode) or a few (batched decode) runs at ~13 GiB/s of weight on
-the 2-core development VM (AVX2, no native bf16), where oneDNN, given the plain weight, reaches
-~23 GiB/s (1.3-2.9x faster at 1-32 rows; at 64 rows and more the two are level). So inside a block
+a 2-core AVX2 VM (no native bf16), where oneDNN, given the plain weight, reaches ~23 GiB/s
+(1.2-2.9x faster at 1-32 rows; at 64 rows and more level or slower). So inside a block
 an fp32 inference call of at most ``FP32_ONEDNN_MAX_ROWS`` rows goes to oneDNN with the layer's own
 weight: no copy, nothing to go stale. The sum runs in another order than MKL's, so results differ
 from ``F.linear`` within fp32 rounding (tested at rtol 1e-5), not bitwise.
