@@ -7,6 +7,7 @@ on eager kernels) must give the same bits; inductor (generated kernels) the same
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -68,6 +69,29 @@ def test_inductor_blocks_train_as_eager_to_1e_5():
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     for ours, reference in zip(gradients(compiled), gradients(eager), strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [dense_model, moe_model], ids=["dense", "moe"])
+def test_a_deep_copy_runs_its_own_blocks(build):
+    """A copy made after compiling (a reference or EMA model) computes with its own weights."""
+    torch._dynamo.reset()
+    compiled = compiled_twin(build(seed=6), backend="aot_eager")
+    copy_ = copy.deepcopy(compiled).train()
+    with torch.no_grad():
+        for param in copy_.model.layers.parameters():
+            param.mul_(0.5)
+    eager_copy = build(seed=6).train()
+    eager_copy.load_state_dict(copy_.state_dict())
+    ids = token_batch(compiled.config.vocab_size, 2, 9, seed=2)
+    expected = eager_copy(ids, labels=ids).loss
+    assert torch.equal(copy_(ids, labels=ids).loss, expected)
+    assert not torch.equal(compiled.train()(ids, labels=ids).loss, expected)
+
+
+def test_compiling_twice_is_refused():
+    model = compiled_twin(dense_model(seed=1), backend="aot_eager")
+    with pytest.raises(ValueError, match=re.escape("has a forward of its own (compiled already?): compile the blocks once")):
+        compile_blocks(model, CompileSettings(backend="aot_eager"))
 
 
 def test_state_dict_and_names_are_unchanged():

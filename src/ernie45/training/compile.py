@@ -21,6 +21,7 @@ they are. The first step pays the compilation (~27 s for the 0.3B with a cold ca
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,9 +83,9 @@ def check_settings(settings: CompileSettings) -> None:
 def compile_blocks(model: nn.Module, settings: CompileSettings) -> None:
     """Compile every decoder block's training forward in place (names and state dict unchanged).
 
-    NOTE: call it on the model you train, after its activation checkpointing and any copy of it: each
-    block's new forward belongs to that block, so a ``copy.deepcopy`` made afterwards would still run
-    the original's.
+    Call it on the laid-out model (after FSDP2, EP and activation checkpointing). Each block's new
+    forward is a method bound to that block, so a ``copy.deepcopy`` of the model (a reference or EMA
+    copy) runs its own blocks, compiled as well.
     """
     check_settings(settings)
     blocks = decoder_blocks(model)
@@ -103,19 +104,38 @@ def compile_blocks(model: nn.Module, settings: CompileSettings) -> None:
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, settings.dynamo_cache_size_limit)
     kwargs = settings.torch_compile_kwargs()
+    compiled: dict[Callable, Callable] = {}  # a block class's forward -> its compiled forward
+
+    def compiled_when_training(eager: Callable) -> Callable:
+        if eager not in compiled:  # NOTE: the blocks share their code: one compiled forward serves them all
+            compiled[eager] = torch.compile(eager, **kwargs)
+        return _when_training(eager, compiled[eager])
+
     for block in blocks:
         moe = moe_layer(block)
         if moe is not None:
-            moe.forward = torch.compiler.disable(moe.forward)
-        block.forward = _when_training(block, block.forward, torch.compile(block.forward, **kwargs))
+            _rebind_forward(moe, torch.compiler.disable)
+        _rebind_forward(block, compiled_when_training)
 
 
-def _when_training(block: nn.Module, eager: Callable, compiled: Callable) -> Callable:
-    """``block``'s forward: ``compiled`` in training mode, ``eager`` in eval mode."""
+def _rebind_forward(module: nn.Module, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace ``module``'s forward by ``wrap(its class's forward)``, bound to ``module``.
+
+    NOTE: a bound method, not a closure over ``module``: ``copy.deepcopy`` rebinds a bound method to
+    the copy, while a closure would keep running the original module's weights.
+    """
+    unbound = type(module).forward
+    if getattr(module.forward, "__func__", None) is not unbound:  # NOTE: an instance-level forward would be dropped
+        raise ValueError(f"{type(module).__name__} has a forward of its own (compiled already?): compile the blocks once")
+    module.forward = types.MethodType(wrap(unbound), module)
+
+
+def _when_training(eager: Callable, compiled: Callable) -> Callable:
+    """A forward that runs ``compiled`` in training mode and ``eager`` in eval mode."""
 
     @functools.wraps(eager)
-    def forward(*args, **kwargs):
-        return (compiled if block.training else eager)(*args, **kwargs)
+    def forward(self, *args, **kwargs):
+        return (compiled if self.training else eager)(self, *args, **kwargs)
 
     return forward
 
