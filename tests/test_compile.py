@@ -77,6 +77,8 @@ def test_a_deep_copy_runs_its_own_blocks(build):
     torch._dynamo.reset()
     compiled = compiled_twin(build(seed=6), backend="aot_eager")
     copy_ = copy.deepcopy(compiled).train()
+    for ours, original in zip(copy_.model.layers, compiled.model.layers, strict=True):
+        assert ours.forward.__func__ is original.forward.__func__ and ours.forward.__self__ is ours  # compiled, own block
     with torch.no_grad():
         for param in copy_.model.layers.parameters():
             param.mul_(0.5)

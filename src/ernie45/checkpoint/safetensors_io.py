@@ -182,7 +182,6 @@ class CheckpointFiles:
         self._maps.clear()
 
 
-
 def _release_pages(storage: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> None:
     """Drop the whole pages inside ``ranges`` (byte offsets, non-overlapping) of a private file map
     from this process (Linux ``MADV_DONTNEED``: the next touch would read the file again).

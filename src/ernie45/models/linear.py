@@ -26,7 +26,7 @@ an fp32 inference call of at most ``FP32_ONEDNN_MAX_ROWS`` rows goes to oneDNN w
 weight: no copy, nothing to go stale. The sum runs in another order than MKL's, so results differ
 from ``F.linear`` within fp32 rounding (tested at rtol 1e-5), not bitwise.
 
-The copy is made on first use inside a block and freed when the outermost block ends (making it
+The bf16 copy is made on first use inside a block and freed when the outermost block ends (making it
 costs ~0.4 s for the 0.3B, so a serving loop keeps one block open around many ``generate`` calls).
 Inside a block it is checked against the weight's storage and version on every call; writes
 through ``.data`` (PEFT's merge, EMA updates) leave the version unchanged, so weights must not be
