@@ -291,6 +291,33 @@ def test_dispatch_contract_with_identity_experts():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_combine_is_autograds_index_add_keeping_fewer_tensors(dtypes):
+    """combine gives autograd's bits for ``index_add(y * w)`` (output and both gradients, also bf16
+    rows with fp32 weights), and keeps one [N,H] tensor for backward where autograd keeps two."""
+    y_dtype, w_dtype = dtypes
+    dispatcher = LocalDispatcher(num_experts=4)
+    idx = torch.tensor([[0, 3], [3, 1], [2, 0], [1, 2], [3, 0], [1, 1]])
+    x = torch.randn(6, 8).to(y_dtype)
+    x_sorted, _, state = dispatcher.dispatch(x, idx, torch.rand(6, 2).to(w_dtype))
+    grad = torch.randn(6, 8).to(y_dtype)
+
+    def run(combine):
+        y = x_sorted.detach().clone().requires_grad_()
+        weight = state.weight.detach().clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            out = combine(y, weight)
+        out.backward(grad)
+        return out, y.grad, weight.grad, saved.count(y.shape)
+
+    ours = run(lambda y, w: dispatcher.combine(y, state._replace(weight=w)))
+    autograd = run(lambda y, w: y.new_zeros(6, 8).index_add(0, state.token_idx, y * w[:, None].to(y.dtype)))
+    for got, expected in zip(ours[:3], autograd[:3]):
+        assert torch.equal(got, expected)
+    assert (ours[3], autograd[3]) == (1, 2)
+
+
 def test_fake_balanced_gate_is_round_robin():
     layer = make_layer("torch_mm", fake_balanced_gate=True)
     out = layer(torch.randn(16, 32))
