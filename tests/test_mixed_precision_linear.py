@@ -12,6 +12,7 @@ from transformers import Ernie4_5ForCausalLM as HFDense
 
 import ernie45
 from ernie45.models import linear as linear_module
+from ernie45.models import mlp as mlp_module
 from ernie45.models.linear import Linear
 from ernie45.training.loss import FusedLinearCrossEntropy
 
@@ -32,8 +33,10 @@ def _saved_while(run) -> list[tuple[tuple[int, ...], torch.dtype]]:
 
 
 def _f_linear(monkeypatch) -> None:
-    """Make ``Linear`` call plain ``F.linear`` (autocast keeps its weight casts), the reference."""
+    """Make ``Linear`` call plain ``F.linear`` (autocast keeps its weight casts), the reference; the
+    feed-forward then calls its down projection as a module too (no SwiGLU fused into it)."""
     monkeypatch.setattr(linear_module, "linear", F.linear)
+    monkeypatch.setattr(mlp_module, "_runs_as_plain_linear", lambda down, gate: False)
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 64), (37, 64), (3, 5, 7, 64)])

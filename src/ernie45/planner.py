@@ -21,8 +21,9 @@ How each number is obtained (T tokens per micro-batch on a rank, H hidden, V voc
   activations   what the model code saves for backward, per layer (within 2% of what a CPU forward
                 keeps in tests/test_planner.py, fp32, bf16 and LoRA; the cp and pp cases are derived):
                 norms keep x + fp32 rstd, attention keeps q, k, v, out + fp32 logsumexp (a fused
-                kernel: no [S,S] scores), _SwiGLU keeps gate and up, MoE layers keep the routed
-                rows (x_sorted, gate_up, act, y, weighted y), fp32 router probabilities and logits,
+                kernel: no [S,S] scores), feed-forwards keep gate and up (and the SwiGLU output
+                under tp or an adapter on down_proj), MoE layers keep the routed rows (x_sorted,
+                gate_up, act, y), fp32 router probabilities and logits,
                 and int64 routing indices; with checkpointing only each block's input (plus the
                 MoE routing record). Plus the fused loss's gradients held until backward. A 1F1B
                 stage holds (pp - stage) micro-batches at once (not measured: derived).
@@ -453,6 +454,7 @@ class LayerAdapters(NamedTuple):
     rank: int
     linear_numel: int  # their A and B elements
     expert_projections: int  # adapted routed-expert projections (0, or 2: gate_up and down)
+    ffn_down_adapted: bool  # the feed-forward's (dense or shared-expert) down_proj has an adapter
 
 
 def _adapters_per_layer(model: nn.Module) -> tuple[LayerAdapters, ...]:
@@ -462,7 +464,9 @@ def _adapters_per_layer(model: nn.Module) -> tuple[LayerAdapters, ...]:
         mlp = moe_layer(block)
         rank = linears[0].lora_A.weight.shape[0] if linears else 0
         numel = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in linears)
-        counts.append(LayerAdapters(len(linears), rank, numel, len(mlp.experts.lora_scales) if mlp is not None else 0))
+        experts = len(mlp.experts.lora_scales) if mlp is not None else 0
+        ffn_down = any(name.endswith("down_proj") for name, m in block.named_modules() if isinstance(m, LoRALinear))
+        counts.append(LayerAdapters(len(linears), rank, numel, experts, ffn_down))
     return tuple(counts)
 
 
@@ -485,23 +489,31 @@ def attention_bytes(config, work: Work, tp: int, prec: Precision) -> int:
     return work.tokens * per_token + work.keys * prec.compute * 2 * kv * hd
 
 
-def swiglu_bytes(tokens: int, width: int, prec: Precision) -> int:
-    """gate_proj/up_proj outputs (kept by _SwiGLU) and down_proj's input."""
-    return tokens * prec.compute * 3 * width
+def swiglu_bytes(tokens: int, width: int, prec: Precision, output_kept: bool) -> int:
+    """gate_proj/up_proj outputs (kept by _SwiGLU, or by _SwiGLUDown, which makes the SwiGLU output
+    again in backward) and, where down_proj is called as a module (``output_kept``: tensor parallel
+    or adapted), its input."""
+    return tokens * prec.compute * (3 if output_kept else 2) * width
 
 
-def moe_bytes(info: ModelInfo, work: Work, layout: ParallelConfig, prec: Precision) -> int:
-    """Routed rows x_sorted [TK,H], gate_up [TK,2I], act [TK,I], y and weighted y [TK,H] and the
-    weight column; fp32 router probs (saved) and logits (the layer's record), renormalised
+def ffn_output_kept(info: ModelInfo, layer: int, layout: ParallelConfig) -> bool:
+    """Whether a feed-forward keeps its SwiGLU output: its down_proj is tensor parallel (hooked by
+    RowwiseParallel) or carries an adapter (see ``models.mlp._runs_as_plain_linear``)."""
+    return layout.tp > 1 or info.adapters[layer].ffn_down_adapted
+
+
+def moe_bytes(info: ModelInfo, layer: int, work: Work, layout: ParallelConfig, prec: Precision) -> int:
+    """Routed rows x_sorted [TK,H], gate_up [TK,2I], act [TK,I], y [TK,H] and the weights [TK]; fp32 router probs (saved) and logits (the layer's record), renormalised
     weights; int64 top-k, sort order, token index (+ two permutations under ep); shared experts.
     A trained router also keeps the fp32 copy of its input (when activations are not fp32)."""
     moe, t = info.moe, work.tokens
     k, e, h = moe.n_activated_experts, moe.n_routed_experts, moe.dim
-    routed = t * k * prec.compute * (3 * h + 3 * moe.moe_inter_dim + 1)
+    routed = t * k * prec.compute * (2 * h + 3 * moe.moe_inter_dim + 1)
     router_input = t * 4 * h if prec.compute != 4 and info.router_trained else 0
     router = t * 4 * (2 * e + k + 2) + router_input
     indices = t * k * 8 * (5 if layout.ep > 1 else 3)
-    shared = swiglu_bytes(t, moe.shared_inter_dim // layout.tp, prec) if moe.n_shared_experts else 0
+    kept = ffn_output_kept(info, layer, layout)
+    shared = swiglu_bytes(t, moe.shared_inter_dim // layout.tp, prec, kept) if moe.n_shared_experts else 0
     return routed + router + indices + shared
 
 
@@ -535,9 +547,10 @@ def checkpointed_layer_bytes(info: ModelInfo, layer: int, work: Work, prec: Prec
 def layer_bytes(info: ModelInfo, layer: int, work: Work, layout: ParallelConfig, prec: Precision) -> int:
     """Everything one decoder block keeps for backward without checkpointing."""
     if info.is_moe(layer):
-        ffn = moe_bytes(info, work, layout, prec)
+        ffn = moe_bytes(info, layer, work, layout, prec)
     else:
-        ffn = swiglu_bytes(work.tokens, info.config.intermediate_size // layout.tp, prec)
+        kept = ffn_output_kept(info, layer, layout)
+        ffn = swiglu_bytes(work.tokens, info.config.intermediate_size // layout.tp, prec, kept)
     return attention_bytes(info.config, work, layout.tp, prec) + ffn + adapter_bytes(info, layer, work, layout, prec)
 
 

@@ -90,7 +90,7 @@ def prepacked_weights(model: nn.Module) -> Iterator[None]:
                 layer._packed = None
 
 
-def _autocast_cast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+def autocast_cast_dtype(weight: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would cast ``weight`` to for a product, if it casts it here at all."""
     device = weight.device.type
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
@@ -117,19 +117,47 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x_low
 
 
+def cast_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``F.linear`` of x, weight and bias cast to ``dtype`` with autocast off, the input as multiplied):
+    the product autocast makes. ``dtype`` None: as they are (no autocast cast applies)."""
+    if dtype is None:
+        return F.linear(x, weight, bias), x
+    with torch.autocast(weight.device.type, enabled=False):
+        x_low = _cast_input(x, dtype)
+        return F.linear(x_low, weight.to(dtype), bias.to(dtype) if bias is not None else None), x_low
+
+
+def linear_backward(
+    grad: torch.Tensor, x_low: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None,
+    x_dtype: torch.dtype, needs_grad: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad x, grad weight, grad bias) of ``cast_linear`` for those ``needs_grad`` asks, the weight
+    cast again to ``dtype``.
+
+    NOTE: autograd's own calls for a linear on a 2-D view (``mm`` and its backward formulas: the
+    weight gradient as ``grad.T @ x``), so the bits are those of ``F.linear``.
+    """
+    grad_2d = grad.reshape(-1, grad.shape[-1])  # [rows, out]
+    grad_x = grad_weight = grad_bias = None
+    if needs_grad[0]:
+        weight_low = weight.to(dtype) if dtype is not None else weight
+        grad_x = grad_2d.mm(weight_low).view(*grad.shape[:-1], weight.shape[1]).to(x_dtype)
+    if needs_grad[1]:
+        grad_weight = grad_2d.t().mm(x_low.reshape(-1, x_low.shape[-1])).to(weight.dtype)
+    if needs_grad[2]:
+        grad_bias = grad_2d.sum(0).to(weight.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
 class _RecastLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` as autocast computes it (all three cast to ``dtype``), saving the
-    fp32 ``weight`` instead of its cast: backward casts it again (see the module docstring).
-
-    NOTE: backward makes autograd's own calls for a linear on a 2-D view (``mm`` and its backward
-    formulas: the weight gradient as ``grad.T @ x``), so the bits are those of ``F.linear``.
-    """
+    fp32 ``weight`` instead of its cast: backward casts it again (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):  # x [..., in], weight [out, in]
-        with torch.autocast(weight.device.type, enabled=False):
-            x_low = _cast_input(x, dtype)
-            out = F.linear(x_low, weight.to(dtype), bias.to(dtype) if bias is not None else None)
+        out, x_low = cast_linear(x, weight, bias, dtype)
         ctx.save_for_backward(x_low, weight)
         ctx.dtype, ctx.x_dtype, ctx.has_bias = dtype, x.dtype, bias is not None
         return out
@@ -137,24 +165,22 @@ class _RecastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad [..., out]
         x_low, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_2d.mm(weight.to(ctx.dtype)).view(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_2d.t().mm(x_low.reshape(-1, x_low.shape[-1])).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_2d.sum(0).to(torch.float32)
-        return grad_x, grad_weight, grad_bias, None
+        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        return *linear_backward(grad, x_low, weight, ctx.dtype, ctx.x_dtype, needs_grad), None
+
+
+def own_backward_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A product this module's autograd functions may compute: a gradient to compute, a plain
+    tensor weight (not a DTensor or other subclass) with no bias or an fp32 one, outside
+    ``torch.compile`` (whose own partitioner decides what a compiled graph keeps)."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    plain = type(weight) in (torch.Tensor, nn.Parameter) and (bias is None or bias.dtype == torch.float32)
+    return wants_grad and plain and not torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, without keeping the weight's autocast copy for backward where that applies:
-    a plain fp32 weight under autocast, with a gradient to compute, outside ``torch.compile`` (whose
-    own partitioner decides what a compiled graph keeps)."""
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    plain = type(weight) in (torch.Tensor, nn.Parameter) and (bias is None or bias.dtype == torch.float32)
-    dtype = _autocast_cast_dtype(weight) if wants_grad and plain and not torch.compiler.is_compiling() else None
+    """``F.linear``, without keeping the weight's autocast copy for backward where that applies."""
+    dtype = autocast_cast_dtype(weight) if own_backward_applies(x, weight, bias) else None
     if dtype is None:
         return F.linear(x, weight, bias)
     return _RecastLinear.apply(x, weight, bias, dtype)
