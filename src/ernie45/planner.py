@@ -18,7 +18,7 @@ How each number is obtained (T tokens per micro-batch on a rank, H hidden, V voc
   accumulation  micro-batches > 1 under FSDP2: the recipe defers the reduce-scatter to the last
                 micro-batch, so every rank keeps its unsharded gradients in fp32 meanwhile (and
                 under pp also the gathered weights: PipelineStage does not reshard between them).
-  activations   what the model code saves for backward, per layer (within 2% of what a CPU forward
+  activations   what the model code saves for backward, per layer (within 2.5% of what a CPU forward
                 keeps in tests/test_planner.py, fp32, bf16 and LoRA; the cp and pp cases are derived):
                 norms keep x + fp32 rstd, attention keeps q, k, v, out + fp32 logsumexp (a fused
                 kernel: no [S,S] scores), feed-forwards keep gate and up (and the SwiGLU output
@@ -503,8 +503,9 @@ def ffn_output_kept(info: ModelInfo, layer: int, layout: ParallelConfig) -> bool
 
 
 def moe_bytes(info: ModelInfo, layer: int, work: Work, layout: ParallelConfig, prec: Precision) -> int:
-    """Routed rows x_sorted [TK,H], gate_up [TK,2I], act [TK,I], y [TK,H] and the weights [TK]; fp32 router probs (saved) and logits (the layer's record), renormalised
-    weights; int64 top-k, sort order, token index (+ two permutations under ep); shared experts.
+    """Routed rows x_sorted [TK,H], gate_up [TK,2I], act [TK,I], y [TK,H] and the weights [TK]; fp32
+    router probs (saved) and logits (the layer's record), renormalised weights; int64 top-k, sort
+    order, token index (+ two permutations under ep); shared experts.
     A trained router also keeps the fp32 copy of its input (when activations are not fp32)."""
     moe, t = info.moe, work.tokens
     k, e, h = moe.n_activated_experts, moe.n_routed_experts, moe.dim

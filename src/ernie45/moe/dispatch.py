@@ -61,7 +61,9 @@ class _WeightedScatterSum(torch.autograd.Function):
         return grad_y, grad_weight, None, None
 
 
-def weighted_scatter_sum(y: torch.Tensor, weight: torch.Tensor, token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def weighted_scatter_sum(
+    y: torch.Tensor, weight: torch.Tensor, token_idx: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """out [T,H]: ``out[token_idx[n]] += weight[n] * y[n]`` for every row n of y [N,H] (see
     ``_WeightedScatterSum``)."""
     return _WeightedScatterSum.apply(y, weight, token_idx, num_tokens)
