@@ -325,7 +325,6 @@ def measure_lora_train(task: dict, workload: Workload, dtype: torch.dtype, devic
 
 
 @torch.no_grad()
-@torch.no_grad()
 def measure_forward(task: dict, workload: Workload, dtype: torch.dtype, device: torch.device) -> dict:
     """tokens/s of an inference forward over the whole sequence (all logits, as both default to),
     under ``torch.no_grad()`` as inference runs (with autograd on, both would build a graph and keep
