@@ -268,6 +268,67 @@ def test_grouped_mm_equals_loop(dtype):
         torch.testing.assert_close(mm, loop, **tol)
 
 
+def _kept_bytes(run):
+    """(result of ``run()``, bytes of the distinct storages autograd saved while it ran)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adapted", ["none", "gate_up", "down", "frozen_down"])
+def test_grouped_experts_make_the_swiglu_output_again_with_the_unfused_bits(dtype, adapted):
+    """Without an adapter on ``down`` the grouped path keeps gate/up and not the [N,I] SwiGLU output
+    (where down trains), and gives autograd's bits for the unfused products (output and every gradient, empty experts
+    included); an adapted ``down`` runs unfused."""
+    from ernie45.moe.experts import ExpertLoRA, grouped_linear
+    from ernie45.models.mlp import swiglu
+
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 0, 1, 0, 0, 7])
+    x = torch.randn(int(counts.sum()), 32, dtype=dtype)
+    weights = {"gate_up": torch.randn(8, 32, 32, dtype=dtype), "down": torch.randn(8, 32, 16, dtype=dtype)}
+    loras = {name: ExpertLoRA(torch.randn(8, 4, w.shape[2], dtype=dtype), torch.randn(8, w.shape[1], 4, dtype=dtype), 0.5)
+             for name, w in weights.items() if adapted == name}  # fmt: skip
+    grad = torch.randn(x.shape[0], 32, dtype=dtype)
+
+    def step(fused: bool):
+        leaves = [t.clone().requires_grad_(not (adapted == "frozen_down" and t is weights["down"]))
+                  for t in (x, weights["gate_up"], weights["down"])]  # fmt: skip
+        adapters = {name: ExpertLoRA(a.clone().requires_grad_(), b.clone().requires_grad_(), scale)
+                    for name, (a, b, scale) in loras.items()}  # fmt: skip
+
+        def forward():
+            gate_up_lora, down_lora = adapters.get("gate_up"), adapters.get("down")
+            if fused:
+                return experts_grouped_mm(*leaves, counts, gate_up_lora, down_lora)
+            offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            gate, up = grouped_linear(leaves[0], leaves[1], offs, gate_up_lora).chunk(2, dim=-1)
+            return grouped_linear(swiglu(gate, up), leaves[2], offs, down_lora)
+
+        out, kept = _kept_bytes(forward)
+        out.backward(grad)
+        grads = [t.grad for t in leaves] + [t.grad for lora in adapters.values() for t in lora[:2]]
+        return out, grads, kept
+
+    ours, our_grads, our_kept = step(fused=True)
+    reference, reference_grads, reference_kept = step(fused=False)
+    assert torch.equal(ours, reference)
+    assert [g is None for g in our_grads] == [g is None for g in reference_grads]
+    assert (our_grads[2] is None) == (adapted == "frozen_down")
+    for got, expected in zip(our_grads, reference_grads):
+        assert got is None or torch.equal(got, expected)
+    # NOTE: autograd keeps the SwiGLU output only for down's weight gradient (none when it is frozen)
+    swiglu_output = x.shape[0] * weights["down"].shape[2] * x.element_size()
+    assert reference_kept - our_kept == (0 if adapted in ("down", "frozen_down") else swiglu_output)
+
+
 def test_grouped_mm_falls_back_when_misaligned():
     experts = GroupedExperts(4, dim=6, inter_dim=4, backend="torch_mm")  # 24-byte rows: not 16-aligned
     experts.init_weights(0.1)

@@ -455,6 +455,7 @@ class LayerAdapters(NamedTuple):
     linear_numel: int  # their A and B elements
     expert_projections: int  # adapted routed-expert projections (0, or 2: gate_up and down)
     ffn_down_adapted: bool  # the feed-forward's (dense or shared-expert) down_proj has an adapter
+    expert_down_adapted: bool  # the routed experts' down_proj has an adapter
 
 
 def _adapters_per_layer(model: nn.Module) -> tuple[LayerAdapters, ...]:
@@ -465,8 +466,9 @@ def _adapters_per_layer(model: nn.Module) -> tuple[LayerAdapters, ...]:
         rank = linears[0].lora_A.weight.shape[0] if linears else 0
         numel = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in linears)
         experts = len(mlp.experts.lora_scales) if mlp is not None else 0
+        expert_down = mlp is not None and "down_proj" in mlp.experts.lora_scales
         ffn_down = any(name.endswith("down_proj") for name, m in block.named_modules() if isinstance(m, LoRALinear))
-        counts.append(LayerAdapters(len(linears), rank, numel, experts, ffn_down))
+        counts.append(LayerAdapters(len(linears), rank, numel, experts, ffn_down, expert_down))
     return tuple(counts)
 
 
@@ -503,13 +505,15 @@ def ffn_output_kept(info: ModelInfo, layer: int, layout: ParallelConfig) -> bool
 
 
 def moe_bytes(info: ModelInfo, layer: int, work: Work, layout: ParallelConfig, prec: Precision) -> int:
-    """Routed rows x_sorted [TK,H], gate_up [TK,2I], act [TK,I], y [TK,H] and the weights [TK]; fp32
+    """Routed rows x_sorted [TK,H], gate_up [TK,2I], y [TK,H] and the weights [TK] (and the SwiGLU
+    output act [TK,I] where the experts' down_proj is adapted: otherwise it is made again); fp32
     router probs (saved) and logits (the layer's record), renormalised weights; int64 top-k, sort
     order, token index (+ two permutations under ep); shared experts.
     A trained router also keeps the fp32 copy of its input (when activations are not fp32)."""
     moe, t = info.moe, work.tokens
     k, e, h = moe.n_activated_experts, moe.n_routed_experts, moe.dim
-    routed = t * k * prec.compute * (2 * h + 3 * moe.moe_inter_dim + 1)
+    widths = 3 if info.adapters[layer].expert_down_adapted else 2  # gate, up (+ act): moe.experts._GroupedSwiGLUDown
+    routed = t * k * prec.compute * (2 * h + widths * moe.moe_inter_dim + 1)
     router_input = t * 4 * h if prec.compute != 4 and info.router_trained else 0
     router = t * 4 * (2 * e + k + 2) + router_input
     indices = t * k * 8 * (5 if layout.ep > 1 else 3)

@@ -9,7 +9,7 @@ from torch import nn
 from .linear import Linear, autocast_cast_dtype, cast_linear, linear_backward, own_backward_applies
 
 
-def _swiglu_backward(
+def swiglu_backward(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, silu_gate: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad gate, grad up) of ``silu(gate) * up`` (``silu_gate``: ``silu(gate)`` if made already):
@@ -32,7 +32,7 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _swiglu_backward(grad, *ctx.saved_tensors)
+        return swiglu_backward(grad, *ctx.saved_tensors)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class _SwiGLUDown(torch.autograd.Function):
         del act
         grad_gate = grad_up = None
         if grad_act is not None:
-            grad_gate, grad_up = _swiglu_backward(grad_act, gate, up, silu_gate)
+            grad_gate, grad_up = swiglu_backward(grad_act, gate, up, silu_gate)
         return grad_gate, grad_up, grad_weight, grad_bias, None
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.mlp import swiglu
+from ..models.mlp import swiglu, swiglu_backward
 from ..sharding import local_part
 
 EXPERT_BACKENDS = ("torch", "torch_mm")
@@ -120,6 +120,36 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lo
     return _with_contiguous_grad(out + update.to(out.dtype))
 
 
+class _GroupedSwiGLUDown(torch.autograd.Function):
+    """``_grouped_mm(silu(gate) * up, down^T)`` keeping the [N,2I] gate/up rows and the down weight
+    for backward, not the [N,I] SwiGLU output: backward makes it again (one elementwise pass).
+
+    NOTE: the products and the SwiGLU gradient are the kernels autograd calls for the unfused path
+    (``grouped_linear`` after ``swiglu``), so the bits are the same (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, down, offs):  # gate_up [N,2I] (gate | up), down [E,H,I], offs [E] int32
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up, down, offs)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # [N,H]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N,H]
+        gate_up, down, offs = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad = grad.contiguous()  # NOTE: _grouped_mm rejects expanded gradients (see _with_contiguous_grad)
+        silu_gate = F.silu(gate)
+        grad_down = None
+        if ctx.needs_input_grad[1]:
+            grad_down = torch._grouped_mm(grad.t(), silu_gate * up, offs=offs)  # [E,H,I]
+        grad_gate_up = None
+        if ctx.needs_input_grad[0]:
+            grad_act = torch._grouped_mm(grad, down, offs=offs)  # [N,I]
+            grad_gate_up = torch.cat(swiglu_backward(grad_act, gate, up, silu_gate), dim=-1)
+        return grad_gate_up, grad_down, None
+
+
 def experts_grouped_mm(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -128,9 +158,13 @@ def experts_grouped_mm(
     gate_up_lora: ExpertLoRA | None = None,
     down_lora: ExpertLoRA | None = None,
 ) -> torch.Tensor:
-    """Same result as ``experts_loop`` with ``torch._grouped_mm`` (empty experts are fine)."""
+    """Same result as ``experts_loop`` with ``torch._grouped_mm`` (empty experts are fine).
+    Without an adapter on ``down`` the SwiGLU output is made again in backward, not kept."""
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    gate, up = grouped_linear(x, gate_up, offs, gate_up_lora).chunk(2, dim=-1)  # [N,I] each
+    gate_up_rows = grouped_linear(x, gate_up, offs, gate_up_lora)  # [N,2I]
+    if down_lora is None:
+        return _GroupedSwiGLUDown.apply(gate_up_rows, down, offs)
+    gate, up = gate_up_rows.chunk(2, dim=-1)  # [N,I] each
     return grouped_linear(swiglu(gate, up), down, offs, down_lora)  # [N,H]
 
 
