@@ -269,8 +269,8 @@ def test_help_documents_every_section():
 # ----- two gloo ranks follow one process -------------------------------------------------------
 # NOTE: aot_eager runs the compiler's graphs on eager kernels: the same bits as the eager run, and
 # seconds instead of inductor's minutes to build; tests/test_compile.py checks inductor's values.
-# Two-rank runs cost ~10 s of start-up each and a compile ~15 s more, so the compiled blocks ride
-# along in the cp2 run and in the first half of the pp2 and ep2 resume runs below.
+# A two-rank run costs ~10 s (mostly start-up) and a compile ~10 s more (cp2: 9.3 -> 20.4 s), so
+# compiled blocks ride along in the cp2 run and in the first half of the pp2 and ep2 resume runs below.
 COMPILED = ("--compile.enabled=true", "--compile.backend=aot_eager")
 
 

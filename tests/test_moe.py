@@ -11,6 +11,7 @@ from transformers import Ernie4_5_MoeForCausalLM as HFMoe
 
 import ernie45
 from ernie45 import BackendConfig, Ernie4_5_MoeForCausalLM, MoEConfig
+from ernie45.models.mlp import swiglu
 from ernie45.moe import (
     GroupedExperts,
     LocalDispatcher,
@@ -21,6 +22,7 @@ from ernie45.moe import (
     fake_balanced_routing,
     update_correction_bias,
 )
+from ernie45.moe.experts import ExpertLoRA, grouped_linear
 
 from builders import random_hf_moe, tiny_moe_config
 
@@ -285,11 +287,8 @@ def _kept_bytes(run):
 @pytest.mark.parametrize("adapted", ["none", "gate_up", "down", "frozen_down"])
 def test_grouped_experts_make_the_swiglu_output_again_with_the_unfused_bits(dtype, adapted):
     """Without an adapter on ``down`` the grouped path keeps gate/up and not the [N,I] SwiGLU output
-    (where down trains), and gives autograd's bits for the unfused products (output and every gradient, empty experts
-    included); an adapted ``down`` runs unfused."""
-    from ernie45.moe.experts import ExpertLoRA, grouped_linear
-    from ernie45.models.mlp import swiglu
-
+    (where down trains), and gives autograd's bits for the unfused products (output and every
+    gradient, empty experts included); an adapted ``down`` runs unfused."""
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 0, 1, 0, 0, 7])
     x = torch.randn(int(counts.sum()), 32, dtype=dtype)

@@ -23,7 +23,8 @@ How each number is obtained (T tokens per micro-batch on a rank, H hidden, V voc
                 norms keep x + fp32 rstd, attention keeps q, k, v, out + fp32 logsumexp (a fused
                 kernel: no [S,S] scores), feed-forwards keep gate and up (and the SwiGLU output
                 under tp or an adapter on down_proj), MoE layers keep the routed rows (x_sorted,
-                gate_up, act, y), fp32 router probabilities and logits,
+                gate_up, y; act only with an adapter on the experts' down_proj), fp32 router
+                probabilities and logits,
                 and int64 routing indices; with checkpointing only each block's input (plus the
                 MoE routing record). Plus the fused loss's gradients held until backward. A 1F1B
                 stage holds (pp - stage) micro-batches at once (not measured: derived).
