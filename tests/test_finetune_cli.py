@@ -379,6 +379,40 @@ def test_bf16_compute_keeps_fp32_master_state_and_the_bias_update_is_opt_in(tmp_
     assert bool((biases[0.05] != 0).any()) and bool((biases[0.05].abs() <= 3 * 0.05 + 1e-6).all())
 
 
+YARN = '{"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 512}'
+
+
+def test_model_config_overrides_the_checkpoints_config_for_context_extension(tmp_path, dense_dir):
+    """With from_pretrained, ``model.config`` replaces config.json values (transformers' from_pretrained
+    keywords): here YaRN to twice the trained length, kept in the exported model transformers loads."""
+    out = tmp_path / "yarn"
+    extend = [f"--model.config.rope_parameters={YARN}", "--model.config.max_position_embeddings=1024"]
+    finetune(*twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *extend, "--step_scheduler.max_steps=2"))
+    exported = json.loads((out / "hf" / "config.json").read_text())
+    assert exported["max_position_embeddings"] == 1024 and exported["rope_parameters"] == json.loads(YARN)
+    ours, hf = ernie45.from_pretrained(out / "hf"), AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert ours.model.rotary_emb.rope_type == hf.model.rotary_emb.rope_type == "yarn"
+    ids = torch.randint(3, hf.config.vocab_size, (1, 600), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--model.config.model_type=ernie4_5_moe", "model.config.model_type='ernie4_5_moe', but"),
+        ("--model.config.rope_scale=2.0", "model.config: ['rope_scale'] are not fields of the ernie4_5 config"),
+        ("--model.config.num_attention_heads=3", "num_attention_heads=3 must be a multiple of num_key_value_heads=2"),
+        ('--model.config.rope_parameters={"rope_type": "linear"}', "'rope_type'='linear': {'factor'}"),
+        ("--model.config.dtype=float16", "model.config: ['dtype'] are set by the recipe's own keys"),
+    ],
+)
+def test_bad_checkpoint_config_overrides_are_one_line_errors(tmp_path, dense_dir, override, expected):
+    result = CliRunner().invoke(app, ["finetune", *twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, tmp_path / "run", override)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+
+
 def test_sft_jsonl_with_prompt_completion_and_chat_records(tmp_path, dense_dir):
     records = [{"prompt": f"Q: what comes after {i}?", "completion": f" A: {i + 1}."} for i in range(6)]
     records += [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]} for i in range(6)]

@@ -24,7 +24,8 @@ def from_pretrained(
     **kwargs,
 ):
     """Load any ERNIE 4.5 HF checkpoint (a directory or a hub id) with the right model class; takes
-    transformers' loading keywords too (``device_map``, ``attn_implementation``, ``revision``, ...).
+    transformers' loading keywords too (``device_map``, ``attn_implementation``, ``revision``, ...) and,
+    as transformers, config fields to override (``rope_parameters={...}``, ``max_position_embeddings=``).
 
     ``parallel``: an ``ernie45.distributed.ParallelConfig`` to load each rank's shards straight
     into that layout (under torchrun); None loads the whole model here.

@@ -235,9 +235,7 @@ class Ernie4_5CausalLMBase(TransformersMethods, nn.Module):
         """Recompute non-persistent buffers (RoPE frequencies) after a meta-device build."""
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
-                if module.inv_freq.is_meta:
-                    module.inv_freq = torch.empty(0, device=self.device)
-                module.reset_inv_freq()
+                module.reset_inv_freq(self.device if module.inv_freq.is_meta else None)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -10,11 +10,13 @@ meta model, each rank allocates only its shards and reads only their bytes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from ..checkpoint.hf_checkpoint import CheckpointFiles, checkpoint_dtype, load_config, load_hf_weights
@@ -89,6 +91,25 @@ def build(
     return model
 
 
+def take_config_keywords(cls: type, config, kwargs: dict) -> dict:
+    """Pop the keywords that name fields of ``config`` (and not ``cls``'s own arguments): transformers'
+    ``from_pretrained(path, max_position_embeddings=..., rope_parameters=...)`` sets them on the config."""
+    own = set(inspect.signature(cls.__init__).parameters)
+    return {key: kwargs.pop(key) for key in list(kwargs) if key not in own and hasattr(config, key)}
+
+
+def with_overrides(config, overrides: dict):
+    """A copy of ``config`` with ``overrides``, built again so transformers checks and standardizes them
+    (a legacy ``rope_scaling`` becomes ``rope_parameters``); the values are checked as a file's are."""
+    if not overrides:
+        return config
+    try:
+        return type(config).from_dict({**config.to_dict(), **overrides})
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
+        given = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        raise ValueError(f"from_pretrained({given}): {' '.join(str(err).split())}") from None
+
+
 def load_pretrained(
     cls: type,
     path: str | Path,
@@ -106,6 +127,8 @@ def load_pretrained(
     ``path``: a checkpoint directory or a hub id (``hf_loading.py``, with transformers' other
     loading keywords). ``config``: a transformers config to build instead of the directory's
     config.json (as transformers' ``config=``; ``ernie45.from_pretrained`` passes the one it has read).
+    Keywords naming config fields override them, as in transformers (``max_position_embeddings=``,
+    ``rope_parameters=`` for context extension, ``num_hidden_layers=`` to load the first layers).
 
     ``parallelize(model)`` lays the meta model out over the ranks before anything is allocated;
     ``adapters`` are added before that and filled after the base weights are loaded.
@@ -114,8 +137,9 @@ def load_pretrained(
     path = checkpoint_path(path, hub)
     device = one_device(device, mapped_device)
     kwargs["backend"] = with_attention(kwargs.get("backend"), attention)
-    check_constructor_keywords(cls, kwargs, "from_pretrained")
     config = load_config(path) if config is None else config
+    config = with_overrides(config, take_config_keywords(cls, config, kwargs))
+    check_constructor_keywords(cls, kwargs, "from_pretrained")
     check_config(cls, config)
     files = CheckpointFiles(path)
     default = named_dtype(config) or checkpoint_dtype(files)

@@ -191,7 +191,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         self.layers = DecoderLayers(blocks)
         self.norm = build_rms_norm(backend.rms_norm, config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(head_dim_of(config), rope_theta(config))
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), rope_theta(config), config=config)
         # The last forward's tied-head meeting point (see models/embedding.py); None without one.
         self.head_gradient: HeadGradient | None = None
 

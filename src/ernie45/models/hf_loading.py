@@ -100,5 +100,5 @@ def check_constructor_keywords(cls: type, kwargs: dict, caller: str) -> None:
     if unknown:
         takes = ["dtype/torch_dtype", "device", *sorted(accepted), "adapter/peft", "attn_implementation"]
         if caller == "from_pretrained":
-            takes += ["device_map", *HUB_KEYWORDS, *NO_EFFECT]
+            takes += ["device_map", *HUB_KEYWORDS, *NO_EFFECT, "and the config's fields (e.g. max_position_embeddings)"]
         raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; {cls.__name__} takes {', '.join(takes)}")

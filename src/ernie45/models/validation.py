@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .rope import rope_type
+
 # sizes that count something: integers >= 1 (None, where a config allows it, means "derive it")
 POSITIVE_INTS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -86,6 +88,7 @@ def check_relations(config: Any) -> None:
     head_dim = _get(config, "head_dim")
     if head_dim is not None and head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even (rotary embeddings rotate pairs of dimensions)")
+    rope_type(config)  # a RoPE type transformers knows, rotating whole heads
     experts, k = _get(config, "moe_num_experts"), _get(config, "moe_k")
     if experts is not None and k is not None and k > experts:
         raise ValueError(f"moe_k={k} must be between 1 and moe_num_experts={experts} (each token picks k experts)")

@@ -215,18 +215,39 @@ def check_single_process_layout(config: RecipeConfig, runtime: Runtime) -> None:
             )
 
 
+def checkpoint_config_overrides(config: RecipeConfig, checkpoint_config) -> dict:
+    """``model.config`` with from_pretrained: fields that replace the checkpoint's config.json values, as
+    keywords of transformers' from_pretrained do (e.g. ``rope_parameters`` to extend the context)."""
+    fields = dict(config.model.config or {})
+    model_type = fields.pop("model_type", checkpoint_config.model_type)
+    if model_type != checkpoint_config.model_type:
+        raise ConfigError(
+            f"model.config.model_type={model_type!r}, but {config.model.pretrained_model_name_or_path} holds a "
+            f"{checkpoint_config.model_type!r} checkpoint; remove model_type (from_pretrained reads it from config.json)"
+        )
+    unknown = sorted(key for key in fields if not hasattr(checkpoint_config, key))
+    if unknown:
+        raise ConfigError(f"model.config: {unknown} are not fields of the {model_type} config")
+    return fields
+
+
 def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:
     """The model in fp32 master weights, laid out over the ranks (FSDP2/EP/TP), in training mode.
 
-    ``model._target_`` is called with the checkpoint path (from_pretrained) or with a transformers
-    config sized to the tokenizer (from_config).
+    ``model._target_`` is called with the checkpoint path (from_pretrained; ``model.config`` fields
+    override its config.json) or with a transformers config sized to the tokenizer (from_config).
     """
     section = config.model
     pretrained = section.component is from_pretrained
     hf_config = load_config(section.pretrained_model_name_or_path) if pretrained else hf_config_from_recipe(config, tokenizer)
+    overrides = checkpoint_config_overrides(config, hf_config) if pretrained else {}
     kwargs = dict(backend=config.build_backend(), dtype=MASTER_DTYPE, device=runtime.device, **model_kwargs(config, hf_config))
     if config.peft is not None:
         kwargs.update(peft_arguments(config))
+    taken = sorted(set(overrides) & set(kwargs))
+    if taken:
+        raise ConfigError(f"model.config: {taken} are set by the recipe's own keys (model.torch_dtype, backend, peft)")
+    kwargs.update(overrides)
     check_single_process_layout(config, runtime)
     parallel = parallel_config(config, runtime) if runtime.distributed else None
     if pretrained:

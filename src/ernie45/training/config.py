@@ -135,7 +135,11 @@ class ModelConfig(TargetSection):
 
     target: str = _target_field("model")
     pretrained_model_name_or_path: str | None = Field(None, description="HF checkpoint directory (from_pretrained)")
-    config: dict[str, Any] | None = Field(None, description="transformers config fields, with model_type (from_config)")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="transformers config fields: with model_type, a new model (from_config); with "
+        "from_pretrained, values replacing the checkpoint's config.json (e.g. rope_parameters)",
+    )
     torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="compute dtype; weights and optimizer state stay float32 (mixed precision)"
     )
@@ -149,6 +153,10 @@ class ModelConfig(TargetSection):
     def _config_values(cls, fields: dict[str, Any] | None):
         if fields is not None and "model_type" in fields:
             check_model_fields(fields)
+        elif fields is not None:  # overrides of a checkpoint's config.json: checked whole once it is read
+            from ..models.validation import check_model_config
+
+            check_model_config(fields)
         return fields
 
     @model_validator(mode="after")
