@@ -25,6 +25,7 @@ from transformers.modeling_outputs import (
 import ernie45
 from ernie45 import BackendConfig, Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel, Ernie4_5ForCausalLM, Ernie4_5Model
 from ernie45 import MoEConfig
+from ernie45.checkpoint.safetensors_io import CheckpointError
 from ernie45.checkpoint.state_dict_adapter import Ernie4_5_MoeStateDictAdapter, Ernie4_5StateDictAdapter
 
 from builders import moe_model, random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
@@ -228,6 +229,20 @@ def test_torch_dtype_is_an_alias_of_dtype_and_vocab_size_exists(tmp_path):
     assert built.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="disagree"):
         ernie45.from_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_config_keywords_of_from_pretrained_override_config_json_as_in_transformers(kind, tmp_path):
+    """``num_hidden_layers=`` loads the first layers (the rest of the file is left unread), other
+    fields are set on the config; more layers than the file holds is an error naming the missing ones."""
+    hf_class = type(pair(kind, tmp_path, num_hidden_layers=3)[0])
+    hf, ours = hf_class.from_pretrained(tmp_path, num_hidden_layers=2), ernie45.from_pretrained(tmp_path, num_hidden_layers=2, use_cache=False)
+    assert len(ours.model.layers) == 2 and ours.config.use_cache is False
+    ids = ids_for(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) missing from the checkpoint .*model\.layers\.3\."):
+        ernie45.from_pretrained(tmp_path, num_hidden_layers=4)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -94,7 +94,7 @@ def _check_key_sets(
     files: CheckpointFiles, expected: set[str], tied: bool, elsewhere: Callable[[str], bool] | None = None
 ) -> None:
     """Every expected key present, and no key the model has no place for (``elsewhere``: keys that
-    another pipeline stage holds, not this model part)."""
+    another pipeline stage holds, not this model part, or that the caller leaves out)."""
     present = set(files.keys())
     if elsewhere is not None:
         present = {key for key in present if key in expected or not elsewhere(key)}
@@ -128,8 +128,14 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def load_hf_weights(model: nn.Module, files: CheckpointFiles, device: torch.device | str = "cpu") -> None:
-    """Fill every tensor of ``model`` from ``files``, cast to its dtype.
+def load_hf_weights(
+    model: nn.Module,
+    files: CheckpointFiles,
+    device: torch.device | str = "cpu",
+    unused: Callable[[str], bool] | None = None,
+) -> None:
+    """Fill every tensor of ``model`` from ``files``, cast to its dtype (``unused``: HF keys the caller
+    chose not to load, e.g. the layers beyond a smaller ``num_hidden_layers``).
 
     A tensor on the meta device is replaced by the value read (plain tensors stay views of the
     memory-mapped file where dtype and device allow); an allocated one (a parallel layout's
@@ -140,7 +146,8 @@ def load_hf_weights(model: nn.Module, files: CheckpointFiles, device: torch.devi
     sources = {name: checkpoint_name(name, tied) for name in targets}
     expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(sources[name], tuple(t.shape))}
     pipeline = getattr(model, "pipeline", None)
-    _check_key_sets(files, expected, tied, pipeline.held_elsewhere if pipeline is not None else None)
+    skips = [skip for skip in (unused, pipeline.held_elsewhere if pipeline is not None else None) if skip is not None]
+    _check_key_sets(files, expected, tied, (lambda key: any(skip(key) for skip in skips)) if skips else None)
     for name, target in targets.items():
         shape, source = tuple(target.shape), sources[name]
         if target.is_meta:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +34,8 @@ from .hf_loading import (
     with_attention,
 )
 from .validation import check_model_config
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -110,6 +114,18 @@ def with_overrides(config, overrides: dict):
         raise ValueError(f"from_pretrained({given}): {' '.join(str(err).split())}") from None
 
 
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layers_from(count: int, stored: int) -> Callable[[str], bool] | None:
+    """With ``num_hidden_layers=count`` below the checkpoint's ``stored``: the HF keys of the layers
+    not loaded (transformers loads the first layers too, as a debugging or pruning shortcut)."""
+    if count >= stored:
+        return None
+    logger.info("loading the first %d of the checkpoint's %d layers (num_hidden_layers=%d)", count, stored, count)
+    return lambda key: (match := _LAYER_KEY.match(key)) is not None and int(match[1]) >= count
+
+
 def load_pretrained(
     cls: type,
     path: str | Path,
@@ -138,6 +154,7 @@ def load_pretrained(
     device = one_device(device, mapped_device)
     kwargs["backend"] = with_attention(kwargs.get("backend"), attention)
     config = load_config(path) if config is None else config
+    stored_layers = config.num_hidden_layers
     config = with_overrides(config, take_config_keywords(cls, config, kwargs))
     check_constructor_keywords(cls, kwargs, "from_pretrained")
     check_config(cls, config)
@@ -151,7 +168,7 @@ def load_pretrained(
         parallelize(model)
         model.to_empty(device=device or "cpu")  # only this rank's shards
         model.tie_weights()
-    load_hf_weights(model, files, device=device or "cpu")
+    load_hf_weights(model, files, device=device or "cpu", unused=layers_from(config.num_hidden_layers, stored_layers))
     if adapters is not None:
         adapters.fill(model, device or "cpu")
     model.materialize_buffers()
