@@ -256,6 +256,33 @@ def test_transformer_engine_and_chunked_losses_become_masked_cross_entropy():
         assert raw["loss_fn"] == {"_target_": "ernie45.training.loss.MaskedCrossEntropy"} and name in notice
 
 
+def test_automodel_model_keywords_drop_its_patch_switches_and_set_transformers_config_fields():
+    """AutoModel forwards a model section's other keys to transformers' from_pretrained, which sets config
+    fields: here they go to ``model.config``; its switches for patching transformers' code do nothing."""
+    section = {
+        "_target_": "nemo_automodel.NeMoAutoModelForCausalLM.from_pretrained",
+        "pretrained_model_name_or_path": HUB_ID,
+        "torch_dtype": "bfloat16",
+        "use_liger_kernel": True,
+        "use_sdpa_patching": True,
+        "trust_remote_code": True,
+        "max_position_embeddings": 262144,
+        "rope_scaling": {"type": "yarn", "factor": 2.0},
+    }
+    raw, notices = adapt_recipe({"model": section}, strict=True)
+    assert raw["model"] == {
+        "_target_": section["_target_"],
+        "pretrained_model_name_or_path": HUB_ID,
+        "torch_dtype": "bfloat16",
+        "config": {"max_position_embeddings": 262144, "rope_scaling": {"type": "yarn", "factor": 2.0}},
+    }
+    assert any(n.startswith("notice: model.use_liger_kernel=True is not used (Liger") for n in notices)
+    assert any(n.startswith("notice: model.trust_remote_code=True is not used") for n in notices)
+    assert any(n.startswith("notice: model.rope_scaling: set on the model's config") for n in notices) and len(notices) == 5
+    with pytest.raises(ConfigError, match=r"model.max_position_embeddings and model.config.max_position_embeddings are both given"):
+        adapt_recipe({"model": {"max_position_embeddings": 8, "config": {"max_position_embeddings": 16}}}, False, ConfigError)
+
+
 # ----- hub ids -------------------------------------------------------------------------------------
 @pytest.fixture
 def offline_cache(monkeypatch, hf_home):

@@ -133,13 +133,22 @@ def test_legacy_rope_scaling_key_loads_as_in_transformers(tmp_path):
 
 def test_from_pretrained_keywords_override_the_config_as_in_transformers(tmp_path):
     """Context extension of a plain checkpoint: ``rope_parameters=`` and ``max_position_embeddings=``."""
-    random_hf_model(HFErnie, tiny_dense_config(max_position_embeddings=TRAINED)).save_pretrained(tmp_path)
+    plain = {"rope_type": "default", "rope_theta": 10000.0}
+    random_hf_model(HFErnie, tiny_dense_config(max_position_embeddings=TRAINED, rope_parameters=plain)).save_pretrained(tmp_path)
     extended = dict(rope_parameters={"rope_theta": 10000.0, **ROPES["yarn"]}, max_position_embeddings=4 * TRAINED)
     hf, ours = HFErnie.from_pretrained(tmp_path, **extended), ernie45.from_pretrained(tmp_path, **extended)
     assert ours.config.max_position_embeddings == 4 * TRAINED and ours.model.rotary_emb.rope_type == "yarn"
     ids = _ids(hf.config.vocab_size, 3 * TRAINED)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    # transformers 4's rope_scaling keyword: the scaling on the checkpoint's own base (10000 here)
+    legacy = ernie45.from_pretrained(tmp_path, rope_scaling={"type": "linear", "factor": 2.0})
+    assert legacy.config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    linear = HFErnie.from_pretrained(tmp_path, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    with torch.no_grad():
+        torch.testing.assert_close(legacy(ids).logits, linear(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rope_scaling and rope_parameters are both given"):
+        ernie45.from_pretrained(tmp_path, rope_scaling={"type": "linear", "factor": 2.0}, **extended)
     with pytest.raises(ValueError, match=r"from_pretrained\(rope_parameters=.*'rope_type'='linear': \{'factor'\}"):
         ernie45.from_pretrained(tmp_path, rope_parameters={"rope_type": "linear", "rope_theta": 1e4})
     with pytest.raises(ValueError, match=r"^num_hidden_layers=0 must be an integer >= 1"):

@@ -33,6 +33,7 @@ from .hf_loading import (
     take_transformers_keywords,
     with_attention,
 )
+from .rope import rope_theta
 from .validation import check_model_config
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ def with_overrides(config, overrides: dict):
     (a legacy ``rope_scaling`` becomes ``rope_parameters``); the values are checked as a file's are."""
     if not overrides:
         return config
+    overrides = dict(overrides)
+    if "rope_scaling" in overrides:
+        overrides["rope_parameters"] = scaled_rope(config, overrides)
     try:
         return type(config).from_dict({**config.to_dict(), **overrides})
     except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
@@ -124,6 +128,17 @@ def layers_from(count: int, stored: int) -> Callable[[str], bool] | None:
         return None
     logger.info("loading the first %d of the checkpoint's %d layers (num_hidden_layers=%d)", count, stored, count)
     return lambda key: (match := _LAYER_KEY.match(key)) is not None and int(match[1]) >= count
+
+
+def scaled_rope(config, overrides: dict) -> dict:
+    """transformers 4's ``rope_scaling={"type": ..., "factor": ...}`` as ``rope_parameters`` on the
+    config's own RoPE base (transformers 5 would take the default base instead)."""
+    if "rope_parameters" in overrides:
+        raise ValueError("rope_scaling and rope_parameters are both given; pass rope_parameters only")
+    scaling = dict(overrides.pop("rope_scaling") or {})
+    kind = scaling.pop("type", None)
+    scaling.setdefault("rope_type", kind or "default")
+    return {"rope_theta": rope_theta(config), **scaling}
 
 
 def load_pretrained(

@@ -13,6 +13,12 @@ block). Everything else AutoModel writes is a key of the typed sections themselv
   * ``model.attn_implementation`` (transformers' keyword in AutoModel's dense recipes): the
     backend's ``attn`` unless the backend names one (a value ernie45 lacks, e.g.
     ``flash_attention_2``, falls back as above).
+  * ``model.use_liger_kernel``, ``use_sdpa_patching``, ``sdpa_method``, ``trust_remote_code``,
+    ``force_hf`` (AutoModel's loading switches for transformers' model code): dropped with a notice,
+    ernie45 runs its own model.
+  * other ``model.`` keys that name fields of transformers' ERNIE 4.5 configs (AutoModel forwards them
+    to transformers' ``from_pretrained``, which sets them on the config, e.g. ``rope_scaling``):
+    moved into ``model.config``, where ernie45 takes config fields.
   * ``dist_env.backend: nccl`` where torch sees no CUDA GPU -> gloo.
   * ``loss_fn``: TEParallelCrossEntropy (Transformer Engine) and ChunkedCrossEntropy -> MaskedCrossEntropy
     (the same summed cross-entropy).
@@ -28,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.backend import BackendConfig
+from .config import ModelConfig
 from .loss import MaskedCrossEntropy
 from .registry import COMPONENTS
 
@@ -47,6 +54,16 @@ _NEMO_LOSS = "nemo_automodel.components.loss"
 NEAREST_LOSS: dict[str, tuple[str, str]] = {
     f"{_NEMO_LOSS}.te_parallel_ce.TEParallelCrossEntropy": (_MASKED_CE, "it needs Transformer Engine"),
     f"{_NEMO_LOSS}.chunked_ce.ChunkedCrossEntropy": (_MASKED_CE, "ernie45 computes the same loss unchunked"),
+}
+
+
+# AutoModel's from_pretrained switches for patching transformers' model code -> why they do nothing here
+UNUSED_LOADING_KEYS: dict[str, str] = {
+    "use_liger_kernel": "Liger kernels patch transformers' model code; ernie45 has its own fused loss and kernels",
+    "use_sdpa_patching": "it patches transformers' attention; ernie45's attention kernel is the backend's attn",
+    "sdpa_method": "it patches transformers' attention; ernie45's attention kernel is the backend's attn",
+    "trust_remote_code": "ernie45 runs its own ERNIE 4.5 code, never a checkpoint's",
+    "force_hf": "ernie45 always runs its own ERNIE 4.5 model",
 }
 
 
@@ -78,6 +95,7 @@ def adapt_recipe(raw: dict[str, Any], strict: bool, error: type[Exception] = Val
         raw.pop("ci")
         adapter.note("ci: AutoModel's CI settings are not used by ernie45 (ignored)")
     _attn_implementation(raw, adapter)
+    _model_keywords(raw, adapter)
     _backend_kernels(raw, adapter)
     _dist_backend(raw, adapter)
     _loss(raw, adapter)
@@ -111,6 +129,34 @@ def _attn_implementation(raw: dict[str, Any], adapter: Adapter) -> None:
         found[1]["attn"] = kernel
     elif found[1]["attn"] != kernel:
         adapter.note(f"model.attn_implementation={kernel!r} is not used: {found[0]}.attn={found[1]['attn']!r} chooses the attention kernel")
+
+
+def _model_keywords(raw: dict[str, Any], adapter: Adapter) -> None:
+    """AutoModel's loading switches dropped; transformers config fields moved into ``model.config``."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return
+    for key in [key for key in model if key in UNUSED_LOADING_KEYS]:
+        adapter.note(f"model.{key}={model.pop(key)!r} is not used ({UNUSED_LOADING_KEYS[key]})")
+    fields = [key for key in model if key not in ModelConfig.model_fields and key != "_target_" and _config_field(key)]
+    if not fields:
+        return
+    config = model.setdefault("config", {})
+    if not isinstance(config, dict):
+        return  # the typed section names the wrong type
+    for key in fields:
+        if key in config:
+            raise adapter.error(f"model.{key} and model.config.{key} are both given; keep one")
+        config[key] = model.pop(key)
+        adapter.note(f"model.{key}: set on the model's config (as model.config.{key}), as transformers' from_pretrained does")
+
+
+def _config_field(key: str) -> bool:
+    """A field of transformers' dense or MoE ERNIE 4.5 config (``max_position_embeddings``, ...), or the
+    legacy ``rope_scaling`` transformers still reads."""
+    from transformers import Ernie4_5Config, Ernie4_5_MoeConfig
+
+    return key == "rope_scaling" or any(key in config().to_dict() for config in (Ernie4_5Config, Ernie4_5_MoeConfig))
 
 
 def _refusal(field: str, value: Any) -> str | None:
