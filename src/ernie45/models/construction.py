@@ -100,7 +100,8 @@ def take_config_keywords(cls: type, config, kwargs: dict) -> dict:
     """Pop the keywords that name fields of ``config`` (and not ``cls``'s own arguments): transformers'
     ``from_pretrained(path, max_position_embeddings=..., rope_parameters=...)`` sets them on the config."""
     own = set(inspect.signature(cls.__init__).parameters)
-    return {key: kwargs.pop(key) for key in list(kwargs) if key not in own and hasattr(config, key)}
+    fields = [key for key in kwargs if key not in own and hasattr(config, key) and not callable(getattr(config, key))]
+    return {key: kwargs.pop(key) for key in fields}
 
 
 def with_overrides(config, overrides: dict):

@@ -24,9 +24,13 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 def _rope_parameters(config: Any) -> dict:
     """``rope_parameters`` of an HF config or of a plain mapping such as a recipe's ``model.config``."""
-    params = (config.get("rope_parameters") if isinstance(config, Mapping) else getattr(config, "rope_parameters", None)) or {}
+    if isinstance(config, Mapping):
+        params = config.get("rope_parameters") or {}
+    else:
+        params = getattr(config, "rope_parameters", None) or {}
     if not isinstance(params, Mapping):
-        raise ValueError(f"rope_parameters={params!r} must be a mapping such as {{'rope_type': 'default', 'rope_theta': 500000.0}}")
+        example = {"rope_type": "default", "rope_theta": 500000.0}
+        raise ValueError(f"rope_parameters={params!r} must be a mapping such as {example}")
     return dict(params)
 
 
