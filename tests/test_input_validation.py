@@ -155,6 +155,7 @@ def _default_with(overrides: dict) -> RecipeConfig:
         ("rms_norm_eps", 0.0, "rms_norm_eps=0.0 must be a finite number > 0"),
         ("rope_parameters", {"rope_type": "default", "rope_theta": -1.0}, "rope_theta=-1.0 must be a finite number > 0"),
         ("model_type", "llama", "model_type='llama' must be one of ['ernie4_5', 'ernie4_5_moe']"),
+        ("hidden_act", "gelu", "hidden_act='gelu': ERNIE 4.5's feed-forward and experts are SwiGLU"),
     ],
 )
 def test_model_config_values_are_checked_before_building(key, value, message):

@@ -243,6 +243,13 @@ def test_config_keywords_of_from_pretrained_override_config_json_as_in_transform
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match=r"tensor\(s\) missing from the checkpoint .*model\.layers\.3\."):
         ernie45.from_pretrained(tmp_path, num_hidden_layers=4)
+    # a forward's unset output_hidden_states is the config's, as in transformers
+    hf, ours = hf_class.from_pretrained(tmp_path, output_hidden_states=True), ernie45.from_pretrained(tmp_path, output_hidden_states=True)
+    with torch.no_grad():
+        expected, got = hf(ids).hidden_states, ours(ids).hidden_states
+    assert len(got) == len(expected) == 4
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [True, False])

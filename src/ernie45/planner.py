@@ -1053,7 +1053,11 @@ def check_inputs(config, gpus: int, workload: Workload, efficiency: float) -> No
         raise ValueError(f"--gpus {gpus!r} must be a positive integer")
     limit = config.max_position_embeddings
     if not 2 <= workload.seq_len <= limit:
-        raise ValueError(f"--seq-len {workload.seq_len} must be between 2 and the model's max_position_embeddings={limit}")
+        raise ValueError(
+            f"--seq-len {workload.seq_len} must be between 2 and the model's max_position_embeddings={limit} (a longer "
+            "context needs RoPE scaling: plan with --model DIR whose config.json has rope_parameters and a larger "
+            "max_position_embeddings)"
+        )
     for name, value, valid in (("--method", workload.method, ("full", "lora")), ("--dtype", workload.dtype, ("bf16", "fp32")),
                                ("--loss", workload.loss, ("fused", "masked"))):
         if value not in valid:

@@ -295,6 +295,8 @@ class DecoderModel(nn.Module):
         rotation, mask, padding_mask = self.layer_inputs(
             h, position_ids, attention_mask, padding_mask, caches, cache_position
         )
+        if output_hidden_states is None:  # as transformers: the config's setting
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             h = layer(h, rotation, mask, padding_mask, caches[i] if caches is not None else None)

@@ -24,6 +24,7 @@ POSITIVE_INTS = (
 NON_NEGATIVE_INTS = ("moe_num_shared_experts", "moe_layer_start_index")
 POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "moe_norm_min")
 NON_NEGATIVE_FLOATS = ("router_aux_loss_coef", "initializer_range")
+SWIGLU_ACTIVATIONS = ("silu", "swish")  # transformers' two names of x * sigmoid(x)
 
 
 def _get(config: Any, key: str) -> Any:
@@ -74,6 +75,12 @@ def check_model_config(config: Any) -> None:
         check_float(key, rope_theta(config) if key == "rope_theta" else _get(config, key), positive=True)
     for key in NON_NEGATIVE_FLOATS:
         check_float(key, _get(config, key), positive=False)
+    act = _get(config, "hidden_act")
+    if act is not None and act not in SWIGLU_ACTIVATIONS:
+        raise ValueError(
+            f"hidden_act={act!r}: ERNIE 4.5's feed-forward and experts are SwiGLU, and ernie45 implements them "
+            "with SiLU only (every released checkpoint); use hidden_act='silu'"
+        )
     check_relations(config)
 
 
