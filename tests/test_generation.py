@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import GenerationConfig, PreTrainedTokenizerFast, TextIteratorStreamer
 from transformers import Ernie4_5ForCausalLM as HFErnie
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import LogitsProcessorList, NoRepeatNGramLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 import ernie45
@@ -159,6 +159,60 @@ def test_repetition_penalty_and_min_new_tokens_match_transformers(tmp_path, sett
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=end, **settings)
     expected, got = hf.generate(ids, **kwargs), ours.generate(ids, **kwargs)
     assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+BARRING = [
+    dict(no_repeat_ngram_size=2),
+    dict(no_repeat_ngram_size=1, repetition_penalty=1.3, min_new_tokens=3),
+    dict(bad_words_ids=[[5], [7, 8]]),
+    dict(suppress_tokens=[5, 6, 7]),
+    dict(begin_suppress_tokens=[9, 10]),
+]
+
+
+@pytest.mark.parametrize("settings", BARRING)
+def test_token_barring_keywords_match_transformers(tmp_path, settings):
+    """no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens: transformers' own
+    processors, in its order with the repetition penalty and min_new_tokens, on left-padded prompts."""
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **settings)
+    expected, got = hf.generate(ids, **kwargs), ours.generate(ids, **kwargs)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_a_logits_processor_list_runs_as_in_transformers_and_min_p_warps_as_transformers(tmp_path):
+    """Custom processors after the built-in ones (the n-gram barrier given as an object equals the keyword),
+    and min_p after top_p: the same sequences and per-step scores as transformers'."""
+    hf, ours = _dense_pair(tmp_path)
+    ids, mask = _left_padded_prompts(hf.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.2)
+    expected = hf.generate(ids, no_repeat_ngram_size=2, **kwargs)
+    got = ours.generate(ids, logits_processor=LogitsProcessorList([NoRepeatNGramLogitsProcessor(2)]), **kwargs)
+    assert torch.equal(got, expected)
+    # min_p 0.999 keeps only the likeliest token: sampling is then deterministic on both sides
+    sampled = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, min_p=0.999)
+    sampled |= dict(return_dict_in_generate=True, output_scores=True)
+    expected, got = hf.generate(ids, **sampled), ours.generate(ids, **sampled)
+    assert torch.equal(got.sequences, expected.sequences)
+    for mine, theirs in zip(got.scores, expected.scores, strict=True):
+        assert torch.equal(torch.isinf(mine), torch.isinf(theirs))
+        torch.testing.assert_close(mine[~torch.isinf(mine)], theirs[~torch.isinf(theirs)], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_generate_keywords_and_bad_processor_values_are_named(tmp_path):
+    _, ours = _dense_pair(tmp_path)
+    ids = torch.randint(3, 100, (1, 5))
+    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['typical_p'\].*logits_processor=\[NoRepeatNGram"):
+        ours.generate(ids, max_new_tokens=2, typical_p=0.5)
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=-1 must be an integer >= 0"):
+        ours.generate(ids, max_new_tokens=2, no_repeat_ngram_size=-1)
+    with pytest.raises(ValueError, match=r"bad_words_ids. has to be a list of lists"):
+        ours.generate(ids, max_new_tokens=2, bad_words_ids=[5])
+    with pytest.raises(ValueError, match=r"min_p=2.0 must be in \[0, 1\]"):
+        ours.generate(ids, max_new_tokens=2, do_sample=True, min_p=2.0)
+    with pytest.raises(ValueError, match=r"logits_processor must be callables"):
+        ours.generate(ids, max_new_tokens=2, logits_processor=[3])
 
 
 def test_a_transformers_streamer_gets_what_transformers_gives_it(tmp_path):

@@ -15,6 +15,7 @@ Shapes: B batch, P prompt length, N new tokens, V vocabulary, nKV key/value head
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ MODEL_DEFAULT = _ModelDefault()
 # transformers' defaults for what neither the call nor a generation config sets (its
 # ``GenerationConfig._get_default_generation_params``); max_new_tokens None: 20 new tokens.
 DEFAULT_SETTINGS = dict(
-    max_new_tokens=None, max_length=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+    max_new_tokens=None, max_length=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=None,
     repetition_penalty=1.0, min_new_tokens=None, num_beams=1, num_return_sequences=1,
+    no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
 )  # fmt: skip
 
 
@@ -120,6 +122,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -130,6 +133,8 @@ class Sampling:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None to keep every token")
+        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p={self.min_p!r} must be in [0, 1], or None to keep every token")
 
 
 def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -150,12 +155,16 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (transformers' order) on fp32 logits [B,V]."""
+    """Temperature, then top-k, then top-p, then min-p (transformers' order) on fp32 logits [B,V]."""
     logits = logits / sampling.temperature
     if sampling.top_k is not None:
         logits = filter_top_k(logits, sampling.top_k)
     if sampling.top_p is not None and sampling.top_p < 1:
         logits = filter_top_p(logits, sampling.top_p)
+    if sampling.min_p is not None:
+        from transformers.generation.logits_process import MinPLogitsWarper
+
+        logits = MinPLogitsWarper(min_p=sampling.min_p)(None, logits)  # NOTE: transformers' own, it reads no ids
     return logits
 
 
@@ -241,7 +250,13 @@ def stream_tokens(
     min_new_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
     num_beams: int | _ModelDefault = MODEL_DEFAULT,
     num_return_sequences: int | _ModelDefault = MODEL_DEFAULT,
+    min_p: float | None | _ModelDefault = MODEL_DEFAULT,
+    no_repeat_ngram_size: int | _ModelDefault = MODEL_DEFAULT,
+    bad_words_ids: list[list[int]] | None | _ModelDefault = MODEL_DEFAULT,
+    suppress_tokens: list[int] | None | _ModelDefault = MODEL_DEFAULT,
+    begin_suppress_tokens: list[int] | None | _ModelDefault = MODEL_DEFAULT,
     generation_config: GenerationConfig | None = None,
+    logits_processor=None,
     step_scores: list | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step (see ``generate`` for the arguments).
@@ -255,8 +270,9 @@ def stream_tokens(
     del use_cache  # NOTE: accepted for transformers' callers; decoding always uses the KV cache (the same tokens)
     given = dict(
         max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-        num_beams=num_beams, num_return_sequences=num_return_sequences,
+        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+        num_beams=num_beams, num_return_sequences=num_return_sequences, no_repeat_ngram_size=no_repeat_ngram_size,
+        bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
     )  # fmt: skip
     settings = resolve_settings(model, generation_config, given)
     if settings["num_beams"] != 1:
@@ -275,12 +291,16 @@ def stream_tokens(
     # NOTE: greedy decoding checks only the sampling values given to the call: a generation config's
     # (e.g. temperature=0.0 beside do_sample=False) is ignored, as transformers ignores it
     chosen = settings if settings["do_sample"] else DEFAULT_SETTINGS | {k: v for k, v in given.items() if v is not MODEL_DEFAULT}
-    sampling = Sampling(settings["do_sample"], chosen["temperature"], chosen["top_k"], chosen["top_p"])
+    sampling = Sampling(settings["do_sample"], chosen["temperature"], chosen["top_k"], chosen["top_p"], chosen["min_p"])
     choose = token_chooser(sampling, generator)
     end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id, generation_config)
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
     input_ids, keep = repeated_rows(input_ids, keep, settings["num_return_sequences"], sampling.do_sample)
-    adjust = logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids, keep)
+    adjust = with_processors(
+        logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids, keep),
+        transformers_processors(settings, end_ids, input_ids.shape[1], input_ids.device)
+        + callables(logits_processor, "logits_processor", "(input_ids, scores) -> scores, e.g. a transformers LogitsProcessorList"),
+    )
     stop = criteria_check(stopping_criteria)
     scores_of = partial(processed_scores, sampling)
     return _decode(model, input_ids, keep, budget, choose, end_ids, pad_id, stop, adjust, scores_of, step_scores)
@@ -346,14 +366,64 @@ def new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_
     return max_length - prompt_len
 
 
+def callables(given, name: str, what: str) -> list[Callable]:
+    """transformers' list-or-one argument (``stopping_criteria``, ``logits_processor``) as a list of callables."""
+    if given is None:
+        return []
+    items = list(given) if isinstance(given, (list, tuple)) else [given]
+    if not all(callable(item) for item in items):
+        raise ValueError(f"{name} must be callables {what}")
+    return items
+
+
+def transformers_processors(settings: dict, end_ids: list[int], prompt_len: int, device: torch.device) -> list[Callable]:
+    """transformers' own processors for the keywords ernie45 hands to them: ``no_repeat_ngram_size``,
+    ``bad_words_ids``, ``suppress_tokens``, ``begin_suppress_tokens`` (each bars tokens; after the
+    repetition penalty, as in transformers)."""
+    from transformers.generation import logits_process as lp
+
+    processors: list[Callable] = []
+    ngram = settings["no_repeat_ngram_size"]
+    if ngram is not None and not (isinstance(ngram, int) and not isinstance(ngram, bool) and ngram >= 0):
+        raise ValueError(f"no_repeat_ngram_size={ngram!r} must be an integer >= 0 (0: off)")
+    try:
+        if ngram:
+            processors.append(lp.NoRepeatNGramLogitsProcessor(ngram))
+        if settings["bad_words_ids"] is not None:
+            processors.append(lp.NoBadWordsLogitsProcessor(settings["bad_words_ids"], eos_token_id=end_ids or None))
+        if settings["suppress_tokens"] is not None:
+            processors.append(lp.SuppressTokensLogitsProcessor(settings["suppress_tokens"], device=device))
+        if settings["begin_suppress_tokens"] is not None:
+            processors.append(lp.SuppressTokensAtBeginLogitsProcessor(settings["begin_suppress_tokens"], prompt_len, device=device))
+    except (TypeError, ValueError) as err:
+        raise ValueError(" ".join(str(err).split())) from None
+    return processors
+
+
+def with_processors(
+    adjust: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None, processors: list[Callable]
+) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """``adjust`` followed by the caller's ``logits_processor``s, each (sequences [B,T], scores [B,V]) ->
+    scores: transformers' order (its own processors, then the given ones, then the sampling warpers)."""
+    if not processors:
+        return adjust
+
+    def adjusted(logits: torch.Tensor, sequences: torch.Tensor, step: int) -> torch.Tensor:
+        if adjust is not None:
+            logits = adjust(logits, sequences, step)
+        for processor in processors:
+            logits = processor(sequences, logits)
+        return logits
+
+    return adjusted
+
+
 def criteria_check(stopping_criteria) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """transformers' ``stopping_criteria`` (a ``StoppingCriteriaList``, a list of criteria or one)
     as one check: (sequences so far [B,T], this step's logits [B,V]) -> rows done [B] bool."""
-    if stopping_criteria is None:
+    criteria = callables(stopping_criteria, "stopping_criteria", "(input_ids, scores) -> bool, e.g. a transformers StoppingCriteriaList")
+    if not criteria:
         return None
-    criteria = list(stopping_criteria) if isinstance(stopping_criteria, (list, tuple)) else [stopping_criteria]
-    if not all(callable(criterion) for criterion in criteria):
-        raise ValueError("stopping_criteria must be callables (input_ids, scores) -> bool, e.g. a transformers StoppingCriteriaList")
 
     def done(sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
@@ -421,6 +491,19 @@ def _decode(
             tokens, positions = next_tokens[:, None], positions[:, -1:] + 1  # [B,1]
 
 
+def check_generate_keywords(settings: dict) -> None:
+    """A TypeError naming transformers' generate keywords ernie45 does not take, and what to do instead."""
+    accepted = set(inspect.signature(stream_tokens).parameters) - {"model", "input_ids", "attention_mask", "step_scores"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise TypeError(
+            f"generate() got unsupported keyword argument(s) {unknown}; ernie45's generate takes "
+            f"{', '.join(sorted(accepted | {'streamer', 'return_dict_in_generate', 'output_scores', 'output_logits'}))}. "
+            "Other transformers logits processors can be passed as objects: "
+            "logits_processor=[NoRepeatNGramLogitsProcessor(3), ...]"
+        )
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -436,7 +519,8 @@ def generate(
 
     ``settings`` are ``stream_tokens``' keywords, transformers' names and meanings: max_new_tokens,
     max_length (prompt + new tokens, when max_new_tokens is not given), min_new_tokens, do_sample,
-    temperature, top_k, top_p, repetition_penalty, num_return_sequences (sampling), num_beams (1
+    temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+    suppress_tokens, begin_suppress_tokens, num_return_sequences (sampling), num_beams (1
     only), eos_token_id, pad_token_id, stopping_criteria (called with the sequences so far and the
     step's logits after each token), use_cache (decoding always uses the KV cache: the same tokens
     either way), generation_config; plus generator or seed for reproducible sampling.
@@ -445,12 +529,16 @@ def generate(
     sampling settings, when it has them), else transformers' defaults (greedy, 20 new tokens; top_k=50
     when sampling). ``eos_token_id=None`` or ``[]`` disables ending. Rows that have ended are
     padded with pad_token_id and decoding stops once all rows have ended.
-    Sampling applies temperature, then top_k, then top_p; greedy decoding ignores (but still
+    Sampling applies temperature, then top_k, then top_p, then min_p; greedy decoding ignores (but still
     checks) the sampling values. ``streamer`` (transformers' ``TextStreamer`` and kin, one prompt
     row) is given the prompt, then each new token as it comes, then ``end()``.
+    ``logits_processor``: transformers' ``LogitsProcessorList`` (or callables (input_ids, scores) ->
+    scores) run after the built-in processors and before the sampling warpers, as transformers runs them
+    (e.g. ``NoRepeatNGramLogitsProcessor``, ``NoBadWordsLogitsProcessor``, constrained decoding).
     ``return_dict_in_generate``: transformers' ``GenerateDecoderOnlyOutput`` instead of the tensor,
     with per-step ``scores`` (``output_scores``) and ``logits`` (``output_logits``), [B,V] fp32 each.
     """
+    check_generate_keywords(settings)
     recorded = [] if return_dict_in_generate and (output_scores or output_logits) else None
     tokens = stream_tokens(model, input_ids, attention_mask, step_scores=recorded, **settings)
     if streamer is not None:
