@@ -70,10 +70,23 @@ def test_seeded_sampling_from_the_cli_is_reproducible(tiny_lm_dir):
     assert _run(*args, "--top-p", "0.95", "--seed", "3").stdout == first.stdout
 
 
+def test_repetition_options_from_the_cli_reach_generate(tiny_lm_dir):
+    result = _run("--model", str(tiny_lm_dir), "--prompt", PROMPT, "--max-new-tokens", "12",
+                  "--repetition-penalty", "0.05", "--no-repeat-ngram-size", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, tokenizer = ernie45.from_pretrained(tiny_lm_dir), load_tokenizer(tiny_lm_dir)
+    expected = _greedy_reply(model, tokenizer, tokenizer.encode(PROMPT), 12, repetition_penalty=0.05, no_repeat_ngram_size=2)
+    assert result.stdout == expected + "\n"
+    assert expected != _greedy_reply(model, tokenizer, tokenizer.encode(PROMPT), 12)  # the options changed the reply
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         ((), "give exactly one of --prompt TEXT or --chat"),
+        (("--prompt", "x", "--repetition-penalty", "0"), "--repetition-penalty 0.0 must be > 0 and finite"),
+        (("--prompt", "x", "--no-repeat-ngram-size", "-2"), "--no-repeat-ngram-size -2 must be >= 0"),
+        (("--prompt", "x", "--temperature", "1", "--min-p", "3"), "min_p=3.0 must be in [0, 1]"),
         (("--prompt", "x", "--chat"), "give exactly one of --prompt TEXT or --chat"),
         (("--prompt", ""), "the prompt is empty"),
         (("--prompt", "x", "--temperature", "0.5", "--top-p", "2"), r"top_p=2.0 must be in (0, 1]"),

@@ -114,21 +114,36 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None, devic
     return model.eval(), tokenizer
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None, seed: int | None) -> dict:
+def _check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+) -> dict:
     """The sampling options, checked before the (slow) model load; nan/inf temperatures are refused."""
     from .generation import Sampling
 
     if not (math.isfinite(temperature) and temperature >= 0):
         raise _fail(f"--temperature {temperature} must be >= 0 and finite (0 = greedy)")
+    if repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise _fail(f"--repetition-penalty {repetition_penalty} must be > 0 and finite (1 = none)")
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size < 0:
+        raise _fail(f"--no-repeat-ngram-size {no_repeat_ngram_size} must be >= 0 (0 = off)")
     if max_new_tokens < 1:
         raise _fail(f"--max-new-tokens {max_new_tokens} must be >= 1")
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise _fail(f"--seed {seed} is out of range; use an integer between -2**63 and 2**63 - 1")
     try:
-        Sampling(temperature > 0, temperature or 1.0, top_k, top_p)
+        Sampling(temperature > 0, temperature or 1.0, top_k, top_p, min_p)
     except ValueError as err:
         raise _fail(str(err)) from None
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, top_k=top_k, top_p=top_p, seed=seed)
+    given = dict(min_p=min_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    sampling |= {name: value for name, value in given.items() if value is not None}  # else the checkpoint's setting
     return sampling | ({"temperature": temperature} if temperature > 0 else {})
 
 
@@ -171,6 +186,9 @@ def generate_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1]."),
     top_k: int = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens."),
+    min_p: float = typer.Option(None, "--min-p", help="Sample only tokens at least this fraction as likely as the likeliest."),
+    repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="> 1 makes tokens already seen less likely."),
+    no_repeat_ngram_size: int = typer.Option(None, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size."),
     seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
@@ -185,7 +203,7 @@ def generate_command(
 
     if chat == (prompt is not None):
         raise _fail("give exactly one of --prompt TEXT or --chat")
-    sampling = _check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    sampling = _check_sampling(max_new_tokens, temperature, top_p, top_k, seed, min_p, repetition_penalty, no_repeat_ngram_size)
     if prompt is not None:
         # NOTE: Python hands undecodable argv bytes over as surrogate escapes; fsencode gives the bytes back.
         prompt = _decode_input(os.fsencode(prompt), "--prompt")
