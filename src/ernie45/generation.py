@@ -403,8 +403,8 @@ def transformers_processors(settings: dict, end_ids: list[int], prompt_len: int,
 def with_processors(
     adjust: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None, processors: list[Callable]
 ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
-    """``adjust`` followed by the caller's ``logits_processor``s, each (sequences [B,T], scores [B,V]) ->
-    scores: transformers' order (its own processors, then the given ones, then the sampling warpers)."""
+    """``adjust`` followed by ``processors``, each (sequences [B,T], scores [B,V]) -> scores: the barring
+    keywords' then the caller's ``logits_processor``, transformers' order (the sampling warpers come after)."""
     if not processors:
         return adjust
 
