@@ -276,19 +276,19 @@ COMPILED = ("--compile.enabled=true", "--compile.backend=aot_eager")
 
 @pytest.mark.parametrize(
     "layout",
-    [[], ["--distributed.tp_size=2", "--step_scheduler.local_batch_size=8",
-          "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"],
+    [["--distributed.tp_size=2", "--step_scheduler.local_batch_size=8",
+      "--loss_fn._target_=ernie45.training.loss.MaskedCrossEntropy", "--loss_fn.chunk_size=null"],
      ["--distributed.cp_size=2", "--step_scheduler.local_batch_size=8", *COMPILED],
      ["--distributed.pp_size=2", "--step_scheduler.local_batch_size=8"]],
-    ids=["dp2", "tp2", "cp2-compiled", "pp2"],
+    ids=["tp2", "cp2-compiled", "pp2"],
 )
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_under_external_torchrun_follow_the_single_process_curve(tmp_path, dense_dir, straight_run, layout):
-    """FSDP2 over 2 gloo ranks (dp=2, fused linear + cross-entropy), tensor parallelism (tp=2),
-    context parallelism (cp=2: each sequence split over the ranks; with compiled blocks) or pipeline
-    parallelism (pp=2: one layer per stage, 1F1B, the fused loss on the last stage), started by an
-    outside torchrun."""
+    """Tensor parallelism (tp=2), context parallelism (cp=2: each sequence split over the ranks; with
+    compiled blocks) or pipeline parallelism (pp=2: one layer per stage, 1F1B, the fused loss on the
+    last stage), started by an outside torchrun. (FSDP2 over 2 ranks with the fused loss follows one
+    process in the packed-rows test below, started by --nproc-per-node.)"""
     out = tmp_path / "run"
     args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, out, *layout)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ernie45.cli"]
