@@ -413,6 +413,16 @@ def test_bad_checkpoint_config_overrides_are_one_line_errors(tmp_path, dense_dir
     assert expected in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("rope", ['{"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}', '{"type": "dynamic", "factor": 2.0}'])
+def test_context_parallel_with_a_length_dependent_rope_is_refused_before_the_ranks_start(tmp_path, dense_dir, rope):
+    key = "rope_parameters" if "rope_type" in rope else "rope_scaling"  # transformers 4's name too
+    args = twin("ernie4_5_0p3b_hellaswag_cpu.yaml", dense_dir, tmp_path / "run", f"--model.config.{key}={rope}",
+                "--distributed.cp_size=2", "--step_scheduler.local_batch_size=8", "--nproc-per-node=2")  # fmt: skip
+    result = CliRunner().invoke(app, ["finetune", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("distributed.cp_size=2: rope_parameters.rope_type='dynamic' picks its frequencies") == 1
+
+
 def test_sft_jsonl_with_prompt_completion_and_chat_records(tmp_path, dense_dir):
     records = [{"prompt": f"Q: what comes after {i}?", "completion": f" A: {i + 1}."} for i in range(6)]
     records += [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]} for i in range(6)]

@@ -27,6 +27,7 @@ from ..distributed import (
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
+from ..models.rope import LENGTH_DEPENDENT_ROPE, context_parallel_refusal, rope_type
 from ..peft import LoRALinear, has_adapters, merge, save_adapter
 from ..tokenizer import train_tokenizer
 from .compile import compile_blocks
@@ -229,6 +230,19 @@ def checkpoint_config_overrides(config: RecipeConfig, checkpoint_config) -> dict
     if unknown:
         raise ConfigError(f"model.config: {unknown} are not fields of the {model_type} config")
     return fields
+
+
+def check_context_parallel_rope(config: RecipeConfig) -> None:
+    """cp_size > 1 with a length-dependent RoPE (the model's or ``model.config``'s), refused before any
+    rank starts (each rank would refuse it in ``apply_context_parallel``)."""
+    if config.distributed.cp_size <= 1:
+        return
+    fields = dict(config.model.config or {})
+    if config.model.component is from_pretrained and not {"rope_parameters", "rope_scaling"} & set(fields):
+        fields = {"rope_parameters": load_config(config.model.pretrained_model_name_or_path).rope_parameters}
+    kind = rope_type(fields)
+    if kind in LENGTH_DEPENDENT_ROPE:
+        raise ConfigError(f"distributed.cp_size={config.distributed.cp_size}: {context_parallel_refusal(kind)}")
 
 
 def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:

@@ -143,12 +143,13 @@ def check_layout(config: RecipeConfig, nproc: int) -> None:
     before starting any of them (each rank would report it with its own stack trace)."""
     import torch
 
-    from .components import parallel_config, resolve_model_path
+    from .components import check_context_parallel_rope, parallel_config, resolve_model_path
 
     try:
         parallel_config(config, Runtime(rank=0, world_size=nproc, local_rank=0, device=torch.device("cpu")))
         check_backend(config.dist_env)
         resolve_model_path(config)
+        check_context_parallel_rope(config)
     except ConfigError as err:
         fail(str(err))
 
