@@ -131,6 +131,24 @@ def test_multi_token_prediction_tensors_are_skipped(dense_checkpoint):
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_a_tied_checkpoint_stored_under_the_heads_name_loads_as_transformers_loads_it(tmp_path, kind):
+    """safetensors' de-duplication of shared tensors may keep ``lm_head.weight`` instead of the
+    embedding's name (e.g. a Trainer's save_model): transformers fills both from it, and so do we."""
+    hf = (random_hf_model(HFErnie, tiny_dense_config()) if kind == "dense" else random_hf_moe(tiny_moe_config())).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = ernie45.from_pretrained(tmp_path)  # the checkpoint's dtype, read from the tensor it has
+    assert ours.dtype == torch.bfloat16 and ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.model.embed_tokens.weight, hf.model.embed_tokens.weight)
+    theirs, ours = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32), ernie45.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_directory_errors(tmp_path, dense_checkpoint):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ernie45.from_pretrained(tmp_path / "nowhere")

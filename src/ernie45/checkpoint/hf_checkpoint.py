@@ -66,9 +66,19 @@ def load_config(path: str | Path):
     return config
 
 
+def embedding_key(files: CheckpointFiles) -> str:
+    """Where the checkpoint keeps the input embedding: ``model.embed_tokens.weight``, or, in a tied
+    checkpoint written with only the head's name (safetensors' de-duplication of shared tensors keeps
+    one name), ``lm_head.weight``, which transformers then loads into both as well."""
+    if "model.embed_tokens.weight" not in files and "lm_head.weight" in files:
+        return "lm_head.weight"
+    return "model.embed_tokens.weight"
+
+
 def checkpoint_dtype(files: CheckpointFiles) -> torch.dtype:
     """The dtype the checkpoint's weights are stored in (read from the embedding's header)."""
-    return files.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in files else torch.float32
+    key = embedding_key(files)
+    return files.dtype(key) if key in files else torch.float32
 
 
 def is_adapter_tensor(name: str) -> bool:
@@ -143,7 +153,7 @@ def load_hf_weights(
     """
     targets = native_tensors(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    sources = {name: checkpoint_name(name, tied) for name in targets}
+    sources = {name: checkpoint_name(name, tied, embedding_key(files)) for name in targets}
     expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(sources[name], tuple(t.shape))}
     pipeline = getattr(model, "pipeline", None)
     skips = [skip for skip in (unused, pipeline.held_elsewhere if pipeline is not None else None) if skip is not None]
@@ -158,10 +168,11 @@ def load_hf_weights(
     files.close()
 
 
-def checkpoint_name(name: str, tied: bool) -> str:
-    """The checkpoint tensor that fills ``name``: a tied LM head held without its embedding (on a
-    pipeline's last stage) reads the embedding, all that a tied checkpoint stores."""
-    return "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+def checkpoint_name(name: str, tied: bool, embedding: str = "model.embed_tokens.weight") -> str:
+    """The checkpoint tensor that fills ``name``: in a tied model the embedding and the LM head (also
+    one held without its embedding, on a pipeline's last stage) read the one tensor a tied checkpoint
+    stores, under ``embedding`` (see ``embedding_key``)."""
+    return embedding if tied and name in ("lm_head.weight", "model.embed_tokens.weight") else name
 
 
 def hf_sizes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
