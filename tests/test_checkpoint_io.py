@@ -163,7 +163,7 @@ def test_directory_errors(tmp_path, dense_checkpoint):
     with pytest.raises(ValueError, match="model_type='llama'.*ERNIE 4.5"):
         ernie45.from_pretrained(tmp_path / "llama")
     (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match=r"no model.safetensors.*\.bin checkpoints are not supported"):
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors.*\.bin checkpoints are not read.*save_pretrained\(NEW_DIR\)"):
         ernie45.from_pretrained(directory)
 
 

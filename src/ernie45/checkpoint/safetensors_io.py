@@ -78,7 +78,10 @@ class CheckpointFiles:
             self._file_of = dict.fromkeys(_read_header(single), single)
         else:
             found = sorted(p.name for p in self.directory.iterdir()) if self.directory.is_dir() else []
-            hint = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" if any(
+            hint = (
+                " (PyTorch .bin checkpoints are not read: pickles can run code; convert once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR))"
+            ) if any(
                 name.endswith(".bin") for name in found
             ) else ""
             raise FileNotFoundError(
