@@ -10,7 +10,7 @@ from transformers import Ernie4_5ForCausalLM as HFDense
 
 import ernie45
 from ernie45 import BackendConfig
-from ernie45.models.attention import document_ids, packed_cu_seqlens
+from ernie45.models.attention import build_attention_mask, document_attention, document_ids, document_runs, packed_cu_seqlens
 
 from builders import random_hf_model, random_hf_moe, tiny_dense_config, tiny_moe_config
 
@@ -106,6 +106,31 @@ def test_padding_after_the_last_document_is_masked_and_skips_the_experts(tmp_pat
         expected = torch.cat([model(d[None]).logits[0] for d in docs])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert loads == sum(LENGTHS) * model.moe_config.n_activated_experts * len(model.moe_layers())  # no padding
+
+
+def test_a_short_rows_tail_padding_is_no_document_and_gets_zeros():
+    """Two packed rows, the second short and padded to the first's length: the documents are regrouped
+    to the longest real one (the padding would have made them all that long), real positions attend as
+    the dense mask lets them, and padded positions get zero attention output, with finite gradients."""
+    torch.manual_seed(0)
+    heads, hd = 4, 8
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0]])
+    keep = torch.tensor([[True] * 12, [True] * 5 + [False] * 7])
+    runs = document_runs(document_ids(positions), keep)
+    assert runs.gather.shape == (5, 5)  # 3 + 2 documents of real tokens, the longest 5 (not the 7 of padding)
+    q, k, v = (torch.randn(2, heads, 12, hd, requires_grad=True) for _ in range(3))
+    got = document_attention(q, k, v, runs, scale=hd**-0.5, gqa=False)
+    mask = build_attention_mask(keep, 12, document_ids(positions))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5)
+    real = keep[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-6)
+    assert bool((got[~real] == 0).all())
+    grads = {}
+    for name, out in (("packed", got), ("dense", expected)):
+        grads[name] = torch.autograd.grad((out * real).sum(), (q, k, v))  # the loss sees real tokens only
+    for mine, theirs in zip(grads["packed"], grads["dense"]):
+        assert bool(mine.isfinite().all())
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_document_ids_and_cu_seqlens():

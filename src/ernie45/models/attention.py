@@ -59,35 +59,39 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 class DocumentRuns(NamedTuple):
     """Packed rows regrouped as one padded batch of documents, so sdpa attends document by document
-    in ONE causal call (no [S,S] block-diagonal mask, no compute across documents). D documents (the
-    tail padding of a row counts as one more), L = the longest; positions are flattened [B*S]."""
+    in ONE causal call (no [S,S] block-diagonal mask, no compute across documents). D documents of
+    real tokens, L = the longest; positions are flattened [B*S]. A row's tail padding is no document:
+    it would set L (a short last row padded to the batch's length made every document as long as
+    its padding, 18x the attention of a HellaSwag step); its positions get zeros (slot D*L)."""
 
     gather: torch.Tensor  # [D,L] flat position of each document's t-th token (past its end: its last token)
-    scatter: torch.Tensor  # [B*S] flat slot (d*L + t) that holds each position's output
+    scatter: torch.Tensor  # [B*S] flat slot (d*L + t) that holds each position's output; D*L: zeros
 
 
 def document_runs(documents: torch.Tensor, key_keep: torch.Tensor | None) -> DocumentRuns | None:
     """The documents of packed rows whose padding (if any) is at the end of each row; None otherwise
-    (e.g. left padding), where the dense mask serves. NOTE: one host sync."""
-    if key_keep is not None and bool((key_keep[:, 1:] & ~key_keep[:, :-1]).any()):
-        return None  # a real token after padding
-    ids = documents if key_keep is None else documents.masked_fill(~key_keep, -1)
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    starts = starts.reshape(-1)
+    (e.g. left padding, or no real token), where the dense mask serves. NOTE: one host sync."""
+    if key_keep is not None and (bool((key_keep[:, 1:] & ~key_keep[:, :-1]).any()) or not bool(key_keep.any())):
+        return None  # a real token after padding, or none at all
+    real = torch.ones_like(documents, dtype=torch.bool) if key_keep is None else key_keep
+    starts = real.clone()
+    starts[:, 1:] &= documents[:, 1:] != documents[:, :-1]  # padding starts no document
+    starts, real = starts.reshape(-1), real.reshape(-1)
     begin = starts.nonzero().squeeze(1)  # [D] flat start of each document
-    length = torch.diff(begin, append=begin.new_tensor([starts.numel()]))  # [D]
+    document = starts.cumsum(0) - 1  # [B*S] which document each real position is in
+    length = torch.bincount(document[real], minlength=begin.numel())  # [D] real tokens only
     longest = int(length.max())
     offset = torch.arange(longest, device=begin.device)
     gather = begin[:, None] + torch.minimum(offset[None], length[:, None] - 1)  # [D,L]
-    document = starts.cumsum(0) - 1  # [B*S] which document each position is in
     position = torch.arange(starts.numel(), device=begin.device) - begin[document]
-    return DocumentRuns(gather, document * longest + position)
+    scatter = torch.where(real, document * longest + position, begin.numel() * longest)
+    return DocumentRuns(gather, scatter)
 
 
 def document_attention(q, k, v, runs: DocumentRuns, scale, gqa: bool):
     """q [B,nH,S,hd], k/v [B,nKV,S,hd] attended per document: regroup to [D,n,L,hd], one causal sdpa
-    (a document's padding slots come after its tokens, so causality keeps them out), back to [B,nH,S,hd]."""
+    (a document's padding slots come after its tokens, so causality keeps them out), back to [B,nH,S,hd]
+    (a row's tail padding: zeros)."""
     batch, _, seq, hd = q.shape
 
     docs, longest = runs.gather.shape
@@ -99,7 +103,8 @@ def document_attention(q, k, v, runs: DocumentRuns, scale, gqa: bool):
 
     q_docs, k_docs, v_docs = by_document(q), by_document(k), by_document(v)
     out = F.scaled_dot_product_attention(q_docs, k_docs, v_docs, is_causal=True, scale=scale, enable_gqa=gqa)
-    out = out.transpose(1, 2).reshape(docs * longest, -1).index_select(0, runs.scatter)  # [B*S,nH*hd]
+    out = F.pad(out.transpose(1, 2).reshape(docs * longest, -1), (0, 0, 0, 1))  # [D*L+1,nH*hd], a zero row last
+    out = out.index_select(0, runs.scatter)  # [B*S,nH*hd]
     return out.view(batch, seq, q.shape[1], hd).transpose(1, 2)
 
 
