@@ -61,8 +61,8 @@ class DocumentRuns(NamedTuple):
     """Packed rows regrouped as one padded batch of documents, so sdpa attends document by document
     in ONE causal call (no [S,S] block-diagonal mask, no compute across documents). D documents of
     real tokens, L = the longest; positions are flattened [B*S]. A row's tail padding is no document:
-    it would set L (a short last row padded to the batch's length made every document as long as
-    its padding, 18x the attention of a HellaSwag step); its positions get zeros (slot D*L)."""
+    it would set L (a short last row padded to the batch's length made every document as long as its
+    padding: a 4.3 s packed HellaSwag step instead of 0.4 s); its positions get zeros (slot D*L)."""
 
     gather: torch.Tensor  # [D,L] flat position of each document's t-th token (past its end: its last token)
     scatter: torch.Tensor  # [B*S] flat slot (d*L + t) that holds each position's output; D*L: zeros
