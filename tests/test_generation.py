@@ -15,7 +15,16 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 
 import ernie45
 from ernie45 import BackendConfig
-from ernie45.generation import KVCache, Sampling, filter_top_k, filter_top_p, positions_from_mask, resolve_settings, token_chooser
+from ernie45.generation import (
+    KVCache,
+    Sampling,
+    filter_top_k,
+    filter_top_p,
+    positions_from_mask,
+    resolve_settings,
+    sampling_logits,
+    token_chooser,
+)
 
 from builders import VARIED, random_hf_model, tiny_dense_config
 
@@ -203,8 +212,8 @@ def test_a_logits_processor_list_runs_as_in_transformers_and_min_p_warps_as_tran
 def test_unsupported_generate_keywords_and_bad_processor_values_are_named(tmp_path):
     _, ours = _dense_pair(tmp_path)
     ids = torch.randint(3, 100, (1, 5))
-    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['typical_p'\].*logits_processor=\[NoRepeatNGram"):
-        ours.generate(ids, max_new_tokens=2, typical_p=0.5)
+    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['sequence_bias'\].*logits_processor=\[NoRepeatNGram"):
+        ours.generate(ids, max_new_tokens=2, sequence_bias={(5,): -1.0})
     with pytest.raises(ValueError, match=r"no_repeat_ngram_size=-1 must be an integer >= 0"):
         ours.generate(ids, max_new_tokens=2, no_repeat_ngram_size=-1)
     with pytest.raises(ValueError, match=r"bad_words_ids. has to be a list of lists"):
@@ -361,6 +370,30 @@ def test_filters_keep_the_same_tokens_as_transformers_warpers(top_k, top_p):
     if top_p is not None:
         ours, theirs = filter_top_p(ours, top_p), TopPLogitsWarper(top_p)(None, theirs)
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [dict(min_p=0.05), dict(typical_p=0.6), dict(epsilon_cutoff=3e-3), dict(eta_cutoff=1e-2),
+     dict(min_p=0.02, typical_p=0.9, epsilon_cutoff=1e-3, eta_cutoff=3e-3)],
+)  # fmt: skip
+def test_sampling_warpers_after_top_p_are_transformers_chain(tail):
+    """Temperature, top-k, top-p, then min-p, typical-p, epsilon and eta cutoffs: the scores of
+    transformers' own warper list in its order (generate builds the same list when sampling)."""
+    from transformers.generation import logits_process as lp
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    ours = sampling_logits(logits, Sampling(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, **tail))
+    chain = [lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95)]
+    chain += [warper for name, warper in (
+        ("min_p", lambda v: lp.MinPLogitsWarper(v)), ("typical_p", lambda v: lp.TypicalLogitsWarper(v)),
+        ("epsilon_cutoff", lambda v: lp.EpsilonLogitsWarper(v)), ("eta_cutoff", lambda v: lp.EtaLogitsWarper(v)),
+    ) for warper in ([warper(tail[name])] if name in tail else [])]  # fmt: skip
+    theirs = lp.LogitsProcessorList(chain)(None, logits.clone())
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    torch.testing.assert_close(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"typical_p. has to be a float > 0 and < 1"):
+        Sampling(do_sample=True, typical_p=-0.5)
 
 
 def test_top_k_then_top_p_renormalises_in_between():

@@ -68,6 +68,7 @@ MODEL_DEFAULT = _ModelDefault()
 # ``GenerationConfig._get_default_generation_params``); max_new_tokens None: 20 new tokens.
 DEFAULT_SETTINGS = dict(
     max_new_tokens=None, max_length=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=None,
+    typical_p=None, epsilon_cutoff=None, eta_cutoff=None,
     repetition_penalty=1.0, min_new_tokens=None, num_beams=1, num_return_sequences=1,
     no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
 )  # fmt: skip
@@ -123,6 +124,9 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    typical_p: float | None = None
+    epsilon_cutoff: float | None = None
+    eta_cutoff: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -135,6 +139,26 @@ class Sampling:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None to keep every token")
         if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1], or None to keep every token")
+        self.tail_warpers(torch.device("cpu"))  # NOTE: transformers' classes check their own values
+
+    def tail_warpers(self, device: torch.device) -> list[Callable]:
+        """transformers' own warpers after top-p, in its order: min_p, typical_p, epsilon_cutoff, eta_cutoff
+        (each on when transformers turns it on)."""
+        from transformers.generation import logits_process as lp
+
+        warpers: list[Callable] = []
+        try:
+            if self.min_p is not None:
+                warpers.append(lp.MinPLogitsWarper(min_p=self.min_p))
+            if self.typical_p is not None and self.typical_p < 1.0:
+                warpers.append(lp.TypicalLogitsWarper(mass=self.typical_p))
+            if self.epsilon_cutoff is not None and 0.0 < self.epsilon_cutoff < 1.0:
+                warpers.append(lp.EpsilonLogitsWarper(epsilon=self.epsilon_cutoff))
+            if self.eta_cutoff is not None and 0.0 < self.eta_cutoff < 1.0:
+                warpers.append(lp.EtaLogitsWarper(epsilon=self.eta_cutoff, device=device))
+        except (TypeError, ValueError) as err:
+            raise ValueError(" ".join(str(err).split())) from None
+        return warpers
 
 
 def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -155,16 +179,15 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, then min-p (transformers' order) on fp32 logits [B,V]."""
+    """Temperature, then top-k, then top-p, then min-p, typical-p, epsilon and eta cutoffs (transformers'
+    order) on fp32 logits [B,V]."""
     logits = logits / sampling.temperature
     if sampling.top_k is not None:
         logits = filter_top_k(logits, sampling.top_k)
     if sampling.top_p is not None and sampling.top_p < 1:
         logits = filter_top_p(logits, sampling.top_p)
-    if sampling.min_p is not None:
-        from transformers.generation.logits_process import MinPLogitsWarper
-
-        logits = MinPLogitsWarper(min_p=sampling.min_p)(None, logits)  # NOTE: transformers' own, it reads no ids
+    for warper in sampling.tail_warpers(logits.device):
+        logits = warper(None, logits)  # NOTE: transformers' own warpers; they read no ids
     return logits
 
 
@@ -251,6 +274,9 @@ def stream_tokens(
     num_beams: int | _ModelDefault = MODEL_DEFAULT,
     num_return_sequences: int | _ModelDefault = MODEL_DEFAULT,
     min_p: float | None | _ModelDefault = MODEL_DEFAULT,
+    typical_p: float | None | _ModelDefault = MODEL_DEFAULT,
+    epsilon_cutoff: float | None | _ModelDefault = MODEL_DEFAULT,
+    eta_cutoff: float | None | _ModelDefault = MODEL_DEFAULT,
     no_repeat_ngram_size: int | _ModelDefault = MODEL_DEFAULT,
     bad_words_ids: list[list[int]] | None | _ModelDefault = MODEL_DEFAULT,
     suppress_tokens: list[int] | None | _ModelDefault = MODEL_DEFAULT,
@@ -270,7 +296,8 @@ def stream_tokens(
     del use_cache  # NOTE: accepted for transformers' callers; decoding always uses the KV cache (the same tokens)
     given = dict(
         max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+        top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
         num_beams=num_beams, num_return_sequences=num_return_sequences, no_repeat_ngram_size=no_repeat_ngram_size,
         bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
     )  # fmt: skip
@@ -291,7 +318,10 @@ def stream_tokens(
     # NOTE: greedy decoding checks only the sampling values given to the call: a generation config's
     # (e.g. temperature=0.0 beside do_sample=False) is ignored, as transformers ignores it
     chosen = settings if settings["do_sample"] else DEFAULT_SETTINGS | {k: v for k, v in given.items() if v is not MODEL_DEFAULT}
-    sampling = Sampling(settings["do_sample"], chosen["temperature"], chosen["top_k"], chosen["top_p"], chosen["min_p"])
+    sampling = Sampling(
+        settings["do_sample"], chosen["temperature"], chosen["top_k"], chosen["top_p"], chosen["min_p"],
+        chosen["typical_p"], chosen["epsilon_cutoff"], chosen["eta_cutoff"],
+    )  # fmt: skip
     choose = token_chooser(sampling, generator)
     end_ids, pad_id = resolve_special_ids(model, eos_token_id, pad_token_id, generation_config)
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
@@ -519,7 +549,8 @@ def generate(
 
     ``settings`` are ``stream_tokens``' keywords, transformers' names and meanings: max_new_tokens,
     max_length (prompt + new tokens, when max_new_tokens is not given), min_new_tokens, do_sample,
-    temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+    temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty,
+    no_repeat_ngram_size, bad_words_ids,
     suppress_tokens, begin_suppress_tokens, num_return_sequences (sampling), num_beams (1
     only), eos_token_id, pad_token_id, stopping_criteria (called with the sequences so far and the
     step's logits after each token), use_cache (decoding always uses the KV cache: the same tokens
@@ -529,7 +560,8 @@ def generate(
     sampling settings, when it has them), else transformers' defaults (greedy, 20 new tokens; top_k=50
     when sampling). ``eos_token_id=None`` or ``[]`` disables ending. Rows that have ended are
     padded with pad_token_id and decoding stops once all rows have ended.
-    Sampling applies temperature, then top_k, then top_p, then min_p; greedy decoding ignores (but still
+    Sampling applies temperature, then top_k, top_p, min_p, typical_p, epsilon_cutoff and eta_cutoff (transformers'
+    order); greedy decoding ignores (but still
     checks) the sampling values. ``streamer`` (transformers' ``TextStreamer`` and kin, one prompt
     row) is given the prompt, then each new token as it comes, then ``end()``.
     ``logits_processor``: transformers' ``LogitsProcessorList`` (or callables (input_ids, scores) ->
