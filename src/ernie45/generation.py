@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -127,6 +127,8 @@ class Sampling:
     typical_p: float | None = None
     epsilon_cutoff: float | None = None
     eta_cutoff: float | None = None
+    # transformers' own warpers after top-p, built (and so checked) once: see tail_warpers
+    warpers: tuple[Callable, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -139,11 +141,12 @@ class Sampling:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None to keep every token")
         if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1], or None to keep every token")
-        self.tail_warpers(torch.device("cpu"))  # NOTE: transformers' classes check their own values
+        object.__setattr__(self, "warpers", tuple(self.tail_warpers()))  # NOTE: a frozen dataclass
 
-    def tail_warpers(self, device: torch.device) -> list[Callable]:
+    def tail_warpers(self) -> list[Callable]:
         """transformers' own warpers after top-p, in its order: min_p, typical_p, epsilon_cutoff, eta_cutoff
-        (each on when transformers turns it on)."""
+        (each on when transformers turns it on; their classes check the values). NOTE: eta's cutoff is a
+        0-dim CPU tensor, which torch combines with logits on any device."""
         from transformers.generation import logits_process as lp
 
         warpers: list[Callable] = []
@@ -155,7 +158,7 @@ class Sampling:
             if self.epsilon_cutoff is not None and 0.0 < self.epsilon_cutoff < 1.0:
                 warpers.append(lp.EpsilonLogitsWarper(epsilon=self.epsilon_cutoff))
             if self.eta_cutoff is not None and 0.0 < self.eta_cutoff < 1.0:
-                warpers.append(lp.EtaLogitsWarper(epsilon=self.eta_cutoff, device=device))
+                warpers.append(lp.EtaLogitsWarper(epsilon=self.eta_cutoff))
         except (TypeError, ValueError) as err:
             raise ValueError(" ".join(str(err).split())) from None
         return warpers
@@ -186,7 +189,7 @@ def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         logits = filter_top_k(logits, sampling.top_k)
     if sampling.top_p is not None and sampling.top_p < 1:
         logits = filter_top_p(logits, sampling.top_p)
-    for warper in sampling.tail_warpers(logits.device):
+    for warper in sampling.warpers:
         logits = warper(None, logits)  # NOTE: transformers' own warpers; they read no ids
     return logits
 

@@ -101,13 +101,12 @@ def native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_key_sets(
-    files: CheckpointFiles, expected: set[str], tied: bool, elsewhere: Callable[[str], bool] | None = None
+    files: CheckpointFiles, expected: set[str], tied: bool, *elsewhere: Callable[[str], bool] | None
 ) -> None:
     """Every expected key present, and no key the model has no place for (``elsewhere``: keys that
-    another pipeline stage holds, not this model part, or that the caller leaves out)."""
-    present = set(files.keys())
-    if elsewhere is not None:
-        present = {key for key in present if key in expected or not elsewhere(key)}
+    the caller leaves out, or that another pipeline stage holds, not this model part)."""
+    skips = [skip for skip in elsewhere if skip is not None]
+    present = {key for key in files.keys() if key in expected or not any(skip(key) for skip in skips)}
     skipped = sorted(k for k in present if hf_adapter.is_skipped(k))
     if skipped:
         logger.info("skipping %d multi-token-prediction tensors (model.mtp_*) not used by this model", len(skipped))
@@ -153,11 +152,11 @@ def load_hf_weights(
     """
     targets = native_tensors(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    sources = {name: checkpoint_name(name, tied, embedding_key(files)) for name in targets}
+    embedding = embedding_key(files)
+    sources = {name: checkpoint_name(name, tied, embedding) for name in targets}
     expected = {key for name, t in targets.items() for key in hf_adapter.hf_keys(sources[name], tuple(t.shape))}
     pipeline = getattr(model, "pipeline", None)
-    skips = [skip for skip in (unused, pipeline.held_elsewhere if pipeline is not None else None) if skip is not None]
-    _check_key_sets(files, expected, tied, (lambda key: any(skip(key) for skip in skips)) if skips else None)
+    _check_key_sets(files, expected, tied, unused, pipeline.held_elsewhere if pipeline is not None else None)
     for name, target in targets.items():
         shape, source = tuple(target.shape), sources[name]
         if target.is_meta:

@@ -21,7 +21,7 @@ Model code never imports this package: everything here wraps models from outside
 
 from .activation_checkpoint import apply_activation_checkpointing
 from .config import LayoutError, ParallelConfig, check_model_fits, plan_stages
-from .context_parallel import SequenceShard, apply_context_parallel, gather_sequence, shard_sequence
+from .context_parallel import SequenceShard, apply_context_parallel, context_parallel_refusal, gather_sequence, shard_sequence
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from .fsdp import apply_fsdp, prepare_for_final_backward, prepare_for_grad_accumulation
 from .loading import from_pretrained
@@ -42,6 +42,7 @@ __all__ = [
     "StepLosses",
     "apply_activation_checkpointing",
     "apply_context_parallel",
+    "context_parallel_refusal",
     "apply_expert_parallel",
     "apply_fsdp",
     "apply_tensor_parallel",

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..models.attention import Ernie4_5Attention, document_starts, sdpa_attention
 from ..models.loss import IGNORE_INDEX
-from ..models.rope import LENGTH_DEPENDENT_ROPE, RotaryEmbedding, context_parallel_refusal
+from ..models.rope import LENGTH_DEPENDENT_ROPE, RotaryEmbedding
 from .config import LayoutError
 
 
@@ -150,11 +150,22 @@ class ContextParallelKernel:
         return f"ContextParallelKernel({getattr(self.kernel, '__name__', self.kernel)!r}, cp={self.group.size()})"
 
 
+def context_parallel_refusal(rope_type: str) -> str | None:
+    """Why context parallelism cannot run a model with this RoPE type (None: it can)."""
+    if rope_type not in LENGTH_DEPENDENT_ROPE:
+        return None
+    return (
+        f"rope_parameters.rope_type={rope_type!r} picks its frequencies from the longest position of each forward, "
+        "and under context parallelism every rank sees other positions: use cp_size=1, or a RoPE scaling that "
+        "does not depend on the length (linear, yarn, llama3)"
+    )
+
+
 def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup) -> None:
     """Give every attention layer of ``model`` one kernel that gathers K/V over ``cp_group``."""
     for module in model.modules():
-        if isinstance(module, RotaryEmbedding) and module.rope_type in LENGTH_DEPENDENT_ROPE:
-            raise LayoutError(context_parallel_refusal(module.rope_type))
+        if isinstance(module, RotaryEmbedding) and (why := context_parallel_refusal(module.rope_type)):
+            raise LayoutError(why)
     layers = [m for m in model.modules() if isinstance(m, Ernie4_5Attention)]
     if not layers or isinstance(layers[0].kernel, ContextParallelKernel):
         return

@@ -96,11 +96,16 @@ def build(
     return model
 
 
+def is_config_field(config, key: str) -> bool:
+    """``key`` is a setting of the transformers ``config`` (a field, or the legacy ``rope_scaling``), not a method."""
+    return hasattr(config, key) and not callable(getattr(config, key))
+
+
 def take_config_keywords(cls: type, config, kwargs: dict) -> dict:
     """Pop the keywords that name fields of ``config`` (and not ``cls``'s own arguments): transformers'
     ``from_pretrained(path, max_position_embeddings=..., rope_parameters=...)`` sets them on the config."""
     own = set(inspect.signature(cls.__init__).parameters)
-    fields = [key for key in kwargs if key not in own and hasattr(config, key) and not callable(getattr(config, key))]
+    fields = [key for key in kwargs if key not in own and is_config_field(config, key)]
     return {key: kwargs.pop(key) for key in fields}
 
 
@@ -109,9 +114,12 @@ def with_overrides(config, overrides: dict):
     (a legacy ``rope_scaling`` becomes ``rope_parameters``); the values are checked as a file's are."""
     if not overrides:
         return config
-    overrides = dict(overrides)
     if "rope_scaling" in overrides:
-        overrides["rope_parameters"] = scaled_rope(config, overrides)
+        if "rope_parameters" in overrides:
+            raise ValueError("rope_scaling and rope_parameters are both given; pass rope_parameters only")
+        overrides = {key: value for key, value in overrides.items() if key != "rope_scaling"} | {
+            "rope_parameters": scaled_rope(config, overrides["rope_scaling"])
+        }
     try:
         return type(config).from_dict({**config.to_dict(), **overrides})
     except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
@@ -122,7 +130,7 @@ def with_overrides(config, overrides: dict):
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def layers_from(count: int, stored: int) -> Callable[[str], bool] | None:
+def layers_beyond(count: int, stored: int) -> Callable[[str], bool] | None:
     """With ``num_hidden_layers=count`` below the checkpoint's ``stored``: the HF keys of the layers
     not loaded (transformers loads the first layers too, as a debugging or pruning shortcut)."""
     if count >= stored:
@@ -131,14 +139,11 @@ def layers_from(count: int, stored: int) -> Callable[[str], bool] | None:
     return lambda key: (match := _LAYER_KEY.match(key)) is not None and int(match[1]) >= count
 
 
-def scaled_rope(config, overrides: dict) -> dict:
+def scaled_rope(config, rope_scaling: dict | None) -> dict:
     """transformers 4's ``rope_scaling={"type": ..., "factor": ...}`` as ``rope_parameters`` on the
     config's own RoPE base (transformers 5 would take the default base instead)."""
-    if "rope_parameters" in overrides:
-        raise ValueError("rope_scaling and rope_parameters are both given; pass rope_parameters only")
-    scaling = dict(overrides.pop("rope_scaling") or {})
-    kind = scaling.pop("type", None)
-    scaling.setdefault("rope_type", kind or "default")
+    scaling = {key: value for key, value in (rope_scaling or {}).items() if key != "type"}
+    scaling.setdefault("rope_type", (rope_scaling or {}).get("type") or "default")
     return {"rope_theta": rope_theta(config), **scaling}
 
 
@@ -184,7 +189,7 @@ def load_pretrained(
         parallelize(model)
         model.to_empty(device=device or "cpu")  # only this rank's shards
         model.tie_weights()
-    load_hf_weights(model, files, device=device or "cpu", unused=layers_from(config.num_hidden_layers, stored_layers))
+    load_hf_weights(model, files, device=device or "cpu", unused=layers_beyond(config.num_hidden_layers, stored_layers))
     if adapters is not None:
         adapters.fill(model, device or "cpu")
     model.materialize_buffers()

@@ -22,15 +22,6 @@ from torch import nn
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
-def context_parallel_refusal(kind: str) -> str:
-    """Why context parallelism cannot run a length-dependent RoPE (``LENGTH_DEPENDENT_ROPE``)."""
-    return (
-        f"rope_parameters.rope_type={kind!r} picks its frequencies from the longest position of each forward, "
-        "and under context parallelism every rank sees other positions: use cp_size=1, or a RoPE scaling that "
-        "does not depend on the length (linear, yarn, llama3)"
-    )
-
-
 def _rope_parameters(config: Any) -> dict:
     """``rope_parameters`` of an HF config or of a plain mapping such as a recipe's ``model.config``."""
     if isinstance(config, Mapping):  # NOTE: rope_scaling is transformers 4's name

@@ -81,6 +81,7 @@ def check_model_config(config: Any) -> None:
             f"hidden_act={act!r}: ERNIE 4.5's feed-forward and experts are SwiGLU, and ernie45 implements them "
             "with SiLU only (every released checkpoint); use hidden_act='silu'"
         )
+    rope_type(config)  # a RoPE type transformers knows, rotating whole heads
     check_relations(config)
 
 
@@ -95,7 +96,6 @@ def check_relations(config: Any) -> None:
     head_dim = _get(config, "head_dim")
     if head_dim is not None and head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even (rotary embeddings rotate pairs of dimensions)")
-    rope_type(config)  # a RoPE type transformers knows, rotating whole heads
     experts, k = _get(config, "moe_num_experts"), _get(config, "moe_k")
     if experts is not None and k is not None and k > experts:
         raise ValueError(f"moe_k={k} must be between 1 and moe_num_experts={experts} (each token picks k experts)")

@@ -28,12 +28,14 @@ block). Everything else AutoModel writes is a key of the typed sections themselv
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..models.backend import BackendConfig
+from ..models.construction import is_config_field
 from .config import ModelConfig
 from .loss import MaskedCrossEntropy
 from .registry import COMPONENTS
@@ -154,9 +156,14 @@ def _model_keywords(raw: dict[str, Any], adapter: Adapter) -> None:
 def _config_field(key: str) -> bool:
     """A field of transformers' dense or MoE ERNIE 4.5 config (``max_position_embeddings``, ...), or the
     legacy ``rope_scaling`` transformers still reads."""
+    return any(is_config_field(config, key) for config in _default_configs())
+
+
+@functools.cache
+def _default_configs() -> tuple:
     from transformers import Ernie4_5Config, Ernie4_5_MoeConfig
 
-    return key == "rope_scaling" or any(key in config().to_dict() for config in (Ernie4_5Config, Ernie4_5_MoeConfig))
+    return Ernie4_5Config(), Ernie4_5_MoeConfig()
 
 
 def _refusal(field: str, value: Any) -> str | None:

@@ -23,11 +23,13 @@ from ..distributed import (
     LayoutError,
     ParallelConfig,
     apply_activation_checkpointing,
+    context_parallel_refusal,
     parallelize_model,
     prepare_for_final_backward,
     prepare_for_grad_accumulation,
 )
-from ..models.rope import LENGTH_DEPENDENT_ROPE, context_parallel_refusal, rope_type
+from ..models.construction import is_config_field
+from ..models.rope import rope_type
 from ..peft import LoRALinear, has_adapters, merge, save_adapter
 from ..tokenizer import train_tokenizer
 from .compile import compile_blocks
@@ -226,7 +228,7 @@ def checkpoint_config_overrides(config: RecipeConfig, checkpoint_config) -> dict
             f"model.config.model_type={model_type!r}, but {config.model.pretrained_model_name_or_path} holds a "
             f"{checkpoint_config.model_type!r} checkpoint; remove model_type (from_pretrained reads it from config.json)"
         )
-    unknown = sorted(key for key in fields if not hasattr(checkpoint_config, key))
+    unknown = sorted(key for key in fields if not is_config_field(checkpoint_config, key))
     if unknown:
         raise ConfigError(f"model.config: {unknown} are not fields of the {model_type} config")
     return fields
@@ -240,9 +242,9 @@ def check_context_parallel_rope(config: RecipeConfig) -> None:
     fields = dict(config.model.config or {})
     if config.model.component is from_pretrained and not {"rope_parameters", "rope_scaling"} & set(fields):
         fields = {"rope_parameters": load_config(config.model.pretrained_model_name_or_path).rope_parameters}
-    kind = rope_type(fields)
-    if kind in LENGTH_DEPENDENT_ROPE:
-        raise ConfigError(f"distributed.cp_size={config.distributed.cp_size}: {context_parallel_refusal(kind)}")
+    why = context_parallel_refusal(rope_type(fields))
+    if why is not None:
+        raise ConfigError(f"distributed.cp_size={config.distributed.cp_size}: {why}")
 
 
 def build_model(config: RecipeConfig, tokenizer, runtime: Runtime) -> tuple[nn.Module, Layout]:
