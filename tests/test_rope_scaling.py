@@ -1,5 +1,5 @@
 """Scaled RoPE (context extension) vs transformers in float32: every scaled ``rope_type`` transformers
-knows, the length-dependent ones (``dynamic``, ``longrope``) over calls of changing length and in
+5.24 knows, the length-dependent ones (``dynamic``, ``longrope``) over calls of changing length and in
 generation, fp32 frequencies after casts, the legacy ``rope_scaling`` key, and clear errors."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ ROPES = {
     "llama3": dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8
     ),
+    "proportional": dict(rope_type="proportional"),
 }
 
 
@@ -48,6 +49,12 @@ def _pair(tmp_path, config, hf_builder=lambda config: random_hf_model(HFErnie, c
 
 def _ids(vocab_size: int, length: int, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def test_every_scaled_rope_type_transformers_knows_is_covered_here():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPES) == set(ROPE_INIT_FUNCTIONS)
 
 
 @pytest.mark.parametrize("name", list(ROPES))
