@@ -45,14 +45,21 @@ def _error(got: torch.Tensor, reference: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_bf16_logits_error_is_no_worse_than_transformers(tmp_path, kind):
+    """MoE: averaged over 32 batches. bf16 flips a few routing choices, and which ones is chance: one
+    batch's error moves by several percent with any change of rounding (our attention kernel's or
+    torch's), so one batch cannot tell a 2% difference."""
     hf, path = _pair(tmp_path, kind)
-    ids = _ids(hf.config.vocab_size)
-    with torch.no_grad():
-        reference = hf(ids).logits
-        theirs = type(hf).from_pretrained(path, dtype=torch.bfloat16)(ids).logits  # the router stays fp32, as ours
-        ours = ernie45.from_pretrained(path, dtype=torch.bfloat16)(ids).logits
-    assert ours.dtype == theirs.dtype == torch.bfloat16
-    ours_error, their_error = _error(ours, reference), _error(theirs, reference)
+    theirs_model = type(hf).from_pretrained(path, dtype=torch.bfloat16)  # the router stays fp32, as ours
+    ours_model = ernie45.from_pretrained(path, dtype=torch.bfloat16)
+    ours_errors, their_errors = [], []
+    for seed in range(32 if kind == "moe" else 1):
+        ids = torch.randint(3, hf.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(3 + seed))
+        with torch.no_grad():
+            reference, theirs, ours = hf(ids).logits, theirs_model(ids).logits, ours_model(ids).logits
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        ours_errors.append(_error(ours, reference))
+        their_errors.append(_error(theirs, reference))
+    ours_error, their_error = sum(ours_errors) / len(ours_errors), sum(their_errors) / len(their_errors)
     assert 0 < their_error < 0.3  # bf16 really rounds (MoE: a few routing choices flip), and the bar means something
     print(f"{kind} logits: ours {ours_error:.5f} transformers {their_error:.5f}")
     assert ours_error <= their_error * 1.02, (ours_error, their_error)
