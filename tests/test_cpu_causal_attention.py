@@ -117,6 +117,15 @@ def test_any_layout_and_thread_count_give_the_same_result():
         assert torch.equal(got, want)
 
 
+def test_a_non_finite_input_is_not_hidden():
+    """A NaN in a query reaches its output row (and the trainer's non-finite check), as with sdpa."""
+    q, k, v, grad_out = make(1, 2, 1, 20, 20, 16, 1)
+    q = q.clone()
+    q[0, 1, 7, 3] = float("nan")
+    out = kernel.causal_attention(q, k, v, 0.25)
+    assert out[0, 1, 7].isnan().all() and not out[0, 0].isnan().any() and not out[0, 1, :7].isnan().any()
+
+
 def test_usable_only_where_the_kernel_applies():
     q, k, v, _ = make(1, 4, 2, 8, 8, 16, 1)
     assert kernel.usable(q, k, v)

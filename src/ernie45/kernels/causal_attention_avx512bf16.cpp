@@ -71,7 +71,7 @@ void gemm(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf1
 }
 
 // exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to r^6 (error below
-// one fp32 ulp), times 2^n. Lanes below -87 (masked scores are -inf) give exactly 0.
+// one fp32 ulp), times 2^n. Lanes below -87 (masked scores are -inf) give exactly 0; NaN stays NaN.
 inline __m512 exp16(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -84,8 +84,8 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-  return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);  // not below: NaN kept
+  return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(p, n));
 }
 
 inline __mmask16 first_lanes(int64_t count) {
