@@ -136,6 +136,9 @@ def test_usable_only_where_the_kernel_applies():
     assert not kernel.usable(longer, k, v)  # more queries than keys
     wide = make(1, 4, 2, 8, 8, 32, 1)[0]
     assert not kernel.usable(wide[..., ::2], k, v)  # last dimension strided
+    seen = []
+    torch.func.vmap(lambda row: seen.append(kernel.usable(row, k, v)) or row)(q[:, None])  # no raw pointers
+    assert seen == [False]
 
 
 def test_switched_off_by_environment(monkeypatch):

@@ -104,6 +104,7 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     tensors = (q, k, v)
     return (
         all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)  # torch.func, vmap
         and all(t.dim() == 4 and t.stride(-1) == 1 for t in tensors)
         and q.shape[-1] == k.shape[-1] == v.shape[-1]
         and q.shape[-1] % 16 == 0
