@@ -120,10 +120,13 @@ def test_any_layout_and_thread_count_give_the_same_result():
 def test_a_non_finite_input_is_not_hidden():
     """A NaN in a query reaches its output row (and the trainer's non-finite check), as with sdpa."""
     q, k, v, grad_out = make(1, 2, 1, 20, 20, 16, 1)
-    q = q.clone()
-    q[0, 1, 7, 3] = float("nan")
+    q = q.clone().requires_grad_()
+    with torch.no_grad():
+        q[0, 1, 7, 3] = float("nan")
     out = kernel.causal_attention(q, k, v, 0.25)
     assert out[0, 1, 7].isnan().all() and not out[0, 0].isnan().any() and not out[0, 1, :7].isnan().any()
+    out.backward(grad_out)
+    assert q.grad[0, 1, 7].isnan().all() and not q.grad.isinf().any()  # NaN, not rounded into infinity
 
 
 def test_usable_only_where_the_kernel_applies():

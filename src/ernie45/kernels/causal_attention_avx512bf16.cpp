@@ -1,14 +1,14 @@
-// Causal flash-attention forward for CPUs with AVX512-BF16 (see causal_attention.py for why).
+// Causal flash attention, forward and backward, for CPUs with AVX512-BF16 (causal_attention.py says why).
 //
-// bf16 queries/keys/values in, bf16 output and fp32 log-sum-exp out, as torch's CPU flash kernel
-// (so its backward can take them). The scores, the softmax and the output's sums stay fp32; only
-// the probabilities are rounded to bf16 before they meet the values, as in torch's kernel.
-// Every product runs on one register-tiled micro-kernel (`vdpbf16ps`: 16 fp32 lanes, each adding
-// the dot product of a pair of bf16), whose right-hand operand is "packed in pairs": element
-// (k, n) of a [K, N] matrix lives at ((k / 2) * N + n) * 2 + k % 2.
+// bf16 queries/keys/values in; bf16 output and the fp32 log-sum-exp of the scores out (what torch's
+// CPU flash kernel gives, too); bf16 gradients back. Scores, softmax, sums and every accumulation stay
+// fp32; only the probabilities (and, in backward, the score gradients) are rounded to bf16 before their
+// products, as in torch's kernel. Every product runs on one register-tiled micro-kernel (`vdpbf16ps`:
+// 16 fp32 lanes, each adding the dot product of a pair of bf16), whose right-hand operand is "packed in
+// pairs": element (k, n) of a [K, N] matrix lives at ((k / 2) * N + n) * 2 + k % 2.
 //
-// Plain C++ and std::thread, no torch headers: it compiles in about a second with g++ and is
-// called through ctypes with raw pointers and element strides.
+// Plain C++ and std::thread, no torch headers: g++ builds it in about two seconds, and it is called
+// through ctypes with raw pointers and element strides.
 
 #include <immintrin.h>
 
@@ -114,9 +114,9 @@ float exp_row(const float* scores, int64_t count, int64_t width, float scale, fl
   return _mm512_reduce_add_ps(sum);
 }
 
-
-// Round to nearest even, as torch casts (inputs here are finite).
+// Round to nearest even, as torch casts; NaN stays NaN.
 inline bf16 float_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   return bf16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
@@ -153,10 +153,10 @@ void pack_rows(const bf16* x, int64_t rows, int64_t cols, int64_t stride, int64_
   std::memset(dst, 0, sizeof(bf16) * padded_rows * cols);
   for (int64_t r = 0; r < rows; r += 2)
     for (int64_t c = 0; c < cols; c += 16) {
-      const __m256i upper = _mm256_loadu_si256((const __m256i*)(x + r * stride + c));
-      const __m256i lower =
+      const __m256i this_row = _mm256_loadu_si256((const __m256i*)(x + r * stride + c));
+      const __m256i next_row =
           r + 1 < rows ? _mm256_loadu_si256((const __m256i*)(x + (r + 1) * stride + c)) : _mm256_setzero_si256();
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(upper), lower, 1);
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(this_row), next_row, 1);
       _mm512_storeu_si512(dst + ((r / 2) * cols + c) * 2, interleave_halves(both));
     }
 }
