@@ -1,5 +1,5 @@
 """The AVX512-BF16 causal attention kernel (ernie45/kernels/causal_attention.py) against float64 math:
-its error is no larger than torch's own CPU kernel's on the same bf16 inputs, forward and backward,
+its error is at most 5% above torch's own CPU kernel's (measured: up to 2.6%) on the same bf16 inputs, forward and backward,
 for GQA, batches, ragged lengths, queries after a cache, and the layouts the model hands it."""
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def error(got: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_error_is_no_larger_than_torchs_kernel(shape):
+def test_error_is_at_most_torchs_kernels(shape):
+    """Mean error against float64 at most 5% above torch's kernel's (measured: the output 0.99-1.00x,
+    grad_q 0.99-1.03x, grad_k and grad_v 0.37-1.0x)."""
     q, k, v, grad_out = make(*shape)
     scale = q.shape[-1] ** -0.5
     assert kernel.usable(q, k, v)
@@ -82,7 +84,7 @@ def test_error_is_no_larger_than_torchs_kernel(shape):
     mine, theirs = ours(q, k, v, grad_out, scale), torch_attention(q, k, v, grad_out, scale)
     for name, got, their, exact in zip(("out", "dq", "dk", "dv"), mine, theirs, reference[:1] + reference[2:]):
         assert got.dtype == torch.bfloat16 and got.shape == exact.shape
-        assert error(got, exact) <= error(their, exact) * 1.1 + 1e-6, (name, error(got, exact), error(their, exact))
+        assert error(got, exact) <= error(their, exact) * 1.05, (name, error(got, exact), error(their, exact))
 
 
 def test_log_sum_exp_matches_float64():
@@ -99,7 +101,8 @@ def test_log_sum_exp_matches_float64():
     assert torch.equal(out, kernel.causal_attention(q, k, v, scale))
 
 
-def test_any_layout_and_thread_count_give_the_same_result():
+def test_one_or_two_threads_and_any_layout_give_the_same_result():
+    """Bitwise, while batch x kv heads >= threads (more threads split the keys and reorder grad_q's sums)."""
     q, k, v, grad_out = make(2, 4, 2, 150, 150, 32, 2)
     scale = 32**-0.5
     expected = ours(q, k, v, grad_out, scale)
@@ -168,7 +171,7 @@ def test_built_atomically_into_the_cache(monkeypatch, tmp_path):
         kernel.library.cache_clear()
 
 
-def test_a_model_trains_through_the_kernel_as_through_sdpa(monkeypatch, dense_checkpoint):
+def test_a_models_logits_and_gradients_match_sdpas(monkeypatch, dense_checkpoint):
     """A bf16 model's logits and gradients, our kernel against torch's sdpa, plain and packed rows."""
     import ernie45
 

@@ -391,7 +391,8 @@ void causal_attention_backward(const bf16* grad_out, const bf16* q, const bf16* 
   const auto grad_qv = view(grad_q, 6), grad_kv = view(grad_k, 7), grad_vv = view(grad_v, 8);
   const int64_t block = kBackwardBlock, dim = head_dim, group = shape.group();
   const int64_t padded_queries = round_up(q_len, block), padded_keys = round_up(k_len, block);
-  // Keys are split into chunks so that there are at least as many (batch, kv head, chunk) items as threads.
+  // Keys are split into chunks so that there are at least as many (batch, kv head, chunk) items as threads
+  // (so with more threads than batch x kv heads, grad_q's fp32 sums run in another order).
   const int64_t chunks = std::max<int64_t>(1, std::min((threads + batch * kv_heads - 1) / (batch * kv_heads),
                                                        padded_keys / block));
   const int64_t chunk_len = round_up((padded_keys + chunks - 1) / chunks, block);
@@ -400,9 +401,10 @@ void causal_attention_backward(const bf16* grad_out, const bf16* q, const bf16* 
     const int64_t chunk = i / (batch * kv_heads), b = i % (batch * kv_heads) / kv_heads, kv_head = i % kv_heads;
     const int64_t begin = chunk * chunk_len, end = std::min(k_len, begin + chunk_len);
     if (begin >= end) return;
-    std::vector<bf16> k_t(dim * padded_keys, 0);  // k^T, row-major
-    for (int64_t key = 0; key < k_len; ++key)
-      for (int64_t d = 0; d < dim; ++d) k_t[d * padded_keys + key] = kv.at(b, kv_head, key)[d];
+    std::vector<bf16> k_t(dim * padded_keys, 0);  // k^T, row-major (written row by row)
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t key = 0; key < k_len; ++key) k_t[d * padded_keys + key] = kv.at(b, kv_head, key)[d];
+    // one row more: a block of an odd number of keys writes an even number of gradient rows
     std::vector<float> grad_k_rows((end - begin + 1) * dim, 0.0f), grad_v_rows((end - begin + 1) * dim, 0.0f);
     QueryOperands op;
     BackwardScratch scratch;

@@ -103,7 +103,7 @@ def document_attention(q, k, v, runs: DocumentRuns, scale, gqa: bool):
         return flat.index_select(0, runs.gather.reshape(-1)).view(docs, longest, t.shape[1], hd).transpose(1, 2)
 
     q_docs, k_docs, v_docs = by_document(q), by_document(k), by_document(v)
-    out = causal_attention(q_docs, k_docs, v_docs, scale, gqa)
+    out = causal_sdpa(q_docs, k_docs, v_docs, scale, gqa)
     out = F.pad(out.transpose(1, 2).reshape(docs * longest, -1), (0, 0, 0, 1))  # [D*L+1,nH*hd], a zero row last
     out = out.index_select(0, runs.scatter)  # [B*S,nH*hd]
     return out.view(batch, seq, q.shape[1], hd).transpose(1, 2)
@@ -133,9 +133,9 @@ def build_attention_mask(
     return mask[:, None]  # [B,1,Sq,Sk]
 
 
-def causal_attention(q, k, v, scale, gqa):
-    """Query i of Sq sees keys <= Sk - Sq + i (Sq <= Sk): on CPUs with AVX512-BF16, in bf16, our kernel
-    (``kernels/causal_attention.py``, ~2.5x faster forward than torch's there), else torch's sdpa."""
+def causal_sdpa(q, k, v, scale, gqa):
+    """sdpa's causal call, query i of Sq seeing keys <= Sk - Sq + i (Sq <= Sk): on CPUs with AVX512-BF16,
+    in bf16, our kernel (``kernels/causal_attention.py``, 2.3-2.9x torch's forward there), else torch's."""
     if cpu_causal.usable(q, k, v):
         return cpu_causal.causal_attention(q, k, v, scale)
     q_len, k_len = q.shape[2], k.shape[2]
@@ -151,7 +151,7 @@ def sdpa_attention(q, k, v, mask, scale):
     if isinstance(mask, DocumentRuns):
         return document_attention(q, k, v, mask, scale, gqa)
     if mask is None and q.shape[2] > 1:  # NOTE: one new token after a KV cache sees every key; no mask
-        return causal_attention(q, k, v, scale, gqa)
+        return causal_sdpa(q, k, v, scale, gqa)
     if q.shape[2] == 1:
         return one_query_attention(q, k, v, mask, scale, gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
