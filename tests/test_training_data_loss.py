@@ -243,6 +243,34 @@ def test_head_gradient_made_in_vocabulary_blocks_is_bitwise_the_whole_product(mo
         torch.testing.assert_close(whole[1], (d_logits.T @ h).float(), rtol=0.02, atol=0.02)
 
 
+def test_one_chunk_works_in_the_memory_of_the_head_gradient(monkeypatch):
+    """Under autocast with one chunk the bf16 cast of an fp32 head weight and the fp32 softmax rows
+    live in the memory of the (not yet written) fp32 head gradient: one [V,H] allocation at the loss
+    instead of three, and the very numbers of separate buffers."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 96), torch.randn(300, 96)  # room for the rows: 2 x 40 <= 96
+    targets = torch.randint(0, 300, (40,))
+    workspaces = []
+
+    def loss_and_grads():
+        inputs = [t.clone().requires_grad_() for t in (hidden, weight)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_linear_cross_entropy(*inputs, None, targets, 64)
+        loss.backward()
+        return [loss] + [t.grad for t in inputs]
+
+    real = loss_module._workspace_in_gradient
+    monkeypatch.setattr(loss_module, "_workspace_in_gradient", lambda *args: workspaces.append(real(*args)) or workspaces[-1])
+    shared = loss_and_grads()
+    (cast, rows), grad_weight = workspaces[0], shared[2]
+    assert cast.dtype == torch.bfloat16 and rows.dtype == grad_weight.dtype == torch.float32
+    assert grad_weight.data_ptr() == cast.data_ptr() < rows.data_ptr() < grad_weight.data_ptr() + grad_weight.nbytes
+    monkeypatch.setattr(loss_module, "_workspace_in_gradient", lambda *args: (None, None))
+    separate = loss_and_grads()
+    for ours, theirs, name in zip(shared, separate, ("loss", "hidden", "weight")):
+        assert torch.equal(ours, theirs), name
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_head_products_in_cpu_tiles_are_bitwise_the_whole_products(monkeypatch, chunk_size):
     """Under bf16 autocast on a CPU the logits are made a tile of vocabulary rows at a time and the

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.distributed.tensor import DTensor, Partial
 
 from ..dtypes import matmul_dtype
 from ..models.embedding import HeadGradient
@@ -122,17 +121,22 @@ def _chunked_cross_entropy_and_grads(
     """(CE sum in fp32, grad hidden, grad weight, grad bias); gradients in ``dtype`` or fp32, None
     where ``needed`` (hidden, weight, bias) says no input wants one (no product made for it)."""
     n, rows_per_chunk = hidden.shape[0], min(chunk_size, max(hidden.shape[0], 1))
-    w = weight.to(dtype)  # [V,H], cast once
-    b = bias.to(dtype) if bias is not None else None
-    scores = hidden.new_empty((rows_per_chunk, w.shape[0]), dtype=dtype)  # [c,V] logits, then dCE/dlogits
-    fp32_rows = None  # [b,V]: where the fp32 log-softmax of a low-precision chunk runs, b rows at a time
-    if dtype != torch.float32:
-        fp32_rows = scores.new_empty((min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), w.shape[0]), dtype=torch.float32)
     want_hidden, want_weight, want_bias = needed
-    grad_hidden = torch.empty_like(hidden) if want_hidden else None
     # fp32 for fp32 weights and for sums over chunks; a low-precision weight's single chunk keeps its dtype
     grad_dtype = weight.dtype if n <= rows_per_chunk and weight.dtype == dtype else torch.float32
     grad_weight = torch.zeros_like(weight, dtype=grad_dtype) if want_weight and n == 0 else None
+    rows_shape = (min(SOFTMAX_BLOCK_ROWS, rows_per_chunk), weight.shape[0])
+    w = fp32_rows = None  # [b,V] fp32_rows: where the fp32 log-softmax of a low-precision chunk runs, b rows at a time
+    if want_weight and 0 < n <= rows_per_chunk and weight.dtype != dtype:
+        grad_weight = weight.new_empty(weight.shape, dtype=grad_dtype)  # contiguous: the workspace below
+        w, fp32_rows = _workspace_in_gradient(grad_weight, weight, dtype, rows_shape)
+    if w is None:
+        w = weight.to(dtype)  # [V,H], cast once
+    if fp32_rows is None and dtype != torch.float32:
+        fp32_rows = hidden.new_empty(rows_shape, dtype=torch.float32)
+    b = bias.to(dtype) if bias is not None else None
+    scores = hidden.new_empty((rows_per_chunk, w.shape[0]), dtype=dtype)  # [c,V] logits, then dCE/dlogits
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want_bias else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
@@ -145,12 +149,34 @@ def _chunked_cross_entropy_and_grads(
         if grad_hidden is not None:
             _grad_hidden_into_(grad_hidden[start : start + len(y)], logits, w)
         if start + rows_per_chunk >= n:
-            w = None  # NOTE: the last chunk frees the cast weight before the head gradient's products
+            w = None  # NOTE: the last chunk drops the cast weight before the head gradient's products
         if want_weight:
-            if start == 0:  # NOTE: made here, so with one chunk it never coexists with the cast weight
+            if grad_weight is None:  # several chunks: made after the first chunk's other products
                 grad_weight = torch.empty_like(weight, dtype=grad_dtype)
             _add_grad_weight_(grad_weight, logits, h, first=start == 0)
     return total, grad_hidden, grad_weight, grad_bias
+
+
+def _workspace_in_gradient(
+    grad_weight: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, rows_shape: tuple[int, int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(``weight`` cast to ``dtype``, an fp32 ``rows_shape`` buffer), both placed in the memory of the
+    head gradient ``grad_weight`` (contiguous, not written yet); None for what does not fit.
+
+    NOTE: with one chunk both are dead before the head gradient is written (the cast weight is last
+    read by the hidden-state gradient, the fp32 rows by the softmax), so the loss, the step's
+    busiest moment, allocates one [V,H] tensor instead of three. Separate, they left the heap of a
+    0.3B's bf16 step ~0.15 GiB larger (benchmarks/PROFILE.md, session 38).
+    """
+    memory = grad_weight.view(-1).view(torch.uint8)
+    cast_bytes = weight.numel() * dtype.itemsize
+    if cast_bytes > memory.numel():
+        return None, None
+    cast = memory[:cast_bytes].view(dtype).view(weight.shape).copy_(weight)
+    start = -(-cast_bytes // 64) * 64  # the rows start on a cache line
+    stop = start + rows_shape[0] * rows_shape[1] * torch.float32.itemsize
+    rows = memory[start:stop].view(torch.float32).view(rows_shape) if stop <= memory.numel() else None
+    return cast, rows
 
 
 # CPU bf16 head products in tiles: 2,048 vocabulary rows (4 MB of a bf16 weight with H=1,024) for
@@ -264,6 +290,8 @@ class _GatherAcrossDataParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor, Partial  # NOTE: here only: see ernie45/sharding.py
+
         partial = DTensor.from_local(grad / ctx.mesh.size(), ctx.mesh, [Partial()] * ctx.mesh.ndim)
         return partial.redistribute(ctx.mesh, ctx.placements)
 
