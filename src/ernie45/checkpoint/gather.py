@@ -16,16 +16,15 @@ import re
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from ..sharding import local_box, local_part
+from ..sharding import is_dtensor, local_box, local_part
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def is_parallel(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether any tensor is sharded over ranks (a DTensor): saving it is then collective."""
-    return any(isinstance(tensor, DTensor) for tensor in tensors.values())
+    return any(is_dtensor(tensor) for tensor in tensors.values())
 
 
 def gather_on_rank0(tensor: torch.Tensor, replicated: bool = True) -> torch.Tensor | None:
@@ -38,7 +37,7 @@ def gather_on_rank0(tensor: torch.Tensor, replicated: bool = True) -> torch.Tens
     with ``replicated=False`` (pipeline stages hold different plain tensors) a plain tensor is
     sent whole, by the first rank holding it.
     """
-    if replicated and not isinstance(tensor, DTensor):
+    if replicated and not is_dtensor(tensor):
         return tensor.detach() if dist.get_rank() == 0 else None
     boxes: list = [None] * dist.get_world_size()
     dist.all_gather_object(boxes, _held_box(tensor))
@@ -64,7 +63,7 @@ def _held_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], b
     """(shape, offset, whole) of what this rank holds of ``tensor``; None for a meta placeholder."""
     if tensor.is_meta:
         return None
-    if isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return (*local_box(tensor), False)
     return tuple(tensor.shape), (0,) * tensor.dim(), True
 

@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, GenerationConfig
 
 from ..models.validation import check_model_config
-from ..sharding import local_index, local_part
+from ..sharding import is_dtensor, local_index, local_part
 from . import hf_adapter
 from .gather import all_stage_tensors, failure_from_rank0, gather_on_rank0, is_parallel
 from .safetensors_io import CheckpointError, CheckpointFiles, json_object, write_safetensors_stream
@@ -193,7 +192,7 @@ def hf_items(
         whole = gather_on_rank0(tensor, replicated) if gather else tensor.detach()
         if whole is None:
             continue
-        gathered = gather and (isinstance(tensor, DTensor) or not replicated)
+        gathered = gather and (is_dtensor(tensor) or not replicated)
         for key, part in hf_adapter.to_hf(name, whole.cpu() if gathered else whole):
             # NOTE: a gathered tensor is a temporary: a view of one expert would keep the whole
             # layer alive until its shard file is written; a copy of just the part lets it go now.

@@ -7,9 +7,9 @@ ernie45's own pieces (resize.py, ``ernie45.distributed.activation_checkpoint``).
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..checkpoint.hf_checkpoint import is_adapter_tensor
+from ..sharding import is_dtensor
 from . import resize
 
 
@@ -28,7 +28,7 @@ class TransformersMethods:
         size = resize.padded_size(new_num_tokens, old.num_embeddings, pad_to_multiple_of)
         if size == old.num_embeddings:
             return old
-        if self.pipeline is not None or any(isinstance(p, DTensor) for p in (old.weight, self.lm_head.weight)):
+        if self.pipeline is not None or any(is_dtensor(p) for p in (old.weight, self.lm_head.weight)):
             raise RuntimeError("resize_token_embeddings on a parallelised model: resize before parallelize_model")
         if any(is_adapter_tensor(name) for name, _ in self.named_parameters() if name.startswith(("lm_head", "model.embed_tokens"))):
             raise RuntimeError("resize_token_embeddings with LoRA on the embedding or head: resize before apply_lora")

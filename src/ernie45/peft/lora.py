@@ -26,12 +26,11 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..checkpoint.hf_checkpoint import is_adapter_tensor, set_tensor
 from ..models.linear import Linear
 from ..moe.experts import EXPERT_PROJECTIONS, GroupedExperts
-from ..sharding import local_index, local_part
+from ..sharding import is_dtensor, local_index, local_part
 from .config import PeftConfig
 
 logger = logging.getLogger(__name__)
@@ -250,7 +249,7 @@ def init_lora(model: nn.Module, method: str = "xavier", seed: int = 0, device=No
 # ----- merging -------------------------------------------------------------------------------------
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor (collective for a DTensor): adapters are small."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor.detach()
 
 
 @torch.no_grad()
