@@ -80,7 +80,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     written by the first chunk (no zero-fill) and accumulated by the others in fp32 (an fp32
     weight's gradient is made in fp32 from the start: a low-precision product is made a block of
     vocabulary rows at a time in one small buffer and cast into it while cache-hot, so no [V,H]
-    low-precision copy and no [V,H] cast in backward). The other gradients stay in the compute dtype
+    low-precision copy and no [V,H] cast in backward; with one chunk the cast weight and the fp32
+    rows live in that gradient's memory until it is written). The other gradients stay in the compute dtype
     until backward, which scales them and casts them to the inputs' dtypes. With a tied head, the
     weight gradient is handed to the embedding's backward through ``head_gradient`` (see
     models/embedding.py) instead of being returned. The result must be used as a scalar loss, once.
