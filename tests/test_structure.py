@@ -103,8 +103,8 @@ def test_model_code_never_imports_the_distributed_package():
 
 def test_import_stays_light():
     """``import ernie45`` (every CLI command, every inference script) leaves out what only some calls
-    need: DTensor (which pulls in sympy) and transformers' generation utilities, ~85 MB of host
-    memory and ~1.5 s of start-up together; they are imported where a call needs them."""
+    need: DTensor (which pulls in sympy) and transformers' generation utilities (measured together:
+    386 -> 303 MiB of RSS, 2.5 -> 0.8 s of imports after torch); they are imported where a call needs them."""
     heavy = ("torch.distributed.tensor", "transformers.generation.utils", "sympy")
     script = f"import sys, ernie45\nprint([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -245,8 +245,8 @@ def test_head_gradient_made_in_vocabulary_blocks_is_bitwise_the_whole_product(mo
 
 def test_one_chunk_works_in_the_memory_of_the_head_gradient(monkeypatch):
     """Under autocast with one chunk the bf16 cast of an fp32 head weight and the fp32 softmax rows
-    live in the memory of the (not yet written) fp32 head gradient: one [V,H] allocation at the loss
-    instead of three, and the very numbers of separate buffers."""
+    live in the memory of the (not yet written) fp32 head gradient, and give the very numbers of
+    separate buffers."""
     torch.manual_seed(0)
     hidden, weight = torch.randn(40, 96), torch.randn(300, 96)  # room for the rows: 2 x 40 <= 96
     targets = torch.randint(0, 300, (40,))

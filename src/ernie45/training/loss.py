@@ -152,7 +152,7 @@ def _chunked_cross_entropy_and_grads(
         if start + rows_per_chunk >= n:
             w = None  # NOTE: the last chunk drops the cast weight before the head gradient's products
         if want_weight:
-            if grad_weight is None:  # several chunks: made after the first chunk's other products
+            if grad_weight is None:  # not made above: made after the first chunk's other products
                 grad_weight = torch.empty_like(weight, dtype=grad_dtype)
             _add_grad_weight_(grad_weight, logits, h, first=start == 0)
     return total, grad_hidden, grad_weight, grad_bias
@@ -165,9 +165,10 @@ def _workspace_in_gradient(
     head gradient ``grad_weight`` (contiguous, not written yet); None for what does not fit.
 
     NOTE: with one chunk both are dead before the head gradient is written (the cast weight is last
-    read by the hidden-state gradient, the fp32 rows by the softmax), so the loss, the step's
-    busiest moment, allocates one [V,H] tensor instead of three. Separate, they left the heap of a
-    0.3B's bf16 step ~0.15 GiB larger (benchmarks/PROFILE.md, session 38).
+    read by the chunk's logits and hidden-state gradient, the fp32 rows by the softmax), so the loss
+    allocates one large tensor instead of three, whose holes made the heap grow there. A 0.3B's bf16
+    step peaked at 6.70-6.76 GiB with them separate, 6.46-6.52 GiB with this (benchmarks/PROFILE.md,
+    session 38).
     """
     memory = grad_weight.view(-1).view(torch.uint8)
     cast_bytes = weight.numel() * dtype.itemsize
