@@ -7,62 +7,19 @@ math with one register-tiled ``vdpbf16ps`` micro-kernel: fp32 scores, softmax an
 error against float64 is 0.99-1.00x torch's for the output, 0.99-1.03x for grad_q, 0.37-1.0x for grad_k
 and grad_v (tests/test_cpu_causal_attention.py).
 
-It is compiled on first use with the system's C++ compiler (about 2 s) into a per-user cache and called
-through ctypes. Where it cannot run (another CPU or dtype, a head size not a multiple of 16, no
-compiler, tracing), callers use sdpa: ``usable`` says which. ``ERNIE45_CPU_ATTENTION=0`` turns it off.
+It is compiled on first use and called through ctypes (``build.py``). Where it cannot run (another CPU
+or dtype, a head size not a multiple of 16, no compiler, tracing), callers use sdpa: ``usable`` says
+which. ``ERNIE45_CPU_ATTENTION=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("causal_attention_avx512bf16.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"}
-
-
-def cpu_supports_avx512_bf16() -> bool:
-    """True on Linux x86-64 when /proc/cpuinfo lists every instruction set the kernel uses."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return CPU_FLAGS <= set(flags)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "ernie45" / "kernels"
-
-
-def build(compiler: str, target: Path) -> None:
-    """Compile the kernel into ``target`` atomically (a temporary file renamed into place), so that
-    processes building at the same time never load a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-    os.close(handle)
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lpthread"], check=True, capture_output=True, text=True)
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+from . import build
 
 
 def bind(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -79,25 +36,8 @@ def bind(library: ctypes.CDLL) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with one log line saying why) where it cannot run here."""
-    if os.environ.get("ERNIE45_CPU_ATTENTION", "1") == "0":
-        return None
-    if not cpu_supports_avx512_bf16():
-        log.debug("CPU causal attention kernel off: this CPU has no AVX512-BF16")
-        return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        log.warning("CPU causal attention kernel off: no C++ compiler (g++) found; using torch's sdpa")
-        return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"causal_attention_{digest}.so"
-    try:
-        if not target.exists():
-            build(compiler, target)
-        return bind(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        log.warning("CPU causal attention kernel off: building %s failed (%s); using torch's sdpa", target, detail.strip()[:300])
-        return None
+    loaded = build.load("causal_attention_avx512bf16.cpp", "ERNIE45_CPU_ATTENTION", "CPU causal attention kernel", "torch's sdpa")
+    return bind(loaded) if loaded is not None else None
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -13,16 +13,18 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "common.h"
 
 namespace {
 
-using bf16 = uint16_t;
+using ernie45::bf16;
+using ernie45::float_to_bf16;
+using ernie45::parallel_items;
 
 constexpr int64_t kTileRows = 6;   // rows of one register tile
 constexpr int64_t kTileCols = 64;  // columns of one register tile (4 vectors of 16 fp32)
@@ -112,14 +114,6 @@ float exp_row(const float* scores, int64_t count, int64_t width, float scale, fl
     _mm256_storeu_si256((__m256i*)(probs + j), (__m256i)_mm512_cvtneps_pbh(e));
   }
   return _mm512_reduce_add_ps(sum);
-}
-
-// Round to nearest even, as torch casts; NaN stays NaN.
-inline bf16 float_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return bf16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -323,21 +317,6 @@ void pack_queries(const Shape& shape, const bf16* q, int64_t q_row, const bf16* 
     }
     op.delta[i] = _mm512_reduce_add_ps(sum);
   }
-}
-
-// Runs body(i, t) for i in [0, count) on `threads` threads t (the caller's is t = 0), items handed out
-// one at a time (causal blocks differ in cost).
-template <typename Body>
-void parallel_items(int64_t count, int64_t threads, Body body) {
-  threads = std::max<int64_t>(1, std::min(threads, count));
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t t) {
-    for (int64_t i = next++; i < count; i = next++) body(i, t);
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(worker, t);
-  worker(0);
-  for (auto& helper : helpers) helper.join();
 }
 
 }  // namespace

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import expert_rows
 from ..models.mlp import swiglu, swiglu_backward
 from ..sharding import local_part
 
@@ -178,6 +179,18 @@ def grouped_mm_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     return (gate_up.shape[-1] * size) % 16 == 0 and (down.shape[-1] * size) % 16 == 0
 
 
+def few_rows_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether ``experts_few_rows`` takes these: inference on a few bf16 rows on an AVX512-BF16 CPU."""
+    return 2 * down.shape[-1] == gate_up.shape[1] and expert_rows.usable(x, counts, gate_up, down)
+
+
+def experts_few_rows(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``experts_grouped_mm`` for inference on a few rows (decoding), through the expert-rows kernel,
+    which skips empty experts (``ernie45/kernels/expert_rows.py``)."""
+    gate, up = expert_rows.expert_rows_linear(x, gate_up, counts).chunk(2, dim=-1)  # [N,I] each
+    return expert_rows.expert_rows_linear(F.silu(gate) * up, down, counts)  # [N,H]
+
+
 class GroupedExperts(nn.Module):
     """``mlp.experts``: E SwiGLU experts stored as ``gate_up_proj`` [E,2I,H] and ``down_proj`` [E,H,I].
 
@@ -259,6 +272,8 @@ class GroupedExperts(nn.Module):
         x = x.to(gate_up.dtype)
         lora_dtype = lora_compute_dtype(x)
         loras = self._local_lora("gate_up_proj", lora_dtype), self._local_lora("down_proj", lora_dtype)
+        if loras == (None, None) and few_rows_usable(x, gate_up, down, tokens_per_expert):
+            return experts_few_rows(x, gate_up, down, tokens_per_expert)
         if self.backend == "torch_mm" and grouped_mm_usable(x, gate_up, down):
             return experts_grouped_mm(x, gate_up, down, tokens_per_expert, *loras)
         return experts_loop(x, gate_up, down, tokens_per_expert, *loras)
