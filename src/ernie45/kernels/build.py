@@ -2,9 +2,10 @@
 
 Each kernel is plain C++ with no torch headers: it is compiled on first use with the system's C++
 compiler (about 2 s) into a per-user cache, named by a digest of its source, the shared headers and
-the compiler command, and called through ctypes with raw pointers. Where it cannot run (another CPU,
-no compiler, a failed build, its environment switch set to 0), ``load`` gives None with one log line
-and callers use torch's own operator.
+the compiler command, and called through ctypes with raw pointers. It is built with ``-fopenmp``:
+loaded into a torch process, it shares torch's OpenMP runtime (``libgomp.so.1``) and so its threads
+(``common.h``). Where it cannot run (another CPU, no compiler, a failed build, its environment
+switch set to 0), ``load`` gives None with one log line and callers use torch's own operator.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
 """Routed experts for a few rows on CPUs with AVX512-BF16: decoding's expert products at memory speed.
 
 ``torch._grouped_mm`` on a CPU makes one matmul call per expert, empty ones included, and each bf16
-call re-lays the weight out for oneDNN. Decoding one token sends 6 rows to 6 of 64 experts, so every
-MoE projection made 64 calls to read 6 weights (mini-MoE: 0.45 ms for the [E,512,1024] gate/up, of
-which ~0.3 ms is calls on empty experts). ``expert_rows_avx512bf16.cpp`` visits only the experts that
-have rows, and reads each of their weight rows once for up to four input rows.
+call re-lays the expert's weight out for oneDNN. Decoding one token sends 6 rows to 6 of 64 experts:
+for the mini-MoE's [64,512,1024] gate/up that is 6 calls of ~40 us each plus 60-90 us of calls on the
+58 empty experts. ``expert_rows_avx512bf16.cpp`` visits only the experts that have rows, and reads
+each of their weight rows once for up to four input rows.
 
-Measured on one MoE projection of 64 experts, bf16, 2-core AVX512-BF16 VM, ``_grouped_mm`` / kernel:
-[512,1024] 453 / 160 us for one token (2.8x), 1,988 / 1,650 us for four; [1024,256] 299 / 122 us;
-21B-A3B's [3072,2560] 5.7 / 4.6 ms (1.24x; 20 GB/s of weight, near the VM's memory bandwidth). With
-more rows per expert oneDNN's blocked GEMM wins (16 tokens: 0.85-1.03x, 64 tokens: 0.5-0.7x), so the
-kernel takes at most ``MAX_ROWS_PER_EXPERT`` rows per expert on average.
+Measured on one MoE projection of 64 experts, bf16, 2-core AVX512-BF16 VM, ``_grouped_mm`` / kernel,
+one token: [512,1024] 280 / 57 us with the same six experts every call (their weights in cache),
+453 / 160 us with fresh ones; [1024,256] 270 / 43 us and 299 / 122 us; 21B-A3B's [3072,2560]
+5.7 / 4.6 ms (1.24x; 20 GB/s of weight, near the VM's memory bandwidth). With more rows per expert
+oneDNN's blocked GEMM wins (16 tokens: 0.85-1.03x, 64 tokens: 0.5-0.7x), so the kernel takes at
+most ``MAX_ROWS_PER_EXPERT`` rows per expert on average.
 
-The products are fp32 sums of bf16 pairs rounded to bf16 once, as torch's: equal to ``_grouped_mm``'s
-bitwise in every shape measured, and tested within one bf16 rounding of it. Inference only (no
-autograd); ``ERNIE45_CPU_EXPERTS=0`` turns it off.
+The products are fp32 sums of bf16 pairs rounded to bf16 once, as torch's, in another order: the
+error against float64 is within 5% of torch's, each result within one bf16 rounding of torch's (tested).
+Inference only (no autograd); ``ERNIE45_CPU_EXPERTS=0`` turns it off.
 """
 
 from __future__ import annotations
