@@ -10,6 +10,8 @@ Shapes: N rows sorted by expert, H hidden, I expert intermediate size, E experts
 "torch_mm": two ``torch._grouped_mm`` calls over all rows with offsets = int32 cumsum of tokens per
 expert (no per-expert Python loop). ``_grouped_mm`` needs row strides that are multiples of 16
 bytes and, inside ``torch.compile``, bf16 inputs; otherwise this backend falls back to the loop.
+Under either, inference on a few bf16 rows (decode steps) on a CPU with AVX512-BF16 goes to
+``ernie45/kernels/expert_rows.py``, which skips the empty experts that ``_grouped_mm`` visits.
 
 LoRA (``add_lora``, used by ``ernie45.peft``): per expert e and projection W_e [out,in] a rank-r
 pair A_e [r,in], B_e [out,r] held as grouped tensors ``{proj}_lora_A`` [E,r,in] and
@@ -272,7 +274,7 @@ class GroupedExperts(nn.Module):
         x = x.to(gate_up.dtype)
         lora_dtype = lora_compute_dtype(x)
         loras = self._local_lora("gate_up_proj", lora_dtype), self._local_lora("down_proj", lora_dtype)
-        if loras == (None, None) and few_rows_usable(x, gate_up, down, tokens_per_expert):
+        if all(lora is None for lora in loras) and few_rows_usable(x, gate_up, down, tokens_per_expert):
             return experts_few_rows(x, gate_up, down, tokens_per_expert)
         if self.backend == "torch_mm" and grouped_mm_usable(x, gate_up, down):
             return experts_grouped_mm(x, gate_up, down, tokens_per_expert, *loras)
