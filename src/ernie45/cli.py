@@ -323,8 +323,8 @@ def _finetune_help() -> str:
 
 class _FinetuneCommand(TyperCommand):
     """``finetune``, whose long help (every recipe key) is built when it is shown, not at start: it
-    reads the recipe schema, whose imports (the training and parallel stack) took 1.5 s of every
-    ``ernie45`` command's start-up."""
+    reads the recipe schema, whose imports (the training and parallel stack) made ``ernie45 --help``
+    take 5.4 s instead of 2.9 s."""
 
     @property
     def help(self) -> str:
