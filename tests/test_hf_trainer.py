@@ -43,9 +43,15 @@ def _train(model, output_dir) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "moe-balanced"])
 def test_transformers_trainer_trains_ours_as_it_trains_transformers(tmp_path, kind):
-    hf = random_hf_model(HFDense, tiny_dense_config()) if kind == "dense" else random_hf_moe(tiny_moe_config())
+    """moe-balanced: output_router_logits in the config, so each step's loss has the weighted
+    load-balancing loss in it (transformers' rule), over the padded rows' real tokens."""
+    if kind == "dense":
+        hf = random_hf_model(HFDense, tiny_dense_config())
+    else:
+        balanced = dict(output_router_logits=True, router_aux_loss_coef=0.05) if kind == "moe-balanced" else {}
+        hf = random_hf_moe(tiny_moe_config(**balanced))
     hf.save_pretrained(tmp_path / "start")
     ours = ernie45.from_pretrained(tmp_path / "start")
     expected = _train(hf.train(), tmp_path / "hf")

@@ -128,7 +128,7 @@ def test_large_correction_bias_changes_selection_and_matches(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_aux_loss_matches_transformers_and_is_not_added(tmp_path, backend):
+def test_aux_loss_and_the_loss_it_weighs_into_match_transformers(tmp_path, backend):
     hf, ours = load_pair(tmp_path, tiny_moe_config(), BackendConfig(experts=backend))
     ids = torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
@@ -140,8 +140,8 @@ def test_aux_loss_matches_transformers_and_is_not_added(tmp_path, backend):
     torch.testing.assert_close(got.aux_loss, expected.aux_loss, rtol=1e-5, atol=1e-6)
     plain = ours(ids, attention_mask=mask, labels=labels)
     assert plain.aux_loss is None and plain.router_logits is None
-    torch.testing.assert_close(got.loss, plain.loss)  # never silently added
-    torch.testing.assert_close(got.loss + hf.router_aux_loss_coef * got.aux_loss, expected.loss)
+    torch.testing.assert_close(got.loss, expected.loss)  # as transformers: weighted in when asked for
+    torch.testing.assert_close(plain.loss + hf.router_aux_loss_coef * got.aux_loss, got.loss)
     assert len(got.router_logits) == len(ours.moe_layers())
     got.aux_loss.backward()
     assert ours.moe_layers()[0].gate.weight.grad.abs().sum() > 0

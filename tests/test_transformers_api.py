@@ -168,6 +168,46 @@ def test_router_logits_and_load_balancing_loss_match_transformers(tmp_path):
         torch.testing.assert_close(ours_r, hf_r.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("from_config", [True, False])
+def test_training_loss_with_router_logits_weighs_in_the_aux_loss_as_transformers(from_config, tmp_path):
+    """transformers adds router_aux_loss_coef * aux_loss to a labelled call's loss when
+    output_router_logits is on (the config's or the call's): the loss and every gradient match."""
+    hf, ours = pair("moe", tmp_path, output_router_logits=from_config, router_aux_loss_coef=0.05)
+    hf.train(), ours.train()
+    ids = ids_for(ours, seq=9)
+    asked = {} if from_config else {"output_router_logits": True}
+    expected, got = hf(ids, labels=ids, **asked), ours(ids, labels=ids, **asked)
+    assert expected.aux_loss > 0.5  # so that the weighted term shows in the loss
+    torch.testing.assert_close(got.aux_loss, expected.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    plain = ours(ids, labels=ids, output_router_logits=False).loss
+    torch.testing.assert_close(got.loss - plain, 0.05 * got.aux_loss, rtol=1e-4, atol=1e-7)
+    expected.loss.backward(), got.loss.backward()
+    hf_grads = {name: p.grad for name, p in hf.named_parameters()}
+    for name, param in ours.named_parameters():
+        if name in hf_grads and hf_grads[name].shape == param.shape:
+            torch.testing.assert_close(param.grad, hf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ours.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_load_balancing_loss_ignores_left_padding_as_transformers(tmp_path):
+    """transformers' own load-balancing test: left padding with its attention mask leaves aux_loss
+    as it was without padding; the same padding unmasked changes it."""
+    hf, ours = pair("moe", tmp_path)
+    ids = ids_for(ours, seq=7)
+    padded = torch.cat([torch.ones(2, 28, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, 28, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        for model in (hf, ours):
+            alone = model(ids, output_router_logits=True).aux_loss
+            masked = model(padded, attention_mask=mask, output_router_logits=True).aux_loss
+            torch.testing.assert_close(masked, alone, rtol=1e-4, atol=1e-4)
+            assert abs(float(model(padded, output_router_logits=True).aux_loss) - float(alone)) > 1e-3
+        expected = hf(padded, attention_mask=mask, output_router_logits=True).aux_loss
+        got = ours(padded, attention_mask=mask, output_router_logits=True).aux_loss
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 # ----- nothing silently ignored ---------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_unknown_keywords_are_errors(kind, tmp_path):

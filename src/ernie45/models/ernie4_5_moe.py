@@ -131,9 +131,11 @@ class Ernie4_5_MoeModel(DecoderModel):
 
 class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
     """MoE causal LM. ``forward`` returns ``MoeCausalLMOutputWithPast``; ``aux_loss`` (unweighted,
-    as transformers computes it, padding excluded) is set when ``MoEConfig.aux_loss_coeff > 0`` or
-    ``output_router_logits=True``, and is never added to ``loss``: add
-    ``moe_config.aux_loss_coeff * aux_loss`` yourself."""
+    as transformers computes it, padding excluded) is set when ``output_router_logits`` (the call's,
+    else the config's) or ``MoEConfig.aux_loss_coeff > 0``. As in transformers, the ``loss`` of a call
+    with labels includes ``config.router_aux_loss_coef * aux_loss`` when ``output_router_logits`` is
+    on, so transformers' Trainer trains the same objective; ernie45's trainer computes its own loss
+    and adds ``moe_config.aux_loss_coeff * aux_loss``."""
 
     model_type = "ernie4_5_moe"
 
@@ -156,10 +158,14 @@ class Ernie4_5_MoeForCausalLM(Ernie4_5CausalLMBase):
         return self.model.moe_layers()
 
     def causal_lm_output(self, loss, logits, out, output_router_logits: bool | None) -> MoeCausalLMOutputWithPast:
-        """``output_router_logits`` (default: ``aux_loss_coeff > 0``) also returns ``aux_loss`` and the
-        per-MoE-layer ``router_logits`` [T,E] fp32."""
-        collect = self.moe_config.aux_loss_coeff > 0 if output_router_logits is None else bool(output_router_logits)
+        """``output_router_logits`` (default: the config's, or ``aux_loss_coeff > 0``) also returns
+        ``aux_loss`` and the per-MoE-layer ``router_logits`` [T,E] fp32; transformers' rule weighs it
+        into ``loss``."""
+        asked = bool(self.config.output_router_logits) if output_router_logits is None else bool(output_router_logits)
+        collect = asked or (output_router_logits is None and self.moe_config.aux_loss_coeff > 0)
         aux_loss, router_logits = self.router_outputs() if collect else (None, None)
+        if asked and loss is not None and aux_loss is not None:
+            loss = loss + (self.config.router_aux_loss_coef or 0.0) * aux_loss
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
             router_logits=router_logits,

@@ -47,8 +47,8 @@ class MoEConfig:
     norm_topk_prob: renormalise the K weights to sum 1, dividing by ``max(sum, norm_min)``.
     route_scale: factor on the routing weights after renormalisation (1.0 for ERNIE 4.5).
     aux_loss_coeff: weight of the Switch-style load-balancing loss. When > 0 the model returns the
-        (unweighted, HF-compatible) loss as ``output.aux_loss``; the caller adds
-        ``aux_loss_coeff * aux_loss`` to its loss. Derived as transformers applies it:
+        (unweighted, HF-compatible) loss as ``output.aux_loss``; a training loop that computes its
+        own loss (ernie45's) adds ``aux_loss_coeff * aux_loss`` to it. Derived as transformers applies it:
         ``router_aux_loss_coef`` if ``output_router_logits`` else 0. NOTE: AutoModel's ERNIE model
         uses ``router_aux_loss_coef`` (0.001 in the releases) unconditionally; pass
         ``moe_overrides={"aux_loss_coeff": 0.001}`` (recipe: ``moe.aux_loss_coef``) for its behaviour.
