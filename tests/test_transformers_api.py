@@ -190,6 +190,17 @@ def test_training_loss_with_router_logits_weighs_in_the_aux_loss_as_transformers
     assert ours.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
 
 
+def test_base_model_router_logits_follow_the_config_as_transformers(tmp_path):
+    hf, ours = pair("moe", tmp_path, output_router_logits=True)
+    ids = ids_for(ours)
+    expected = HFMoeModel.from_pretrained(tmp_path).eval()(ids).router_logits
+    got = ours.model(ids).router_logits  # not asked for in the call: the config says so
+    assert got is not None and len(got) == len(expected) == 2
+    for ours_r, hf_r in zip(got, expected):
+        torch.testing.assert_close(ours_r, hf_r.float(), rtol=1e-5, atol=1e-5)
+    assert ours.model(ids, output_router_logits=False).router_logits is None
+
+
 def test_load_balancing_loss_ignores_left_padding_as_transformers(tmp_path):
     """transformers' own load-balancing test: left padding with its attention mask leaves aux_loss
     as it was without padding; the same padding unmasked changes it."""

@@ -115,10 +115,13 @@ class Ernie4_5_MoeModel(DecoderModel):
 
     @tuple_when_asked
     def forward(
-        self, input_ids: torch.Tensor | None = None, *, output_router_logits: bool = False, **kwargs
+        self, input_ids: torch.Tensor | None = None, *, output_router_logits: bool | None = None, **kwargs
     ) -> MoeModelOutputWithPast:
-        """The dense body's forward (same keywords); ``output_router_logits`` adds each MoE layer's
-        router logits [T,E] fp32 (transformers' ``MoeModelOutputWithPast``)."""
+        """The dense body's forward (same keywords); ``output_router_logits`` (default: the config's,
+        as transformers) adds each MoE layer's router logits [T,E] fp32 (transformers'
+        ``MoeModelOutputWithPast``)."""
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         out = super().forward(input_ids, **kwargs)
         router_logits = tuple(layer.last_record.router_logits for layer in self.moe_layers())
         return MoeModelOutputWithPast(
