@@ -160,7 +160,18 @@ def test_the_default_length_stays_within_max_position_embeddings_as_in_transform
     assert got.shape == expected.shape == (1, 12) and torch.equal(got, expected)  # 3 new tokens, not 20
 
 
-@pytest.mark.parametrize("settings", [dict(repetition_penalty=1.5), dict(repetition_penalty=0.7), dict(min_new_tokens=10)])
+LENGTH_AND_PENALTY = [
+    dict(repetition_penalty=1.5),
+    dict(repetition_penalty=0.7),
+    dict(min_new_tokens=10),
+    dict(min_length=9 + 10),  # transformers' older form: prompt (9, left padding included) + new tokens
+    dict(min_length=9 + 4, min_new_tokens=10),  # both set: min_new_tokens wins, as in transformers
+    dict(min_length=9 + 10, min_new_tokens=2),
+    dict(min_length=5),  # shorter than the prompt: nothing barred
+]
+
+
+@pytest.mark.parametrize("settings", LENGTH_AND_PENALTY)
 def test_repetition_penalty_and_min_new_tokens_match_transformers(tmp_path, settings):
     hf, ours = _dense_pair(tmp_path)
     ids, mask = _left_padded_prompts(hf.config.vocab_size)

@@ -72,7 +72,7 @@ MODEL_DEFAULT = _ModelDefault()
 DEFAULT_SETTINGS = dict(
     max_new_tokens=None, max_length=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=None,
     typical_p=None, epsilon_cutoff=None, eta_cutoff=None,
-    repetition_penalty=1.0, min_new_tokens=None, num_beams=1, num_return_sequences=1,
+    repetition_penalty=1.0, min_new_tokens=None, min_length=0, num_beams=1, num_return_sequences=1,
     no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
 )  # fmt: skip
 
@@ -277,6 +277,7 @@ def stream_tokens(
     use_cache: bool = True,
     repetition_penalty: float | None | _ModelDefault = MODEL_DEFAULT,
     min_new_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+    min_length: int | None | _ModelDefault = MODEL_DEFAULT,
     num_beams: int | _ModelDefault = MODEL_DEFAULT,
     num_return_sequences: int | _ModelDefault = MODEL_DEFAULT,
     min_p: float | None | _ModelDefault = MODEL_DEFAULT,
@@ -303,7 +304,7 @@ def stream_tokens(
     given = dict(
         max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens, min_length=min_length,
         num_beams=num_beams, num_return_sequences=num_return_sequences, no_repeat_ngram_size=no_repeat_ngram_size,
         bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
     )  # fmt: skip
@@ -333,7 +334,7 @@ def stream_tokens(
     keep = prompt_mask(input_ids, attention_mask, pad_id, end_ids)
     input_ids, keep = repeated_rows(input_ids, keep, settings["num_return_sequences"], sampling.do_sample)
     adjust = with_processors(
-        logits_adjustment(settings["repetition_penalty"], settings["min_new_tokens"], end_ids, keep),
+        logits_adjustment(settings["repetition_penalty"], fewest_new_tokens(settings, input_ids.shape[1]), end_ids, keep),
         transformers_processors(settings, end_ids, input_ids.shape[1], input_ids.device)
         + callables(logits_processor, "logits_processor", "(input_ids, scores) -> scores, e.g. a transformers LogitsProcessorList"),
     )
@@ -353,6 +354,18 @@ def repeated_rows(
     if not do_sample:
         raise ValueError(f"num_return_sequences={copies} needs do_sample=True: greedy decoding gives one sequence per prompt")
     return input_ids.repeat_interleave(copies, dim=0), keep.repeat_interleave(copies, dim=0)
+
+
+def fewest_new_tokens(settings: dict, prompt_len: int) -> int | None:
+    """How many new tokens must come before an end token: ``min_new_tokens``, else transformers'
+    older ``min_length`` (prompt + new tokens, the prompt's left padding included, as transformers
+    counts it). As in transformers, ``min_new_tokens`` wins when both are set."""
+    least, total = settings["min_new_tokens"], settings["min_length"]
+    if least is not None or total is None or total == 0:
+        return least
+    if not (isinstance(total, int) and total >= 0):
+        raise ValueError(f"min_length={total!r} must be an integer >= 0 (prompt + new tokens; or pass min_new_tokens)")
+    return max(total - prompt_len, 0)
 
 
 def logits_adjustment(
@@ -554,7 +567,8 @@ def generate(
     (``num_return_sequences`` n: [B*n,P+N], each prompt's rows together).
 
     ``settings`` are ``stream_tokens``' keywords, transformers' names and meanings: max_new_tokens,
-    max_length (prompt + new tokens, when max_new_tokens is not given), min_new_tokens, do_sample,
+    max_length (prompt + new tokens, when max_new_tokens is not given), min_new_tokens, min_length
+    (prompt + new tokens before an end token may come), do_sample,
     temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty,
     no_repeat_ngram_size, bad_words_ids,
     suppress_tokens, begin_suppress_tokens, num_return_sequences (sampling), num_beams (1
