@@ -127,6 +127,29 @@ def test_large_correction_bias_changes_selection_and_matches(tmp_path, backend):
     assert_parity(hf, ours, ids)
 
 
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_automodel_plain_softmax_router_ignores_the_correction_bias(tmp_path, norm_topk_prob):
+    """score_func="softmax" is AutoModel's plain softmax router: experts chosen by top-k of the logits,
+    weights the softmax over the chosen logits; "softmax_with_bias" (the default) is ERNIE's rule."""
+    hf, ernie_rule = load_pair(tmp_path, tiny_moe_config(), bias_std=0.3)
+    overrides = {"score_func": "softmax", "norm_topk_prob": norm_topk_prob}
+    plain = Ernie4_5_MoeForCausalLM.from_config(hf.config, moe_overrides=overrides)
+    plain.load_state_dict(ernie_rule.state_dict())
+    assert ernie_rule.moe_config.score_func == "softmax_with_bias" and plain.moe_config.score_func == "softmax"
+    x = torch.randn(22, 32, generator=torch.Generator().manual_seed(4))
+    layer, reference = plain.moe_layers()[0], ernie_rule.moe_layers()[0]
+    with torch.no_grad():
+        layer(x)
+        logits = x @ layer.gate.weight.T
+        top_logits, top_idx = logits.topk(hf.config.moe_k, dim=-1)  # AutoModel's Gate, softmax_before_topk=False
+        expected = naive_moe(layer, x, top_idx, top_logits.softmax(-1))
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        counts = torch.bincount(top_idx.flatten(), minlength=hf.config.moe_num_experts)
+        assert torch.equal(layer.last_record.tokens_per_expert, counts)
+        reference(x)
+        assert not torch.equal(reference.last_record.tokens_per_expert, counts)  # the bias moved the choice
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_aux_loss_and_the_loss_it_weighs_into_match_transformers(tmp_path, backend):
     hf, ours = load_pair(tmp_path, tiny_moe_config(), BackendConfig(experts=backend))
@@ -191,14 +214,16 @@ def test_to_bfloat16_does_not_round_router():
 
 
 # ----- the MoE layer alone -----------------------------------------------------------------------
-def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k expert_k(x) + shared(x), token by token."""
-    routing = layer.gate(x, layer.moe_statics.e_score_correction_bias)
+def naive_moe(layer: MoELayer, x: torch.Tensor, topk_idx=None, topk_weight=None) -> torch.Tensor:
+    """sum_k w_k expert_k(x) + shared(x), token by token (routing: the layer's gate unless given)."""
+    if topk_idx is None:
+        routing = layer.gate(x, layer.moe_statics.e_score_correction_bias)
+        topk_idx, topk_weight = routing.topk_idx, routing.topk_weight
     gate_up, down = layer.experts.gate_up_proj, layer.experts.down_proj
     rows = []
     for t in range(x.shape[0]):
         acc = torch.zeros_like(x[t])
-        for e, w in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t]):
+        for e, w in zip(topk_idx[t].tolist(), topk_weight[t]):
             g, u = (gate_up[e] @ x[t]).chunk(2)
             acc = acc + w * (down[e] @ (torch.nn.functional.silu(g) * u))
         rows.append(acc)
@@ -412,7 +437,7 @@ def test_moe_config_from_hf_and_overrides():
     moe = MoEConfig.from_hf_config(config)
     assert (moe.n_routed_experts, moe.n_activated_experts, moe.n_shared_experts) == (8, 2, 2)
     assert (moe.dim, moe.moe_inter_dim, moe.shared_inter_dim, moe.norm_min) == (32, 16, 32, 1e-6)
-    assert moe.aux_loss_coeff == 0.0 and moe.gate_bias_update_factor == 0.0 and moe.score_func == "softmax"
+    assert moe.aux_loss_coeff == 0.0 and moe.gate_bias_update_factor == 0.0 and moe.score_func == "softmax_with_bias"
     assert MoEConfig.from_hf_config(tiny_moe_config(output_router_logits=True)).aux_loss_coeff == 0.001
     model = Ernie4_5_MoeForCausalLM(config, moe_overrides={"n_activated_experts": 3})
     assert model.moe_config.n_activated_experts == 3 and model.moe_layers()[0].gate.top_k == 3

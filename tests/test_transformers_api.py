@@ -376,6 +376,7 @@ def test_moe_config_takes_automodels_fields():
     model = Ernie4_5_MoeForCausalLM.from_config(hf_config, moe_config=automodel_style)
     layer = model.moe_layers()[0]
     assert not layer.gate.weight.requires_grad  # train_gate=False is honoured
+    assert model.moe_config.score_func == "softmax_with_bias"  # read back as written, as AutoModel's own tests do
     assert layer.experts.gate_up_proj.requires_grad
     reference = Ernie4_5_MoeForCausalLM.from_config(hf_config)
     reference.load_state_dict(model.state_dict())

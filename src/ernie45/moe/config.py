@@ -17,8 +17,9 @@ import torch
 
 from ..dtypes import as_dtype
 
-# "softmax_with_bias" is AutoModel's name for ERNIE's rule: softmax, then top-k of p + correction bias.
-SCORE_FUNCS = ("softmax", "softmax_with_bias")
+# AutoModel's router rules ERNIE 4.5 can run: "softmax_with_bias" is ERNIE's own (top-k of p + correction
+# bias, weights from p); "softmax" is AutoModel's plain softmax router (top-k of p, no bias).
+SCORE_FUNCS = ("softmax_with_bias", "softmax")
 # AutoModel fields whose only value ERNIE 4.5 can use, and why.
 _FIXED = {
     "n_expert_groups": (0, "ERNIE 4.5 routes over all experts, without expert groups"),
@@ -42,8 +43,10 @@ class MoEConfig:
         one SwiGLU MLP of width ``moe_inter_dim * n_shared_experts`` (0 = none).
     n_activated_experts: K, experts chosen per token (top-k).
     dim: hidden size H. moe_inter_dim: I, each routed expert's intermediate size.
-    score_func: "softmax" (ERNIE 4.5: softmax in fp32; selection by ``topk(p + correction_bias)``,
-        weights from the unbiased ``p``).
+    score_func: "softmax_with_bias" (ERNIE 4.5, the default: softmax in fp32; selection by
+        ``topk(p + correction_bias)``, weights from the unbiased ``p``) or "softmax" (AutoModel's plain
+        softmax router: selection by ``topk(p)``, the correction bias unused, weights renormalised to
+        sum 1 whatever ``norm_topk_prob`` says). The names and rules are AutoModel's.
     norm_topk_prob: renormalise the K weights to sum 1, dividing by ``max(sum, norm_min)``.
     route_scale: factor on the routing weights after renormalisation (1.0 for ERNIE 4.5).
     aux_loss_coeff: weight of the Switch-style load-balancing loss. When > 0 the model returns the
@@ -73,7 +76,7 @@ class MoEConfig:
     n_activated_experts: int
     dim: int
     moe_inter_dim: int
-    score_func: str = "softmax"
+    score_func: str = "softmax_with_bias"
     norm_topk_prob: bool = True
     norm_min: float = 1e-12
     route_scale: float = 1.0
@@ -114,8 +117,6 @@ class MoEConfig:
             )
         if self.n_shared_experts < 0:
             raise ValueError(f"MoEConfig.n_shared_experts={self.n_shared_experts} must be >= 0")
-        if self.score_func == "softmax_with_bias":
-            self.score_func = "softmax"  # NOTE: AutoModel's name for the same rule
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"MoEConfig.score_func={self.score_func!r} is not supported; choose one of {SCORE_FUNCS}")
         if self.aux_loss_coeff < 0 or self.gate_bias_update_factor < 0:

@@ -3,7 +3,7 @@
 Shapes: B batch, S sequence, T = B*S tokens, H hidden, E routed experts, K experts per token.
 
     x [B,S,H] -> [T,H]
-    routing  = gate(x, moe_statics.e_score_correction_bias)       (router.py, fp32)
+    routing  = gate(x, moe_statics.e_score_correction_bias)       (router.py, fp32; no bias: score_func "softmax")
     x_sorted, counts, state = dispatcher.dispatch(x, idx, w, keep) (dispatch.py; keep = not padding)
     routed   = dispatcher.combine(experts(x_sorted, counts), state) (experts.py)
     out      = routed + shared_experts(x)                         (one SwiGLU of width I*n_shared)
@@ -59,12 +59,13 @@ class MoELayer(nn.Module):
             moe_config.dim,
             moe_config.n_routed_experts,
             moe_config.n_activated_experts,
-            norm_topk_prob=moe_config.norm_topk_prob,
+            norm_topk_prob=moe_config.norm_topk_prob or moe_config.score_func == "softmax",
             norm_min=moe_config.norm_min,
             route_scale=moe_config.route_scale,
             gate_precision=backend.gate_precision,
         )
         self.gate.weight.requires_grad_(moe_config.train_gate)
+        self.selects_with_bias = moe_config.score_func == "softmax_with_bias"
         self.moe_statics = MoEStatics(moe_config.n_routed_experts)
         self.experts = GroupedExperts(
             moe_config.n_routed_experts, moe_config.dim, moe_config.moe_inter_dim, backend.experts, moe_config.dtype
@@ -88,7 +89,8 @@ class MoELayer(nn.Module):
                 x.shape[0], self.num_experts, self.top_k, x.dtype, x.device, self.fake_gate_noise
             )
         else:
-            routing = self.gate(x, self.moe_statics.e_score_correction_bias)
+            bias = self.moe_statics.e_score_correction_bias if self.selects_with_bias else None
+            routing = self.gate(x, bias)
         self.last_record = MoERecord(
             tokens_per_expert(routing.topk_idx, keep, self.num_experts), routing.logits, routing.probs, keep
         )
