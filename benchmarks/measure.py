@@ -211,18 +211,6 @@ def automodel_loss_fn(model):
 LOSS_FNS = {"ours": ours_loss_fn, "hf": hf_loss_fn, "automodel": automodel_loss_fn}
 
 
-def compact_gradients(impl: str, params: list, dtype: torch.dtype):
-    """Our trainer's gradient store under mixed precision (gradients that are bf16 values wait in
-    bf16: ``ernie45.training.compact_grads``), when this tree has it; None otherwise."""
-    if impl != "ours" or dtype == torch.float32:
-        return None
-    try:
-        from ernie45.training.compact_grads import CompactGradients
-    except ImportError:
-        return None
-    return CompactGradients(params, dtype)
-
-
 def autocast_for(dtype: torch.dtype, device: torch.device):
     """Mixed precision for low-precision training; nothing for fp32."""
     if dtype == torch.float32:
@@ -235,11 +223,9 @@ def train_step(model, params: list, lr: float, task: dict, workload: Workload, d
     """One training step of ``model`` as a callable: forward, loss, backward, fused AdamW over ``params``.
 
     NOTE: fused AdamW is HF Trainer's default optimizer on torch >= 2.8; every side uses it. Each
-    side computes its loss as its own recipe does (``LOSS_FNS``) and keeps its gradients as its
-    trainer does (ours: ``compact_gradients``).
+    side computes its loss as its own recipe does (``LOSS_FNS``).
     """
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
-    held = compact_gradients(task["impl"], params, dtype)
     compute_loss = LOSS_FNS[task["impl"]](model)
     ids = random_tokens(workload, workload.seq_len, device)
 
@@ -247,11 +233,7 @@ def train_step(model, params: list, lr: float, task: dict, workload: Workload, d
         with autocast_for(dtype, device):
             loss = compute_loss(ids)
         loss.backward()
-        if held is not None:
-            held.step(optimizer)
-            held.clear()
-        else:
-            optimizer.step()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step

@@ -32,7 +32,6 @@ from ..models.construction import is_config_field
 from ..models.rope import rope_type
 from ..peft import LoRALinear, has_adapters, merge, save_adapter
 from ..tokenizer import train_tokenizer
-from .compact_grads import CompactGradients
 from .compile import compile_blocks
 from .config import ConfigError, RecipeConfig
 from .data import record_texts
@@ -53,15 +52,6 @@ def autocast(config: RecipeConfig, runtime: Runtime, layout: "Layout"):
     if dtype == MASTER_DTYPE or layout.grad_average > 1:
         return contextlib.nullcontext()
     return torch.autocast(runtime.device.type, dtype=dtype)
-
-
-def compact_gradients(config: RecipeConfig, runtime: Runtime, layout: "Layout", model: nn.Module) -> CompactGradients | None:
-    """Gradients held in the compute dtype where exact (``compact_grads.py``): mixed precision on
-    one process, where nothing else reads ``param.grad`` between backward and the optimizer step."""
-    dtype = compute_dtype(config)
-    if dtype == MASTER_DTYPE or runtime.world_size > 1 or layout.sharded or model.pipeline is not None:
-        return None
-    return CompactGradients([p for p in model.parameters() if p.requires_grad], dtype)
 
 
 def resolve_model_path(config: RecipeConfig) -> None:

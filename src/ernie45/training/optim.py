@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .compact_grads import CompactGradients
 from .config import LRSchedulerConfig, OptimizerConfig
 
 
@@ -61,19 +60,16 @@ def clip_grad_norm(
     max_norm: float | None,
     group: dist.ProcessGroup | None = None,
     uncounted: list[torch.Tensor] = (),
-    compact: CompactGradients | None = None,
 ) -> float:
     """The global L2 norm of the gradients, scaled down to ``max_norm`` when above it (None: no clipping).
 
     Pipeline stages: ``group`` (``model.pipeline.group``) holds the rest of the model, whose squares
     are added; ``uncounted`` (``model.pipeline.tied_copies()``) are scaled but not counted, as
-    another rank holds the same gradient. ``compact``: gradients held in the compute dtype, counted
-    here and scaled when the optimizer step casts them back.
+    another rank holds the same gradient.
     NOTE: works on plain tensors and on DTensors from different meshes (FSDP2 dense weights and
     expert-parallel experts live on different meshes, which one ``torch.stack`` cannot mix).
     """
-    held = compact.held if compact is not None else {}
-    grads = [g for g in (p.grad if p.grad is not None else held.get(id(p)) for p in parameters) if g is not None]
+    grads = [p.grad for p in parameters if p.grad is not None]
     skipped = {id(p.grad) for p in uncounted}
     squares = []
     for grad in (g for g in grads if id(g) not in skipped):
@@ -86,10 +82,6 @@ def clip_grad_norm(
     if max_norm is not None:
         scale = max_norm / (float(total) + 1e-6)
         if scale < 1.0:
-            waiting = {id(g) for g in held.values()}
             for grad in grads:
-                if id(grad) not in waiting:
-                    grad.mul_(scale)
-            if compact is not None:
-                compact.scale = scale  # NOTE: applied as the held gradients go back to fp32
+                grad.mul_(scale)
     return float(total)

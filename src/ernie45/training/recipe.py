@@ -6,8 +6,7 @@ One optimizer step:
   2. each micro-batch's summed token loss is divided by the label tokens of the *whole* global
      batch (x dp, since gradient reduction averages over ranks), plus the MoE aux loss if asked;
      backward accumulates gradients, reduced across ranks with the last micro-batch;
-  3. clip, set the scheduled lr, optimizer step (mixed precision on one process: the gradients that
-     are bf16 values wait in bf16, ``compact_grads.py``); MoE: optional aux-loss-free bias update from
+  3. clip, set the scheduled lr, optimizer step; MoE: optional aux-loss-free bias update from
      the step's tokens per expert (summed over ranks);
   4. log; validate every ``val_every_steps``; checkpoint every ``ckpt_every_steps``.
 At the end: validation, multiple-choice accuracy (before vs after), ``OUTPUT_DIR/hf``,
@@ -44,7 +43,6 @@ from .checkpointing import latest_checkpoint, load_checkpoint, newest_intact, sa
 from .components import (
     autocast,
     build_model,
-    compact_gradients,
     build_tokenizer,
     export_adapter,
     export_hf,
@@ -155,7 +153,6 @@ class Trainer:
 
         self.model, self.layout = build_model(config, self.tokenizer, runtime)
         self.optimizer = build_optimizer(self.model, config.optimizer)
-        self.compact = compact_gradients(config, runtime, self.layout, self.model)
         self.loss_fn = config.loss_fn.build()
         self.moe = getattr(self.model, "moe_config", None)
         hf = self.model.config
@@ -227,13 +224,8 @@ class Trainer:
         lr = lr_at(step, self.total_steps, config.optimizer.lr, config.lr_scheduler)
         if finite:
             set_lr(self.optimizer, lr)
-            if self.compact is not None:
-                self.compact.step(self.optimizer)
-            else:
-                self.optimizer.step()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.compact is not None:
-            self.compact.clear()
         entry = {
             "step": step + 1,
             "epoch": self.sampler.epoch_of(step),
@@ -293,7 +285,7 @@ class Trainer:
         """The gradient norm of the whole model (pipeline stages: over all of them), clipped to max_norm."""
         max_norm, pipeline = self.config.clip_grad_norm.max_norm, self.model.pipeline
         if pipeline is None:
-            return clip_grad_norm(list(self.model.parameters()), max_norm, compact=self.compact)
+            return clip_grad_norm(list(self.model.parameters()), max_norm)
         pipeline.reduce_tied_gradients()
         return clip_grad_norm(list(self.model.parameters()), max_norm, pipeline.group, pipeline.tied_copies())
 
