@@ -65,7 +65,6 @@ class MoELayer(nn.Module):
             gate_precision=backend.gate_precision,
         )
         self.gate.weight.requires_grad_(moe_config.train_gate)
-        self.selects_with_bias = moe_config.score_func == "softmax_with_bias"
         self.moe_statics = MoEStatics(moe_config.n_routed_experts)
         self.experts = GroupedExperts(
             moe_config.n_routed_experts, moe_config.dim, moe_config.moe_inter_dim, backend.experts, moe_config.dtype
@@ -89,8 +88,8 @@ class MoELayer(nn.Module):
                 x.shape[0], self.num_experts, self.top_k, x.dtype, x.device, self.fake_gate_noise
             )
         else:
-            bias = self.moe_statics.e_score_correction_bias if self.selects_with_bias else None
-            routing = self.gate(x, bias)
+            selects_with_bias = self.moe_config.score_func == "softmax_with_bias"
+            routing = self.gate(x, self.moe_statics.e_score_correction_bias if selects_with_bias else None)
         self.last_record = MoERecord(
             tokens_per_expert(routing.topk_idx, keep, self.num_experts), routing.logits, routing.probs, keep
         )
